@@ -1,0 +1,249 @@
+//! AdmissionReview in, AdmissionReview out. Parses the review, dispatches StatefulSets to the
+//! injection engine and turns its result into a JSON patch, a denial or a plain "allowed".
+//!
+//! The response is built by hand rather than with kube-rs's `AdmissionResponse`, which
+//! serializes `patch` as an array of numbers (kube-rs/kube#1781); the API server wants a
+//! base64 string.
+
+use crate::inject::{self, InjectError, InjectorConfig, Operation};
+use base64::Engine as _;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+/// A review the server cannot answer: HTTP 400 with this message.
+#[derive(Debug, thiserror::Error)]
+pub enum ReviewError {
+    #[error("request body is not an AdmissionReview: {0}")]
+    NotAReview(#[source] serde_json::Error),
+    #[error("AdmissionReview has apiVersion {0:?}: send admission.k8s.io/v1")]
+    UnsupportedVersion(String),
+    #[error("AdmissionReview has kind {0:?}, expected \"AdmissionReview\"")]
+    WrongKind(String),
+    #[error("AdmissionReview has no request")]
+    MissingRequest,
+    #[error("AdmissionReview request has an empty uid")]
+    MissingUid,
+}
+
+/// Why an object cannot be mutated; becomes a denial (allowed: false) carrying the message.
+#[derive(Debug, thiserror::Error)]
+pub enum MutateError {
+    #[error(transparent)]
+    Inject(#[from] InjectError),
+    #[error("object is not a valid apps/v1 StatefulSet: {0}")]
+    NotAStatefulSet(#[source] serde_json::Error),
+}
+
+#[derive(Deserialize)]
+struct ReviewIn {
+    #[serde(rename = "apiVersion", default)]
+    api_version: String,
+    #[serde(default)]
+    kind: String,
+    request: Option<RequestIn>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RequestIn {
+    #[serde(default)]
+    uid: String,
+    kind: GroupVersionKind,
+    operation: String,
+    #[serde(default)]
+    object: Option<Value>,
+    #[serde(default)]
+    old_object: Option<Value>,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+#[derive(Deserialize, Debug)]
+struct GroupVersionKind {
+    #[serde(default)]
+    group: String,
+    #[serde(default)]
+    version: String,
+    #[serde(default)]
+    kind: String,
+}
+
+/// The outcome of one review, for metrics and logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    /// Allowed with a patch.
+    Patched,
+    /// Allowed unchanged (not opted in, already injected, not a StatefulSet).
+    Unchanged,
+    /// Denied: an opted-in object that cannot be injected.
+    Denied,
+}
+
+impl Verdict {
+    pub fn as_label(self) -> &'static str {
+        match self {
+            Verdict::Patched => "patched",
+            Verdict::Unchanged => "unchanged",
+            Verdict::Denied => "denied",
+        }
+    }
+}
+
+/// The answer to a well-formed review.
+#[derive(Debug)]
+pub struct ReviewAnswer {
+    pub body: Value,
+    pub verdict: Verdict,
+    /// `CREATE`, `UPDATE`, ... as the API server sent it (bounded by the API).
+    pub operation: String,
+}
+
+/// A computed mutation of one object.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mutation {
+    /// Empty when nothing changes.
+    pub patch: json_patch::Patch,
+    pub warnings: Vec<String>,
+}
+
+/// Mutates a raw StatefulSet the way the webhook does. `None` when it does not opt in.
+///
+/// The patch is the difference between the typed object before and after injection, so it
+/// touches only what the engine changed; applied to the raw JSON it keeps every field this
+/// build does not know.
+pub fn mutate_statefulset(
+    object: &Value,
+    operation: Operation,
+    old: Option<&Value>,
+    config: &InjectorConfig,
+) -> Result<Option<Mutation>, MutateError> {
+    let sts: StatefulSet =
+        serde_json::from_value(object.clone()).map_err(MutateError::NotAStatefulSet)?;
+    if !inject::is_opted_in(&sts) {
+        return Ok(None);
+    }
+    // The stored object only informs defaults; one we cannot read is treated as absent.
+    let old: Option<StatefulSet> = old.and_then(|o| serde_json::from_value(o.clone()).ok());
+    let Some(injection) = inject::inject(&sts, operation, old.as_ref(), config)? else {
+        return Ok(None);
+    };
+    let before = serde_json::to_value(&sts).map_err(MutateError::NotAStatefulSet)?;
+    let after =
+        serde_json::to_value(&injection.statefulset).map_err(MutateError::NotAStatefulSet)?;
+    Ok(Some(Mutation {
+        patch: json_patch::diff(&before, &after),
+        warnings: injection.warnings,
+    }))
+}
+
+/// Answers one AdmissionReview body. `Err` means the body itself is malformed (HTTP 400).
+pub fn review(body: &[u8], config: &InjectorConfig) -> Result<ReviewAnswer, ReviewError> {
+    let review: ReviewIn = serde_json::from_slice(body).map_err(ReviewError::NotAReview)?;
+    if review.api_version != "admission.k8s.io/v1" {
+        return Err(ReviewError::UnsupportedVersion(review.api_version));
+    }
+    if review.kind != "AdmissionReview" {
+        return Err(ReviewError::WrongKind(review.kind));
+    }
+    let request = review.request.ok_or(ReviewError::MissingRequest)?;
+    if request.uid.is_empty() {
+        return Err(ReviewError::MissingUid);
+    }
+
+    let is_statefulset = request.kind.group == "apps"
+        && request.kind.version == "v1"
+        && request.kind.kind == "StatefulSet";
+    let operation = match request.operation.as_str() {
+        "CREATE" => Some(Operation::Create),
+        "UPDATE" => Some(Operation::Update),
+        _ => None,
+    };
+    let answer = |verdict, response: Value| ReviewAnswer {
+        body: json!({
+            "apiVersion": review.api_version,
+            "kind": review.kind,
+            "response": response,
+        }),
+        verdict,
+        operation: request.operation.clone(),
+    };
+
+    let (Some(operation), true, Some(object)) = (operation, is_statefulset, &request.object)
+    else {
+        tracing::debug!(uid = %request.uid, kind = ?request.kind, operation = %request.operation, "not ours, allowed unchanged");
+        return Ok(answer(
+            Verdict::Unchanged,
+            json!({"uid": request.uid, "allowed": true}),
+        ));
+    };
+
+    let namespace = request.namespace.as_deref().unwrap_or_default();
+    let name = request.name.as_deref().unwrap_or_default();
+    match mutate_statefulset(object, operation, request.old_object.as_ref(), config) {
+        Ok(Some(mutation)) if !mutation.patch.0.is_empty() => {
+            let patch = serde_json::to_vec(&mutation.patch).unwrap_or_default();
+            tracing::info!(%namespace, %name, uid = %request.uid, operation = %request.operation, ops = mutation.patch.0.len(), warnings = mutation.warnings.len(), "injected");
+            let mut response = json!({
+                "uid": request.uid,
+                "allowed": true,
+                "patchType": "JSONPatch",
+                "patch": base64::engine::general_purpose::STANDARD.encode(patch),
+            });
+            if !mutation.warnings.is_empty() {
+                response["warnings"] = json!(mutation.warnings);
+            }
+            Ok(answer(Verdict::Patched, response))
+        }
+        Ok(mutation) => {
+            let warnings = mutation.map(|m| m.warnings).unwrap_or_default();
+            let mut response = json!({"uid": request.uid, "allowed": true});
+            if !warnings.is_empty() {
+                response["warnings"] = json!(warnings);
+            }
+            Ok(answer(Verdict::Unchanged, response))
+        }
+        Err(error) => {
+            tracing::warn!(%namespace, %name, uid = %request.uid, %error, "denied");
+            Ok(answer(
+                Verdict::Denied,
+                json!({
+                    "uid": request.uid,
+                    "allowed": false,
+                    "status": {
+                        "code": 400,
+                        "reason": "BadRequest",
+                        "message": format!("dkron-ha: {error}"),
+                    },
+                }),
+            ))
+        }
+    }
+}
+
+/// Body of an HTTP 400 for a malformed review: a Kubernetes-style Status.
+#[derive(Serialize)]
+pub struct BadReview {
+    pub kind: &'static str,
+    #[serde(rename = "apiVersion")]
+    pub api_version: &'static str,
+    pub status: &'static str,
+    pub message: String,
+    pub reason: &'static str,
+    pub code: u16,
+}
+
+impl From<&ReviewError> for BadReview {
+    fn from(error: &ReviewError) -> Self {
+        BadReview {
+            kind: "Status",
+            api_version: "v1",
+            status: "Failure",
+            message: error.to_string(),
+            reason: "BadRequest",
+            code: 400,
+        }
+    }
+}

@@ -1,0 +1,555 @@
+//! The injection engine: an opted-in StatefulSet in, the mutated StatefulSet and admission
+//! warnings out. A pure function of its inputs (no clients, no clocks), shared by the admission
+//! webhook and `dkron-ha inject`, so both mutate exactly alike.
+//!
+//! Idempotent by construction: every injected item is keyed by name and upserted, so injecting
+//! an injected object (the API server's reinvocation, an UPDATE carrying the live template)
+//! yields the same object.
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector,
+    PodSpec, ResourceRequirements, SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use std::collections::BTreeMap;
+
+pub const ANNOTATION_ENABLED: &str = "dkron-ha/enabled";
+pub const ANNOTATION_INITIAL_CLUSTER_SIZE: &str = "dkron-ha/initial-cluster-size";
+pub const ANNOTATION_CONTAINER: &str = "dkron-ha/container";
+pub const ANNOTATION_DKRON_COMMAND: &str = "dkron-ha/dkron-command";
+/// Pod-template annotation carrying the dkron-ha version that injected it.
+pub const ANNOTATION_INJECTED: &str = "dkron-ha/injected";
+/// Pod label kept true to Dkron's leadership by the label-updater.
+pub const LABEL_LEADER: &str = "dkron-ha/leader";
+
+pub const BIN_VOLUME: &str = "dkron-ha-bin";
+pub const BIN_DIR: &str = "/dkron-ha/bin";
+pub const WRAPPER_PATH: &str = "/dkron-ha/bin/dkron-ha";
+pub const INSTALL_CONTAINER: &str = "dkron-ha-install";
+pub const LABEL_UPDATER_CONTAINER: &str = "dkron-ha-label-updater";
+/// Where the dkron-ha image keeps its executable.
+pub const IMAGE_BINARY: &str = "/usr/local/bin/dkron-ha";
+pub const DEFAULT_DKRON_COMMAND: &str = "/usr/local/bin/dkron";
+pub const DEFAULT_DKRON_CONTAINER: &str = "dkron";
+
+pub const ENV_STATEFULSET: &str = "DKRON_HA_STATEFULSET";
+pub const ENV_SERVICE: &str = "DKRON_HA_SERVICE";
+pub const ENV_INITIAL_CLUSTER_SIZE: &str = "DKRON_HA_INITIAL_CLUSTER_SIZE";
+pub const ENV_CLUSTER_DOMAIN: &str = "DKRON_HA_CLUSTER_DOMAIN";
+pub const ENV_LEADER_SERVICE: &str = "DKRON_HA_LEADER_SERVICE";
+
+/// Largest initial cluster size accepted; raft beyond this is a typo, not a plan.
+const MAX_INITIAL_CLUSTER_SIZE: u32 = 99;
+
+/// Settings of the injector itself (flags of `serve` and `inject`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InjectorConfig {
+    /// Image of the `dkron-ha-install` init container and the label-updater sidecar.
+    pub image: String,
+    /// Kubernetes cluster DNS domain, e.g. `cluster.local`.
+    pub cluster_domain: String,
+    /// Run the label-updater as a native sidecar (init container, `restartPolicy: Always`).
+    pub native_sidecar: bool,
+    /// Value of the `dkron-ha/injected` pod-template annotation.
+    pub version: String,
+}
+
+impl Default for InjectorConfig {
+    fn default() -> Self {
+        Self {
+            image: format!("ghcr.io/dkron-ha/dkron-ha:{}", crate::VERSION),
+            cluster_domain: "cluster.local".into(),
+            native_sidecar: false,
+            version: crate::VERSION.into(),
+        }
+    }
+}
+
+/// The admission operation the injection happens in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operation {
+    Create,
+    Update,
+}
+
+/// Why an opted-in StatefulSet cannot be injected. Each message names what to fix.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum InjectError {
+    #[error(
+        "annotation {ANNOTATION_INITIAL_CLUSTER_SIZE}={value:?} is not valid: set it to a whole number of Dkron servers from 1 to {MAX_INITIAL_CLUSTER_SIZE} (for example \"3\"), or remove it to use spec.replicas"
+    )]
+    InvalidInitialClusterSize { value: String },
+    #[error(
+        "annotation {ANNOTATION_CONTAINER}={name:?} names no container of the pod template (containers: {available}): set it to the container that runs Dkron"
+    )]
+    UnknownContainer { name: String, available: String },
+    #[error(
+        "cannot tell which container runs Dkron: no container is named \"{DEFAULT_DKRON_CONTAINER}\" and the pod template has {count} containers ({available}); set annotation {ANNOTATION_CONTAINER} to the Dkron container's name"
+    )]
+    AmbiguousContainer { count: usize, available: String },
+    #[error(
+        "annotation {ANNOTATION_DKRON_COMMAND} is empty: set it to the Dkron executable (for example \"{DEFAULT_DKRON_COMMAND}\"), or remove it"
+    )]
+    EmptyDkronCommand,
+    #[error(
+        "StatefulSet has no metadata.name: dkron-ha derives peer names from it, so set metadata.name (generateName is not supported)"
+    )]
+    MissingName,
+    #[error(
+        "spec.serviceName is empty: dkron-ha needs the headless Service that gives the Dkron pods stable DNS names; set spec.serviceName"
+    )]
+    MissingServiceName,
+    #[error("the StatefulSet has no pod template spec: set spec.template.spec.containers")]
+    MissingPodSpec,
+}
+
+/// The result of injecting one StatefulSet.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Injection {
+    pub statefulset: StatefulSet,
+    pub warnings: Vec<String>,
+}
+
+/// Whether the StatefulSet opts in (`dkron-ha/enabled: "true"`).
+pub fn is_opted_in(sts: &StatefulSet) -> bool {
+    annotation(sts, ANNOTATION_ENABLED) == Some("true")
+}
+
+fn annotation<'a>(sts: &'a StatefulSet, key: &str) -> Option<&'a str> {
+    sts.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .map(String::as_str)
+}
+
+/// What the engine will do, resolved from annotations and the objects before anything changes,
+/// so a bad annotation is a denial and never a half-injection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InjectionPlan {
+    pub name: String,
+    pub service: String,
+    pub initial_cluster_size: u32,
+    /// Index of the Dkron container in `spec.template.spec.containers`.
+    pub container_index: usize,
+    pub dkron_command: Vec<String>,
+    pub service_account: Option<String>,
+}
+
+/// Injects `sts` if it opts in; returns `None` when it does not (the object is left alone).
+/// `old` is the stored object on UPDATE.
+pub fn inject(
+    sts: &StatefulSet,
+    operation: Operation,
+    old: Option<&StatefulSet>,
+    config: &InjectorConfig,
+) -> Result<Option<Injection>, InjectError> {
+    if !is_opted_in(sts) {
+        return Ok(None);
+    }
+    let plan = plan(sts, operation, old)?;
+    Ok(Some(apply_plan(sts, &plan, operation, old, config)))
+}
+
+/// Resolves and validates everything the injection depends on.
+pub fn plan(
+    sts: &StatefulSet,
+    operation: Operation,
+    old: Option<&StatefulSet>,
+) -> Result<InjectionPlan, InjectError> {
+    let name = sts
+        .metadata
+        .name
+        .clone()
+        .filter(|n| !n.is_empty())
+        .ok_or(InjectError::MissingName)?;
+    let spec = sts.spec.as_ref().ok_or(InjectError::MissingServiceName)?;
+    let service = spec
+        .service_name
+        .clone()
+        .filter(|s| !s.is_empty())
+        .ok_or(InjectError::MissingServiceName)?;
+    let pod = spec.template.spec.as_ref().ok_or(InjectError::MissingPodSpec)?;
+    let container_index = dkron_container_index(sts, pod)?;
+
+    let dkron_command = match annotation(sts, ANNOTATION_DKRON_COMMAND) {
+        Some(value) => {
+            let words: Vec<String> = value.split_whitespace().map(str::to_string).collect();
+            if words.is_empty() {
+                return Err(InjectError::EmptyDkronCommand);
+            }
+            words
+        }
+        None => vec![DEFAULT_DKRON_COMMAND.to_string()],
+    };
+
+    let initial_cluster_size = match annotation(sts, ANNOTATION_INITIAL_CLUSTER_SIZE) {
+        Some(value) => parse_cluster_size(value)?,
+        None => defaulted_cluster_size(sts, container_index, operation, old),
+    };
+
+    let service_account = pod
+        .service_account_name
+        .clone()
+        .or_else(|| pod.service_account.clone())
+        .filter(|s| !s.is_empty());
+
+    Ok(InjectionPlan {
+        name,
+        service,
+        initial_cluster_size,
+        container_index,
+        dkron_command,
+        service_account,
+    })
+}
+
+fn parse_cluster_size(value: &str) -> Result<u32, InjectError> {
+    value
+        .trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|n| (1..=MAX_INITIAL_CLUSTER_SIZE).contains(n))
+        .ok_or_else(|| InjectError::InvalidInitialClusterSize {
+            value: value.to_string(),
+        })
+}
+
+/// Without the annotation the cold-start size is `spec.replicas` at CREATE. Later it must not
+/// follow scaling: reuse what an earlier injection recorded, from this object or the stored one.
+fn defaulted_cluster_size(
+    sts: &StatefulSet,
+    container_index: usize,
+    operation: Operation,
+    old: Option<&StatefulSet>,
+) -> u32 {
+    let replicas = sts
+        .spec
+        .as_ref()
+        .and_then(|s| s.replicas)
+        .unwrap_or(1)
+        .clamp(1, MAX_INITIAL_CLUSTER_SIZE as i32) as u32;
+    let recorded_in = |s: &StatefulSet, index: Option<usize>| -> Option<u32> {
+        let pod = s.spec.as_ref()?.template.spec.as_ref()?;
+        let containers = match index {
+            Some(i) => pod.containers.get(i).into_iter().collect::<Vec<_>>(),
+            None => pod.containers.iter().collect(),
+        };
+        containers.into_iter().find_map(|c| {
+            c.env
+                .as_ref()?
+                .iter()
+                .find(|e| e.name == ENV_INITIAL_CLUSTER_SIZE)?
+                .value
+                .as_deref()
+                .and_then(|v| parse_cluster_size(v).ok())
+        })
+    };
+    if let Some(n) = recorded_in(sts, Some(container_index)) {
+        return n;
+    }
+    if operation == Operation::Update
+        && let Some(n) = old.and_then(|o| recorded_in(o, None))
+    {
+        return n;
+    }
+    replicas
+}
+
+fn container_names(pod: &PodSpec) -> String {
+    pod.containers
+        .iter()
+        .filter(|c| c.name != LABEL_UPDATER_CONTAINER)
+        .map(|c| c.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn dkron_container_index(sts: &StatefulSet, pod: &PodSpec) -> Result<usize, InjectError> {
+    if let Some(name) = annotation(sts, ANNOTATION_CONTAINER) {
+        return pod
+            .containers
+            .iter()
+            .position(|c| c.name == name && c.name != LABEL_UPDATER_CONTAINER)
+            .ok_or_else(|| InjectError::UnknownContainer {
+                name: name.to_string(),
+                available: container_names(pod),
+            });
+    }
+    if let Some(i) = pod
+        .containers
+        .iter()
+        .position(|c| c.name == DEFAULT_DKRON_CONTAINER)
+    {
+        return Ok(i);
+    }
+    let candidates: Vec<usize> = pod
+        .containers
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.name != LABEL_UPDATER_CONTAINER)
+        .map(|(i, _)| i)
+        .collect();
+    match candidates.as_slice() {
+        [only] => Ok(*only),
+        _ => Err(InjectError::AmbiguousContainer {
+            count: candidates.len(),
+            available: container_names(pod),
+        }),
+    }
+}
+
+/// Applies a validated plan. Infallible: everything that can fail was checked by [`plan`].
+fn apply_plan(
+    sts: &StatefulSet,
+    plan: &InjectionPlan,
+    operation: Operation,
+    old: Option<&StatefulSet>,
+    config: &InjectorConfig,
+) -> Injection {
+    let mut out = sts.clone();
+    let mut warnings = Vec::new();
+    let Some(spec) = out.spec.as_mut() else {
+        unreachable!("plan() checked spec")
+    };
+
+    match operation {
+        Operation::Create => spec.pod_management_policy = Some("Parallel".into()),
+        Operation::Update => {
+            // Immutable after creation: keep what is stored.
+            let stored = old
+                .and_then(|o| o.spec.as_ref())
+                .map(|s| s.pod_management_policy.clone())
+                .unwrap_or_else(|| spec.pod_management_policy.clone());
+            spec.pod_management_policy = stored;
+            if spec.pod_management_policy.as_deref().unwrap_or("OrderedReady") == "OrderedReady" {
+                warnings.push(format!(
+                    "StatefulSet {} uses podManagementPolicy OrderedReady, which dkron-ha cannot change on an existing StatefulSet: after a full outage the pods start one at a time and a cold start waits for all {} servers. Recreate it with `kubectl delete statefulset {} --cascade=orphan` and apply it again to get Parallel.",
+                    plan.name, plan.initial_cluster_size, plan.name
+                ));
+            }
+        }
+    }
+
+    let template = &mut spec.template;
+    template
+        .metadata
+        .get_or_insert_with(Default::default)
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(ANNOTATION_INJECTED.into(), config.version.clone());
+
+    let Some(pod) = template.spec.as_mut() else {
+        unreachable!("plan() checked the pod spec")
+    };
+
+    if pod.automount_service_account_token == Some(false) {
+        warnings.push(format!(
+            "the pod template sets automountServiceAccountToken: false, so the {LABEL_UPDATER_CONTAINER} sidecar cannot label the Dkron leader; remove that setting or set it to true"
+        ));
+    }
+    if plan.service_account.is_none() {
+        pod.service_account_name = Some(format!("{}-dkron-ha", plan.name));
+    }
+
+    upsert_by_name(
+        pod.volumes.get_or_insert_with(Vec::new),
+        bin_volume(),
+        |v| &v.name,
+    );
+
+    // Any position among init containers works (the Dkron container starts after all of them);
+    // upserting in place or appending keeps the JSON patch free of shifted array entries.
+    upsert_by_name(
+        pod.init_containers.get_or_insert_with(Vec::new),
+        install_container(config),
+        |c| &c.name,
+    );
+
+    let dkron = &mut pod.containers[plan.container_index];
+    wrap_command(dkron, &plan.dkron_command);
+    upsert_by_name(
+        dkron.volume_mounts.get_or_insert_with(Vec::new),
+        bin_mount(),
+        |m| &m.name,
+    );
+    let env = dkron.env.get_or_insert_with(Vec::new);
+    for var in dkron_env(plan, config) {
+        upsert_by_name(env, var, |e| &e.name);
+    }
+
+    // The sidecar lives in exactly one of the two lists, depending on the mode.
+    let sidecar = label_updater_container(config);
+    let init = pod.init_containers.get_or_insert_with(Vec::new);
+    if config.native_sidecar {
+        pod.containers.retain(|c| c.name != LABEL_UPDATER_CONTAINER);
+        upsert_by_name(init, sidecar, |c| &c.name);
+    } else {
+        init.retain(|c| c.name != LABEL_UPDATER_CONTAINER);
+        upsert_by_name(&mut pod.containers, sidecar, |c| &c.name);
+    }
+
+    Injection {
+        statefulset: out,
+        warnings,
+    }
+}
+
+/// Replaces the item with the same name in place, or appends it.
+fn upsert_by_name<T>(items: &mut Vec<T>, item: T, name: impl Fn(&T) -> &String) {
+    match items.iter().position(|i| name(i) == name(&item)) {
+        Some(pos) => items[pos] = item,
+        None => items.push(item),
+    }
+}
+
+fn wrap_command(dkron: &mut Container, dkron_command: &[String]) {
+    let wrapper_prefix = [WRAPPER_PATH, "wrap", "--"];
+    let current = dkron.command.clone().unwrap_or_default();
+    let already_wrapped = current.len() >= wrapper_prefix.len()
+        && current.iter().zip(wrapper_prefix).all(|(a, b)| a == b);
+    if already_wrapped {
+        return;
+    }
+    let original = if current.is_empty() {
+        dkron_command.to_vec()
+    } else {
+        current
+    };
+    dkron.command = Some(
+        wrapper_prefix
+            .iter()
+            .map(|s| s.to_string())
+            .chain(original)
+            .collect(),
+    );
+}
+
+fn bin_volume() -> Volume {
+    Volume {
+        name: BIN_VOLUME.into(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            size_limit: Some(Quantity("64Mi".into())),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn bin_mount() -> VolumeMount {
+    VolumeMount {
+        name: BIN_VOLUME.into(),
+        mount_path: BIN_DIR.into(),
+        read_only: Some(true),
+        ..Default::default()
+    }
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                api_version: Some("v1".into()),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn value_env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    }
+}
+
+fn downward_env() -> [EnvVar; 3] {
+    [
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        field_env("POD_IP", "status.podIP"),
+    ]
+}
+
+fn dkron_env(plan: &InjectionPlan, config: &InjectorConfig) -> Vec<EnvVar> {
+    let mut env = vec![
+        value_env(ENV_STATEFULSET, &plan.name),
+        value_env(ENV_SERVICE, &plan.service),
+        value_env(
+            ENV_INITIAL_CLUSTER_SIZE,
+            plan.initial_cluster_size.to_string(),
+        ),
+        value_env(ENV_CLUSTER_DOMAIN, &config.cluster_domain),
+        value_env(ENV_LEADER_SERVICE, format!("{}-leader", plan.name)),
+    ];
+    env.extend(downward_env());
+    env
+}
+
+fn restricted_security_context() -> SecurityContext {
+    SecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(65532),
+        run_as_group: Some(65532),
+        read_only_root_filesystem: Some(true),
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn small_resources(cpu_limit: &str, memory: &str) -> ResourceRequirements {
+    let q = |s: &str| Quantity(s.into());
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".into(), q("5m")),
+            ("memory".into(), q(memory)),
+        ])),
+        limits: Some(BTreeMap::from([
+            ("cpu".into(), q(cpu_limit)),
+            ("memory".into(), q(memory)),
+        ])),
+        ..Default::default()
+    }
+}
+
+fn install_container(config: &InjectorConfig) -> Container {
+    Container {
+        name: INSTALL_CONTAINER.into(),
+        image: Some(config.image.clone()),
+        command: Some(vec![IMAGE_BINARY.into(), "install".into(), BIN_DIR.into()]),
+        volume_mounts: Some(vec![VolumeMount {
+            read_only: None,
+            ..bin_mount()
+        }]),
+        resources: Some(small_resources("100m", "32Mi")),
+        security_context: Some(restricted_security_context()),
+        ..Default::default()
+    }
+}
+
+fn label_updater_container(config: &InjectorConfig) -> Container {
+    let mut env = vec![
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+    ];
+    env.push(value_env("DKRON_HA_LOG_FORMAT", "json"));
+    Container {
+        name: LABEL_UPDATER_CONTAINER.into(),
+        image: Some(config.image.clone()),
+        command: Some(vec![IMAGE_BINARY.into(), "label-updater".into()]),
+        env: Some(env),
+        resources: Some(small_resources("50m", "32Mi")),
+        security_context: Some(restricted_security_context()),
+        restart_policy: config.native_sidecar.then(|| "Always".into()),
+        ..Default::default()
+    }
+}

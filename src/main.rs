@@ -1,0 +1,147 @@
+//! The `dkron-ha` binary: parses the command line and dispatches to the library.
+#![forbid(unsafe_code)]
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use dkron_ha::{certs, manifests, serve, telemetry};
+use std::io::Read;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "dkron-ha", version = dkron_ha::VERSION, about = "Makes a Dkron StatefulSet highly available on Kubernetes")]
+struct Cli {
+    /// Log format: text for people, json for log pipelines.
+    #[arg(long, global = true, env = "DKRON_HA_LOG_FORMAT", value_enum, default_value_t)]
+    log_format: telemetry::LogFormat,
+    /// Log filter in RUST_LOG syntax, e.g. `info` or `info,dkron_ha=debug`.
+    #[arg(long, global = true, env = "DKRON_HA_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the admission webhook (HTTPS) and the health/metrics port (HTTP).
+    Serve(serve::ServeArgs),
+    /// Print manifests with every opted-in StatefulSet injected, as the webhook would on CREATE.
+    Inject {
+        /// YAML file with one or more documents, or `-` for standard input.
+        #[arg(short = 'f', long = "filename", env = "DKRON_HA_FILENAME")]
+        file: String,
+        #[command(flatten)]
+        injector: serve::InjectorArgs,
+    },
+    /// Copy this executable into DIR (the init container of each Dkron pod).
+    Install {
+        /// Target directory, normally the shared emptyDir /dkron-ha/bin.
+        dir: PathBuf,
+    },
+    /// Certificate tooling.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Print version and git commit.
+    Version,
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Generate a CA and a serving certificate for the webhook Service.
+    Generate {
+        /// Name of the webhook Service.
+        #[arg(long, env = "DKRON_HA_SERVICE")]
+        service: String,
+        /// Namespace of the webhook Service.
+        #[arg(long, env = "DKRON_HA_NAMESPACE")]
+        namespace: String,
+        /// Directory for ca.crt, ca.key, tls.crt and tls.key.
+        #[arg(long, env = "DKRON_HA_OUT")]
+        out: PathBuf,
+        /// Extra DNS names or IP addresses for the serving certificate (repeatable).
+        #[arg(long = "extra-name", env = "DKRON_HA_EXTRA_NAME", value_delimiter = ',')]
+        extra_names: Vec<String>,
+        /// Validity of the serving certificate in days (the CA gets ten times as long).
+        #[arg(long, env = "DKRON_HA_DAYS", default_value_t = 365)]
+        days: u32,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format, &cli.log_level).map_err(anyhow::Error::msg)?;
+    match cli.command {
+        Command::Serve(args) => run_serve(args),
+        Command::Inject { file, injector } => run_inject(&file, &injector),
+        Command::Install { dir } => {
+            let target = dkron_ha::install::install_self(&dir)?;
+            tracing::info!(target = %target.display(), "installed");
+            Ok(())
+        }
+        Command::Certs {
+            command:
+                CertsCommand::Generate {
+                    service,
+                    namespace,
+                    out,
+                    extra_names,
+                    days,
+                },
+        } => {
+            let generated = certs::generate(&certs::CertRequest {
+                service,
+                namespace,
+                extra_names,
+                valid_days: days,
+            })?;
+            for path in generated.write_to(&out)? {
+                println!("wrote {}", path.display());
+            }
+            Ok(())
+        }
+        Command::Version => {
+            println!("dkron-ha {} (commit {})", dkron_ha::VERSION, dkron_ha::GIT_COMMIT);
+            Ok(())
+        }
+    }
+}
+
+fn run_serve(args: serve::ServeArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let server = serve::Server::bind(&args).await?;
+        server.run(serve::shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+fn run_inject(file: &str, injector: &serve::InjectorArgs) -> anyhow::Result<()> {
+    let input = if file == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("cannot read standard input")?;
+        s
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {file}"))?
+    };
+    let result = manifests::inject_manifests(&input, &injector.config())?;
+    for warning in &result.warnings {
+        eprintln!("warning: {warning}");
+    }
+    if result.injected == 0 && !input.contains(dkron_ha::inject::ANNOTATION_ENABLED) {
+        eprintln!(
+            "note: no StatefulSet carries {}: \"true\"; nothing was injected",
+            dkron_ha::inject::ANNOTATION_ENABLED
+        );
+    }
+    print!("{}", result.yaml);
+    if result.yaml.is_empty() && input.trim().is_empty() {
+        bail!("the input is empty");
+    }
+    Ok(())
+}

@@ -1,0 +1,63 @@
+//! Prometheus metrics of `serve`. Labels are bounded: operations the API server defines and
+//! the fixed verdicts of [`crate::admission::Verdict`].
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::time::Duration;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdmissionLabels {
+    pub operation: &'static str,
+    pub result: &'static str,
+}
+
+/// Admission webhook metrics.
+#[derive(Clone)]
+pub struct AdmissionMetrics {
+    requests: Family<AdmissionLabels, Counter>,
+    duration: Histogram,
+}
+
+impl AdmissionMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let requests = Family::<AdmissionLabels, Counter>::default();
+        // 25 µs .. ~0.8 s: injection takes microseconds, so the low buckets matter.
+        let duration = Histogram::new(exponential_buckets(0.000_025, 2.0, 16));
+        registry.register(
+            "dkron_ha_admission_requests",
+            "Admission reviews answered, by operation and result (patched, unchanged, denied, malformed)",
+            requests.clone(),
+        );
+        registry.register(
+            "dkron_ha_admission_duration_seconds",
+            "Time to answer one admission review, body read to response built",
+            duration.clone(),
+        );
+        Self { requests, duration }
+    }
+
+    pub fn observe(&self, operation: &str, result: &'static str, elapsed: Duration) {
+        let operation = match operation {
+            "CREATE" => "CREATE",
+            "UPDATE" => "UPDATE",
+            "DELETE" => "DELETE",
+            "CONNECT" => "CONNECT",
+            "" => "unknown",
+            _ => "other",
+        };
+        self.requests
+            .get_or_create(&AdmissionLabels { operation, result })
+            .inc();
+        self.duration.observe(elapsed.as_secs_f64());
+    }
+}
+
+/// Text exposition of a registry.
+pub fn encode(registry: &Registry) -> Result<String, std::fmt::Error> {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, registry)?;
+    Ok(out)
+}

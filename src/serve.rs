@@ -1,0 +1,325 @@
+//! `dkron-ha serve`: the HTTPS admission webhook (:8443) and the plain-HTTP port (:8081) with
+//! health, readiness and metrics. Admission never depends on the Kubernetes API being
+//! reachable: a webhook that cannot start when the API is down would block its own recovery.
+
+use crate::admission::{self, BadReview};
+use crate::inject::InjectorConfig;
+use crate::metrics::{self, AdmissionMetrics};
+use crate::tls::{self, ReloadingCert};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use prometheus_client::registry::Registry;
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tower_http::timeout::TimeoutLayer;
+
+/// An AdmissionReview carries the object twice (object and oldObject); objects are at most
+/// 1.5 MiB in etcd, so 8 MiB fits every real review and bounds what a client can make us buffer.
+pub const MAX_REVIEW_BYTES: usize = 8 * 1024 * 1024;
+/// The API server's webhook timeout is at most 30 s; we answer well inside any setting.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("TLS configuration: {0}")]
+    TlsConfig(#[from] rustls::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("serving: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Injector flags shared by `serve` and `inject`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct InjectorArgs {
+    /// Image of the injected install container and label-updater sidecar.
+    #[arg(long, env = "DKRON_HA_INJECT_IMAGE", default_value_t = InjectorConfig::default().image)]
+    pub inject_image: String,
+    /// Kubernetes cluster DNS domain used in peer names.
+    #[arg(long, env = "DKRON_HA_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// Inject the label-updater as a native sidecar (init container with restartPolicy Always, Kubernetes 1.29+).
+    #[arg(long, env = "DKRON_HA_NATIVE_SIDECAR", default_value_t = false)]
+    pub native_sidecar: bool,
+}
+
+impl InjectorArgs {
+    pub fn config(&self) -> InjectorConfig {
+        InjectorConfig {
+            image: self.inject_image.clone(),
+            cluster_domain: self.cluster_domain.clone(),
+            native_sidecar: self.native_sidecar,
+            version: crate::VERSION.to_string(),
+        }
+    }
+}
+
+/// Flags of `dkron-ha serve`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address of the HTTPS admission webhook.
+    #[arg(long, env = "DKRON_HA_HTTPS_ADDR", default_value = "0.0.0.0:8443")]
+    pub https_addr: SocketAddr,
+    /// Address of the plain-HTTP port (FleetLock, metrics, health).
+    #[arg(long, env = "DKRON_HA_HTTP_ADDR", default_value = "0.0.0.0:8081")]
+    pub http_addr: SocketAddr,
+    /// PEM certificate chain of the webhook; re-read when it changes.
+    #[arg(long, env = "DKRON_HA_TLS_CERT", default_value = "/etc/dkron-ha/tls/tls.crt")]
+    pub tls_cert: PathBuf,
+    /// PEM private key of the webhook; re-read when it changes.
+    #[arg(long, env = "DKRON_HA_TLS_KEY", default_value = "/etc/dkron-ha/tls/tls.key")]
+    pub tls_key: PathBuf,
+    /// How often the certificate files are checked for rotation, in seconds.
+    #[arg(long, env = "DKRON_HA_TLS_RELOAD_SECONDS", default_value_t = 2)]
+    pub tls_reload_seconds: u64,
+    #[command(flatten)]
+    pub injector: InjectorArgs,
+}
+
+/// State of the admission router.
+#[derive(Clone)]
+pub struct AdmissionState {
+    pub injector: Arc<InjectorConfig>,
+    pub metrics: AdmissionMetrics,
+}
+
+/// `POST /mutate` and `GET /healthz`, as served on the HTTPS port.
+pub fn admission_router(state: AdmissionState) -> Router {
+    Router::new()
+        .route("/mutate", post(mutate))
+        .route("/healthz", get(|| async { "ok" }))
+        .layer(DefaultBodyLimit::max(MAX_REVIEW_BYTES))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
+        .with_state(state)
+}
+
+async fn mutate(State(state): State<AdmissionState>, body: Bytes) -> Response {
+    let started = Instant::now();
+    match admission::review(&body, &state.injector) {
+        Ok(answer) => {
+            state
+                .metrics
+                .observe(&answer.operation, answer.verdict.as_label(), started.elapsed());
+            axum::Json(answer.body).into_response()
+        }
+        Err(error) => {
+            tracing::warn!(%error, bytes = body.len(), "malformed admission review");
+            state.metrics.observe("", "malformed", started.elapsed());
+            (StatusCode::BAD_REQUEST, axum::Json(BadReview::from(&error))).into_response()
+        }
+    }
+}
+
+/// State of the plain-HTTP router.
+#[derive(Clone)]
+pub struct HttpState {
+    pub registry: Arc<Registry>,
+    pub ready: Arc<AtomicBool>,
+}
+
+/// `/healthz`, `/readyz` and `/metrics`; FleetLock routes are merged in by [`run`].
+pub fn http_router(state: HttpState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_handler))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<HttpState>) -> Response {
+    if state.ready.load(Ordering::Relaxed) {
+        "ok".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "webhook not listening yet").into_response()
+    }
+}
+
+async fn metrics_handler(State(state): State<HttpState>) -> Response {
+    match metrics::encode(&state.registry) {
+        Ok(body) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// Serves `router` over TLS on `listener` until `shutdown` completes. Each connection gets a
+/// bounded handshake; HTTP/1.1 keep-alive and HTTP/2 are both offered.
+pub async fn serve_https(
+    listener: TcpListener,
+    tls_config: rustls::ServerConfig,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let acceptor = TlsAcceptor::from(Arc::new(tls_config));
+    let service = TowerToHyperService::new(router);
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(error) => {
+                    // Out of file descriptors and similar: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => return Ok(()),
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let service = service.clone();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+            {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(error)) => {
+                    tracing::debug!(%peer, %error, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if let Err(error) = builder.serve_connection(TokioIo::new(tls), service).await {
+                tracing::debug!(%peer, %error, "connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        () = terminate => {},
+    }
+}
+
+/// Everything `serve` runs, bound and ready; [`Server::run`] drives it.
+pub struct Server {
+    https: TcpListener,
+    http: TcpListener,
+    tls_config: rustls::ServerConfig,
+    admission: Router,
+    http_router: Router,
+    ready: Arc<AtomicBool>,
+}
+
+impl Server {
+    /// Loads the certificate, registers metrics and binds both ports.
+    pub async fn bind(args: &ServeArgs) -> Result<Self, ServeError> {
+        let cert = Arc::new(ReloadingCert::new(&args.tls_cert, &args.tls_key)?);
+        cert.clone()
+            .watch(Duration::from_secs(args.tls_reload_seconds.max(1)));
+        let tls_config = tls::server_config(cert)?;
+
+        let mut registry = Registry::default();
+        let admission_metrics = AdmissionMetrics::register(&mut registry);
+        let ready = Arc::new(AtomicBool::new(false));
+        let http_router = http_router(HttpState {
+            registry: Arc::new(registry),
+            ready: ready.clone(),
+        });
+        let admission = admission_router(AdmissionState {
+            injector: Arc::new(args.injector.config()),
+            metrics: admission_metrics,
+        });
+
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind { addr, source })
+        };
+        Ok(Self {
+            https: bind(args.https_addr).await?,
+            http: bind(args.http_addr).await?,
+            tls_config,
+            admission,
+            http_router,
+            ready,
+        })
+    }
+
+    pub fn https_addr(&self) -> std::io::Result<SocketAddr> {
+        self.https.local_addr()
+    }
+
+    pub fn http_addr(&self) -> std::io::Result<SocketAddr> {
+        self.http.local_addr()
+    }
+
+    /// Serves until `shutdown` completes, then stops both ports.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        tracing::info!(
+            https = %self.https.local_addr()?,
+            http = %self.http.local_addr()?,
+            "serving admission webhook, health and metrics"
+        );
+        self.ready.store(true, Ordering::Relaxed);
+        let https = tokio::spawn(serve_https(
+            self.https,
+            self.tls_config,
+            self.admission,
+            stopped(stop_rx.clone()),
+        ));
+        let http = tokio::spawn(
+            axum::serve(self.http, self.http_router)
+                .with_graceful_shutdown(stopped(stop_rx))
+                .into_future(),
+        );
+        shutdown.await;
+        tracing::info!("shutting down");
+        self.ready.store(false, Ordering::Relaxed);
+        let _ = stop_tx.send(true);
+        let (https, http) = tokio::join!(https, http);
+        https.map_err(std::io::Error::other)??;
+        http.map_err(std::io::Error::other)??;
+        Ok(())
+    }
+}
