@@ -9,7 +9,6 @@
 
 pub mod admission;
 pub mod certs;
-pub mod fleetlock;
 pub mod inject;
 pub mod install;
 pub mod manifests;
