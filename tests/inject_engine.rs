@@ -1,0 +1,328 @@
+//! The injection engine's rules: UPDATE semantics, denials, idempotency as a property, and
+//! "the patch applied to the input equals the engine's output".
+
+use dkron_ha::admission::mutate_statefulset;
+use dkron_ha::inject::{self, InjectError, InjectorConfig, Operation};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use proptest::prelude::*;
+use serde_json::{Value, json};
+
+fn config() -> InjectorConfig {
+    InjectorConfig {
+        image: "dkron-ha:test".into(),
+        cluster_domain: "cluster.local".into(),
+        native_sidecar: false,
+        version: "test".into(),
+    }
+}
+
+fn sts(value: Value) -> StatefulSet {
+    serde_json::from_value(value).expect("valid StatefulSet")
+}
+
+fn dkron_sts(annotations: Value, replicas: i32) -> Value {
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": {"name": "dkron", "namespace": "ns", "annotations": annotations},
+        "spec": {
+            "serviceName": "dkron",
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": "dkron"}},
+            "template": {
+                "metadata": {"labels": {"app": "dkron"}},
+                "spec": {"containers": [{"name": "dkron", "image": "dkron/dkron:4.1.1", "args": ["agent", "--server"]}]}
+            }
+        }
+    })
+}
+
+fn create(value: Value) -> inject::Injection {
+    inject::inject(&sts(value), Operation::Create, None, &config())
+        .expect("injects")
+        .expect("opted in")
+}
+
+fn env_of(sts: &StatefulSet, container: &str, name: &str) -> Option<String> {
+    let pod = sts.spec.as_ref()?.template.spec.as_ref()?;
+    pod.containers
+        .iter()
+        .find(|c| c.name == container)?
+        .env
+        .as_ref()?
+        .iter()
+        .find(|e| e.name == name)?
+        .value
+        .clone()
+}
+
+#[test]
+fn not_opted_in_objects_are_left_alone() {
+    for annotations in [json!({}), json!({"dkron-ha/enabled": "false"}), json!({"dkron-ha/enabled": "True"})] {
+        let out = inject::inject(&sts(dkron_sts(annotations, 3)), Operation::Create, None, &config()).unwrap();
+        assert!(out.is_none());
+    }
+}
+
+#[test]
+fn create_sets_parallel_pod_management_and_defaults_cluster_size_to_replicas() {
+    let out = create(dkron_sts(json!({"dkron-ha/enabled": "true"}), 5));
+    let spec = out.statefulset.spec.as_ref().unwrap();
+    assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
+    assert_eq!(env_of(&out.statefulset, "dkron", "DKRON_HA_INITIAL_CLUSTER_SIZE").as_deref(), Some("5"));
+    assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+}
+
+#[test]
+fn update_keeps_the_stored_pod_management_policy_and_warns_on_ordered_ready() {
+    let mut old = dkron_sts(json!({"dkron-ha/enabled": "true"}), 3);
+    old["spec"]["podManagementPolicy"] = json!("OrderedReady");
+    let mut new = old.clone();
+    new["spec"]["template"]["spec"]["containers"][0]["image"] = json!("dkron/dkron:4.1.2");
+    let out = inject::inject(&sts(new), Operation::Update, Some(&sts(old)), &config()).unwrap().unwrap();
+    let spec = out.statefulset.spec.as_ref().unwrap();
+    assert_eq!(spec.pod_management_policy.as_deref(), Some("OrderedReady"));
+    assert_eq!(out.warnings.len(), 1);
+    assert!(out.warnings[0].contains("OrderedReady"), "{}", out.warnings[0]);
+}
+
+#[test]
+fn update_of_a_parallel_statefulset_warns_nothing() {
+    let injected = create(dkron_sts(json!({"dkron-ha/enabled": "true"}), 3)).statefulset;
+    let out = inject::inject(&injected, Operation::Update, Some(&injected), &config()).unwrap().unwrap();
+    assert!(out.warnings.is_empty());
+    assert_eq!(out.statefulset, injected);
+}
+
+#[test]
+fn scaling_up_does_not_change_the_initial_cluster_size() {
+    let injected = create(dkron_sts(json!({"dkron-ha/enabled": "true"}), 3)).statefulset;
+    let mut scaled = injected.clone();
+    scaled.spec.as_mut().unwrap().replicas = Some(5);
+    let out = inject::inject(&scaled, Operation::Update, Some(&injected), &config()).unwrap().unwrap();
+    assert_eq!(env_of(&out.statefulset, "dkron", "DKRON_HA_INITIAL_CLUSTER_SIZE").as_deref(), Some("3"));
+}
+
+#[test]
+fn update_whose_template_lost_the_env_takes_the_size_from_the_stored_object() {
+    // Server-side apply of the user's manifest drops fields the webhook added earlier.
+    let stored = create(dkron_sts(json!({"dkron-ha/enabled": "true"}), 3)).statefulset;
+    let reapplied = sts(dkron_sts(json!({"dkron-ha/enabled": "true"}), 7));
+    let out = inject::inject(&reapplied, Operation::Update, Some(&stored), &config()).unwrap().unwrap();
+    assert_eq!(env_of(&out.statefulset, "dkron", "DKRON_HA_INITIAL_CLUSTER_SIZE").as_deref(), Some("3"));
+}
+
+#[test]
+fn update_duplicates_no_container_env_or_volume() {
+    let first = create(dkron_sts(json!({"dkron-ha/enabled": "true"}), 3)).statefulset;
+    let mut again = first.clone();
+    for _ in 0..3 {
+        again = inject::inject(&again, Operation::Update, Some(&first), &config()).unwrap().unwrap().statefulset;
+    }
+    let pod = again.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    assert_eq!(pod.containers.len(), 2);
+    assert_eq!(pod.init_containers.as_ref().unwrap().len(), 1);
+    assert_eq!(pod.volumes.as_ref().unwrap().len(), 1);
+    let env = pod.containers[0].env.as_ref().unwrap();
+    let mut names: Vec<_> = env.iter().map(|e| e.name.clone()).collect();
+    let total = names.len();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), total, "duplicate env names: {env:?}");
+    assert_eq!(again, first);
+}
+
+#[test]
+fn switching_to_native_sidecar_moves_the_label_updater() {
+    let first = create(dkron_sts(json!({"dkron-ha/enabled": "true"}), 3)).statefulset;
+    let native = InjectorConfig { native_sidecar: true, ..config() };
+    let out = inject::inject(&first, Operation::Update, Some(&first), &native).unwrap().unwrap().statefulset;
+    let pod = out.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    assert!(pod.containers.iter().all(|c| c.name != inject::LABEL_UPDATER_CONTAINER));
+    let init = pod.init_containers.as_ref().unwrap();
+    let sidecar = init.iter().find(|c| c.name == inject::LABEL_UPDATER_CONTAINER).expect("native sidecar");
+    assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
+}
+
+#[test]
+fn a_user_service_account_is_kept() {
+    let mut value = dkron_sts(json!({"dkron-ha/enabled": "true"}), 3);
+    value["spec"]["template"]["spec"]["serviceAccountName"] = json!("mine");
+    let out = create(value);
+    let pod = out.statefulset.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some("mine"));
+}
+
+#[test]
+fn an_existing_command_is_wrapped_once() {
+    let mut value = dkron_sts(json!({"dkron-ha/enabled": "true"}), 3);
+    value["spec"]["template"]["spec"]["containers"][0]["command"] = json!(["dkron"]);
+    let out = create(value).statefulset;
+    let again = inject::inject(&out, Operation::Create, None, &config()).unwrap().unwrap().statefulset;
+    let command = again.spec.unwrap().template.spec.unwrap().containers[0].command.clone().unwrap();
+    assert_eq!(command, vec!["/dkron-ha/bin/dkron-ha", "wrap", "--", "dkron"]);
+}
+
+#[test]
+fn invalid_annotations_are_denied_with_a_message_naming_the_fix() {
+    let cases: Vec<(Value, &str)> = vec![
+        (json!({"dkron-ha/enabled": "true", "dkron-ha/initial-cluster-size": "three"}), "dkron-ha/initial-cluster-size"),
+        (json!({"dkron-ha/enabled": "true", "dkron-ha/initial-cluster-size": "0"}), "whole number"),
+        (json!({"dkron-ha/enabled": "true", "dkron-ha/initial-cluster-size": "-1"}), "dkron-ha/initial-cluster-size"),
+        (json!({"dkron-ha/enabled": "true", "dkron-ha/container": "nope"}), "dkron-ha/container"),
+        (json!({"dkron-ha/enabled": "true", "dkron-ha/dkron-command": "  "}), "dkron-ha/dkron-command"),
+    ];
+    for (annotations, needle) in cases {
+        let err = inject::inject(&sts(dkron_sts(annotations.clone(), 3)), Operation::Create, None, &config())
+            .expect_err(&format!("{annotations} must be denied"));
+        let message = err.to_string();
+        assert!(message.contains(needle), "{message:?} lacks {needle:?}");
+        assert!(message.contains("set it") || message.contains("set "), "{message:?} says no fix");
+    }
+}
+
+#[test]
+fn two_unnamed_containers_are_ambiguous() {
+    let mut value = dkron_sts(json!({"dkron-ha/enabled": "true"}), 3);
+    value["spec"]["template"]["spec"]["containers"] = json!([{"name": "a", "image": "x"}, {"name": "b", "image": "y"}]);
+    let err = inject::inject(&sts(value), Operation::Create, None, &config()).unwrap_err();
+    assert!(matches!(err, InjectError::AmbiguousContainer { count: 2, .. }), "{err}");
+    assert!(err.to_string().contains("a, b"));
+}
+
+#[test]
+fn missing_service_name_is_denied() {
+    let mut value = dkron_sts(json!({"dkron-ha/enabled": "true"}), 3);
+    value["spec"]["serviceName"] = json!("");
+    let err = inject::inject(&sts(value), Operation::Create, None, &config()).unwrap_err();
+    assert_eq!(err, InjectError::MissingServiceName);
+}
+
+#[test]
+fn patch_keeps_fields_this_build_does_not_know() {
+    let mut value = dkron_sts(json!({"dkron-ha/enabled": "true"}), 3);
+    value["spec"]["template"]["spec"]["containers"][0]["futureField"] = json!({"x": 1});
+    value["spec"]["futureSpecField"] = json!(true);
+    let mutation = mutate_statefulset(&value, Operation::Create, None, &config()).unwrap().unwrap();
+    let mut patched = value.clone();
+    json_patch::patch(&mut patched, &mutation.patch).unwrap();
+    assert_eq!(patched["spec"]["template"]["spec"]["containers"][0]["futureField"], json!({"x": 1}));
+    assert_eq!(patched["spec"]["futureSpecField"], json!(true));
+}
+
+// ---- properties over varied StatefulSets ----
+
+fn arb_container(name: &'static str) -> impl Strategy<Value = Value> {
+    (
+        proptest::option::of(prop::sample::select(vec![
+            json!(["dkron"]),
+            json!(["/bin/sh", "-c"]),
+            json!(["/usr/local/bin/dkron", "agent"]),
+        ])),
+        prop::sample::select(vec![
+            json!(["agent", "--server"]),
+            json!(["agent", "--server", "--bootstrap-expect=3", "--retry-join=dkron-0.dkron"]),
+            json!([]),
+        ]),
+        proptest::option::of(prop::sample::select(vec![
+            json!([{"name": "POD_NAME", "value": "x"}]),
+            json!([{"name": "DKRON_HA_INITIAL_CLUSTER_SIZE", "value": "7"}, {"name": "A", "value": "b"}]),
+            json!([{"name": "DKRON_LOG_LEVEL", "value": "debug"}]),
+        ])),
+    )
+        .prop_map(move |(command, args, env)| {
+            let mut c = json!({"name": name, "image": "dkron/dkron:4.1.1", "args": args});
+            if let Some(command) = command {
+                c["command"] = command;
+            }
+            if let Some(env) = env {
+                c["env"] = env;
+            }
+            c
+        })
+}
+
+fn arb_statefulset() -> impl Strategy<Value = Value> {
+    (
+        1i32..8,
+        arb_container("dkron"),
+        proptest::option::of(arb_container("sidecar")),
+        proptest::option::of(prop::sample::select(vec!["mine", ""])),
+        proptest::option::of(prop::sample::select(vec!["OrderedReady", "Parallel"])),
+        proptest::option::of(1u32..10),
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(|(replicas, dkron, sidecar, sa, policy, size, init, volume)| {
+            let mut annotations = json!({"dkron-ha/enabled": "true"});
+            if let Some(size) = size {
+                annotations["dkron-ha/initial-cluster-size"] = json!(size.to_string());
+            }
+            let mut value = dkron_sts(annotations, replicas);
+            let pod = &mut value["spec"]["template"]["spec"];
+            pod["containers"] = match sidecar {
+                Some(s) => json!([s, dkron]),
+                None => json!([dkron]),
+            };
+            if let Some(sa) = sa {
+                pod["serviceAccountName"] = json!(sa);
+            }
+            if init {
+                pod["initContainers"] = json!([{"name": "init", "image": "busybox"}]);
+            }
+            if volume {
+                pod["volumes"] = json!([{"name": "data", "emptyDir": {}}]);
+            }
+            if let Some(policy) = policy {
+                value["spec"]["podManagementPolicy"] = json!(policy);
+            }
+            value
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn injecting_an_injected_object_changes_nothing(value in arb_statefulset(), native in any::<bool>()) {
+        let config = InjectorConfig { native_sidecar: native, ..config() };
+        let once = inject::inject(&sts(value), Operation::Create, None, &config).unwrap().unwrap();
+        let twice = inject::inject(&once.statefulset, Operation::Create, None, &config).unwrap().unwrap();
+        prop_assert_eq!(&twice.statefulset, &once.statefulset);
+        let update = inject::inject(&once.statefulset, Operation::Update, Some(&once.statefulset), &config).unwrap().unwrap();
+        prop_assert_eq!(&update.statefulset, &once.statefulset);
+    }
+
+    #[test]
+    fn the_patch_applied_to_the_input_equals_the_engine_output(value in arb_statefulset(), native in any::<bool>()) {
+        let config = InjectorConfig { native_sidecar: native, ..config() };
+        let expected = inject::inject(&sts(value.clone()), Operation::Create, None, &config).unwrap().unwrap();
+        let mutation = mutate_statefulset(&value, Operation::Create, None, &config).unwrap().unwrap();
+        let mut patched = value.clone();
+        json_patch::patch(&mut patched, &mutation.patch).unwrap();
+        prop_assert_eq!(sts(patched), expected.statefulset);
+    }
+
+    #[test]
+    fn injection_is_deterministic(value in arb_statefulset()) {
+        let a = mutate_statefulset(&value, Operation::Create, None, &config()).unwrap().unwrap();
+        let b = mutate_statefulset(&value, Operation::Create, None, &config()).unwrap().unwrap();
+        prop_assert_eq!(a, b);
+    }
+
+    #[test]
+    fn the_wrapped_command_starts_with_the_wrapper_and_keeps_the_original(value in arb_statefulset()) {
+        let original = value["spec"]["template"]["spec"]["containers"].as_array().unwrap()
+            .iter().find(|c| c["name"] == "dkron").unwrap()["command"].clone();
+        let out = inject::inject(&sts(value), Operation::Create, None, &config()).unwrap().unwrap();
+        let pod = out.statefulset.spec.unwrap().template.spec.unwrap();
+        let dkron = pod.containers.iter().find(|c| c.name == "dkron").unwrap();
+        let command = dkron.command.clone().unwrap();
+        prop_assert_eq!(&command[..3], &["/dkron-ha/bin/dkron-ha".to_string(), "wrap".into(), "--".into()][..]);
+        let rest: Vec<String> = match original.as_array() {
+            Some(words) => words.iter().map(|w| w.as_str().unwrap().to_string()).collect(),
+            None => vec!["/usr/local/bin/dkron".to_string()],
+        };
+        prop_assert_eq!(&command[3..], &rest[..]);
+    }
+}

@@ -1,0 +1,85 @@
+//! Golden files for the injection engine, Istio-style: every case is an input manifest in
+//! tests/fixtures/inject/<case>.in.yaml and the expected `dkron-ha inject` output in
+//! <case>.out.yaml. After an intended change, regenerate with
+//! `UPDATE_GOLDEN=1 cargo test --test inject_golden` and review the diff.
+
+use dkron_ha::inject::InjectorConfig;
+use dkron_ha::manifests::inject_manifests;
+use std::path::{Path, PathBuf};
+
+fn config_for(case: &str) -> InjectorConfig {
+    InjectorConfig {
+        image: "registry.example.com/dkron-ha:test".into(),
+        cluster_domain: "cluster.local".into(),
+        native_sidecar: case.starts_with("native-sidecar"),
+        version: "test".into(),
+    }
+}
+
+fn cases() -> Vec<(String, PathBuf)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/inject");
+    let mut cases: Vec<_> = std::fs::read_dir(&dir)
+        .expect("fixtures directory")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter_map(|p| {
+            let name = p.file_name()?.to_str()?.strip_suffix(".in.yaml")?.to_string();
+            Some((name, p))
+        })
+        .collect();
+    cases.sort();
+    cases
+}
+
+#[test]
+fn every_fixture_injects_to_its_golden_output() {
+    let update = std::env::var_os("UPDATE_GOLDEN").is_some();
+    let cases = cases();
+    assert!(cases.len() >= 7, "fixtures missing: {cases:?}");
+    let mut failures = Vec::new();
+    for (case, input_path) in &cases {
+        let input = std::fs::read_to_string(input_path).expect("read input");
+        let result = inject_manifests(&input, &config_for(case))
+            .unwrap_or_else(|e| panic!("{case}: injection failed: {e}"));
+        let mut actual = result.yaml.clone();
+        if !result.warnings.is_empty() {
+            actual.push_str("# warnings:\n");
+            for w in &result.warnings {
+                actual.push_str(&format!("# - {w}\n"));
+            }
+        }
+        let golden = input_path.with_file_name(format!("{case}.out.yaml"));
+        if update {
+            std::fs::write(&golden, &actual).expect("write golden");
+            continue;
+        }
+        let expected = std::fs::read_to_string(&golden).unwrap_or_default();
+        if expected != actual {
+            failures.push(format!(
+                "{case}: output differs from {} (UPDATE_GOLDEN=1 regenerates)\n--- actual\n{actual}",
+                golden.display()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn golden_outputs_are_fixed_points() {
+    // Injecting an injected manifest changes nothing: what the API server stores after a
+    // reinvocation equals the first injection.
+    for (case, input_path) in cases() {
+        let input = std::fs::read_to_string(&input_path).unwrap();
+        let once = inject_manifests(&input, &config_for(&case)).unwrap().yaml;
+        let twice = inject_manifests(&once, &config_for(&case)).unwrap().yaml;
+        let once_values: Vec<serde_json::Value> = docs(&once);
+        let twice_values: Vec<serde_json::Value> = docs(&twice);
+        assert_eq!(once_values, twice_values, "{case}: second injection changed the output");
+    }
+}
+
+fn docs(yaml: &str) -> Vec<serde_json::Value> {
+    use serde::Deserialize;
+    serde_yaml_ng::Deserializer::from_str(yaml)
+        .map(|d| serde_json::Value::deserialize(d).unwrap())
+        .collect()
+}
