@@ -1,0 +1,168 @@
+//! The `dkron-ha` binary as users run it.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_dkron-ha");
+
+fn run(args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn dkron-ha");
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    } else {
+        drop(child.stdin.take());
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn inject_reads_a_file_and_stdin_alike() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/dkron.yaml");
+    let (code, from_file, _) = run(&["inject", "-f", example], None);
+    assert_eq!(code, 0);
+    assert!(from_file.contains("/dkron-ha/bin/dkron-ha"));
+    let (code, from_stdin, _) = run(&["inject", "-f", "-"], Some(&std::fs::read_to_string(example).unwrap()));
+    assert_eq!(code, 0);
+    assert_eq!(from_file, from_stdin);
+}
+
+#[test]
+fn inject_options_come_from_flags_and_env() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/dkron.yaml");
+    let (_, out, _) = run(&["inject", "-f", example, "--inject-image", "my.registry/dkron-ha:1"], None);
+    assert!(out.contains("image: my.registry/dkron-ha:1"));
+    let out = Command::new(BIN)
+        .args(["inject", "-f", example])
+        .env("DKRON_HA_CLUSTER_DOMAIN", "corp.internal")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("value: corp.internal"));
+}
+
+#[test]
+fn unparseable_yaml_fails_with_the_document_number_and_prints_nothing() {
+    let input = "apiVersion: v1\nkind: ConfigMap\n---\nkey: [unclosed\n";
+    let (code, stdout, stderr) = run(&["inject", "-f", "-"], Some(input));
+    assert_ne!(code, 0);
+    assert!(stderr.contains("document 2"), "{stderr}");
+    assert!(stdout.is_empty(), "half output: {stdout}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn an_invalid_annotation_fails_with_the_document_and_the_fix() {
+    let input = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/dkron.yaml"))
+        .unwrap()
+        .replace("dkron-ha/enabled: \"true\"", "dkron-ha/enabled: \"true\"\n    dkron-ha/container: missing");
+    let (code, stdout, stderr) = run(&["inject", "-f", "-"], Some(&input));
+    assert_ne!(code, 0);
+    assert!(stderr.contains("document 2 (StatefulSet dkron)"), "{stderr}");
+    assert!(stderr.contains("dkron-ha/container"), "{stderr}");
+    assert!(stdout.is_empty());
+}
+
+#[test]
+fn a_missing_file_is_a_clear_error() {
+    let (code, _, stderr) = run(&["inject", "-f", "/nonexistent/x.yaml"], None);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("/nonexistent/x.yaml"), "{stderr}");
+}
+
+#[test]
+fn version_prints_version_and_commit() {
+    let (code, out, _) = run(&["version"], None);
+    assert_eq!(code, 0);
+    assert!(out.starts_with(&format!("dkron-ha {} (commit ", env!("CARGO_PKG_VERSION"))), "{out}");
+}
+
+#[test]
+fn certs_generate_writes_a_ca_and_a_serving_pair_with_private_keys_locked_down() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("certs");
+    let (code, stdout, stderr) = run(
+        &["certs", "generate", "--service", "dkron-ha", "--namespace", "dkron-ha", "--out", out.to_str().unwrap()],
+        None,
+    );
+    assert_eq!(code, 0, "{stderr}");
+    for name in ["ca.crt", "ca.key", "tls.crt", "tls.key"] {
+        assert!(stdout.contains(name));
+        let meta = std::fs::metadata(out.join(name)).unwrap();
+        if name.ends_with(".key") {
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{name}");
+        }
+    }
+    // The serving pair loads as a TLS identity.
+    dkron_ha::tls::ReloadingCert::new(out.join("tls.crt"), out.join("tls.key")).expect("usable pair");
+}
+
+#[test]
+fn install_copies_the_executable_and_it_runs_from_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("bin");
+    let (code, _, stderr) = run(&["install", target.to_str().unwrap()], None);
+    assert_eq!(code, 0, "{stderr}");
+    let copied = target.join("dkron-ha");
+    let out = Command::new(&copied).arg("version").output().expect("run the copy");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("dkron-ha "));
+}
+
+#[test]
+fn serve_answers_admission_with_no_kubernetes_api_reachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dkron_ha::certs::generate(&dkron_ha::certs::CertRequest {
+        service: "x".into(),
+        namespace: "y".into(),
+        extra_names: vec!["127.0.0.1".into()],
+        valid_days: 1,
+    })
+    .unwrap();
+    certs.write_to(dir.path()).unwrap();
+    let port = |_: ()| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (https, http) = (port(()), port(()));
+    let mut child = Command::new(BIN)
+        .args(["serve", "--log-format", "json"])
+        .env("DKRON_HA_HTTPS_ADDR", format!("127.0.0.1:{https}"))
+        .env("DKRON_HA_HTTP_ADDR", format!("127.0.0.1:{http}"))
+        .env("DKRON_HA_TLS_CERT", dir.path().join("tls.crt"))
+        .env("DKRON_HA_TLS_KEY", dir.path().join("tls.key"))
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+        .env("KUBERNETES_SERVICE_PORT", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let answered = runtime.block_on(async {
+        let client = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(certs.ca_cert_pem.as_bytes()).unwrap())
+            .build()
+            .unwrap();
+        for _ in 0..100 {
+            let review = include_str!("fixtures/admission/create-statefulset.json");
+            if let Ok(r) = client.post(format!("https://127.0.0.1:{https}/mutate")).body(review).send().await {
+                return r.json::<serde_json::Value>().await.ok();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        None
+    });
+    // SIGTERM: a clean, prompt shutdown.
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = child.wait().unwrap();
+    let answered = answered.expect("serve never answered");
+    assert_eq!(answered["response"]["patchType"], "JSONPatch");
+    assert!(status.success(), "serve exited with {status}");
+}
