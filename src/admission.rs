@@ -6,9 +6,11 @@
 //! base64 string.
 
 use crate::inject::{self, InjectError, InjectorConfig, Operation};
+use crate::patch::{PatchOp, statefulset_patch};
 use base64::Engine as _;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 /// A review the server cannot answer: HTTP 400 with this message.
@@ -35,26 +37,29 @@ pub enum MutateError {
     NotAStatefulSet(#[source] serde_json::Error),
 }
 
+// Objects stay raw until we know they are StatefulSets; then they parse straight into typed
+// values, never through an intermediate `Value`.
 #[derive(Deserialize)]
-struct ReviewIn {
+struct ReviewIn<'a> {
     #[serde(rename = "apiVersion", default)]
     api_version: String,
     #[serde(default)]
     kind: String,
-    request: Option<RequestIn>,
+    #[serde(borrow)]
+    request: Option<RequestIn<'a>>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct RequestIn {
+struct RequestIn<'a> {
     #[serde(default)]
     uid: String,
     kind: GroupVersionKind,
     operation: String,
-    #[serde(default)]
-    object: Option<Value>,
-    #[serde(default)]
-    old_object: Option<Value>,
+    #[serde(default, borrow)]
+    object: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    old_object: Option<&'a RawValue>,
     #[serde(default)]
     namespace: Option<String>,
     #[serde(default)]
@@ -105,15 +110,37 @@ pub struct ReviewAnswer {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Mutation {
     /// Empty when nothing changes.
-    pub patch: json_patch::Patch,
+    pub patch: Vec<PatchOp>,
     pub warnings: Vec<String>,
 }
 
-/// Mutates a raw StatefulSet the way the webhook does. `None` when it does not opt in.
-///
-/// The patch is the difference between the typed object before and after injection, so it
-/// touches only what the engine changed; applied to the raw JSON it keeps every field this
-/// build does not know.
+impl Mutation {
+    /// The patch as a `json_patch::Patch`, to apply it locally (`inject`, tests).
+    pub fn json_patch(&self) -> json_patch::Patch {
+        serde_json::to_string(&self.patch)
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or(json_patch::Patch(Vec::new()))
+    }
+}
+
+/// Mutates a typed StatefulSet the way the webhook does. `None` when it does not opt in.
+pub fn mutate(
+    sts: &StatefulSet,
+    operation: Operation,
+    old: Option<&StatefulSet>,
+    config: &InjectorConfig,
+) -> Result<Option<Mutation>, InjectError> {
+    let Some(injection) = inject::inject(sts, operation, old, config)? else {
+        return Ok(None);
+    };
+    Ok(Some(Mutation {
+        patch: statefulset_patch(sts, &injection.statefulset),
+        warnings: injection.warnings,
+    }))
+}
+
+/// Mutates a raw StatefulSet (as parsed from YAML by `inject`). `None` when it does not opt in.
 pub fn mutate_statefulset(
     object: &Value,
     operation: Operation,
@@ -122,26 +149,29 @@ pub fn mutate_statefulset(
 ) -> Result<Option<Mutation>, MutateError> {
     let sts: StatefulSet =
         serde_json::from_value(object.clone()).map_err(MutateError::NotAStatefulSet)?;
+    // The stored object only informs defaults; one we cannot read is treated as absent.
+    let old: Option<StatefulSet> = old.and_then(|o| serde_json::from_value(o.clone()).ok());
+    Ok(mutate(&sts, operation, old.as_ref(), config)?)
+}
+
+fn mutate_raw(
+    object: &RawValue,
+    operation: Operation,
+    old: Option<&RawValue>,
+    config: &InjectorConfig,
+) -> Result<Option<Mutation>, MutateError> {
+    let sts: StatefulSet =
+        serde_json::from_str(object.get()).map_err(MutateError::NotAStatefulSet)?;
     if !inject::is_opted_in(&sts) {
         return Ok(None);
     }
-    // The stored object only informs defaults; one we cannot read is treated as absent.
-    let old: Option<StatefulSet> = old.and_then(|o| serde_json::from_value(o.clone()).ok());
-    let Some(injection) = inject::inject(&sts, operation, old.as_ref(), config)? else {
-        return Ok(None);
-    };
-    let before = serde_json::to_value(&sts).map_err(MutateError::NotAStatefulSet)?;
-    let after =
-        serde_json::to_value(&injection.statefulset).map_err(MutateError::NotAStatefulSet)?;
-    Ok(Some(Mutation {
-        patch: json_patch::diff(&before, &after),
-        warnings: injection.warnings,
-    }))
+    let old: Option<StatefulSet> = old.and_then(|o| serde_json::from_str(o.get()).ok());
+    Ok(mutate(&sts, operation, old.as_ref(), config)?)
 }
 
 /// Answers one AdmissionReview body. `Err` means the body itself is malformed (HTTP 400).
 pub fn review(body: &[u8], config: &InjectorConfig) -> Result<ReviewAnswer, ReviewError> {
-    let review: ReviewIn = serde_json::from_slice(body).map_err(ReviewError::NotAReview)?;
+    let review: ReviewIn<'_> = serde_json::from_slice(body).map_err(ReviewError::NotAReview)?;
     if review.api_version != "admission.k8s.io/v1" {
         return Err(ReviewError::UnsupportedVersion(review.api_version));
     }
@@ -171,7 +201,7 @@ pub fn review(body: &[u8], config: &InjectorConfig) -> Result<ReviewAnswer, Revi
         operation: request.operation.clone(),
     };
 
-    let (Some(operation), true, Some(object)) = (operation, is_statefulset, &request.object)
+    let (Some(operation), true, Some(object)) = (operation, is_statefulset, request.object)
     else {
         tracing::debug!(uid = %request.uid, kind = ?request.kind, operation = %request.operation, "not ours, allowed unchanged");
         return Ok(answer(
@@ -182,10 +212,10 @@ pub fn review(body: &[u8], config: &InjectorConfig) -> Result<ReviewAnswer, Revi
 
     let namespace = request.namespace.as_deref().unwrap_or_default();
     let name = request.name.as_deref().unwrap_or_default();
-    match mutate_statefulset(object, operation, request.old_object.as_ref(), config) {
-        Ok(Some(mutation)) if !mutation.patch.0.is_empty() => {
+    match mutate_raw(object, operation, request.old_object, config) {
+        Ok(Some(mutation)) if !mutation.patch.is_empty() => {
             let patch = serde_json::to_vec(&mutation.patch).unwrap_or_default();
-            tracing::info!(%namespace, %name, uid = %request.uid, operation = %request.operation, ops = mutation.patch.0.len(), warnings = mutation.warnings.len(), "injected");
+            tracing::info!(%namespace, %name, uid = %request.uid, operation = %request.operation, ops = mutation.patch.len(), warnings = mutation.warnings.len(), "injected");
             let mut response = json!({
                 "uid": request.uid,
                 "allowed": true,

@@ -13,6 +13,7 @@ pub mod inject;
 pub mod install;
 pub mod manifests;
 pub mod metrics;
+pub mod patch;
 pub mod serve;
 pub mod telemetry;
 pub mod tls;

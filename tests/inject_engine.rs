@@ -205,7 +205,7 @@ fn patch_keeps_fields_this_build_does_not_know() {
     value["spec"]["futureSpecField"] = json!(true);
     let mutation = mutate_statefulset(&value, Operation::Create, None, &config()).unwrap().unwrap();
     let mut patched = value.clone();
-    json_patch::patch(&mut patched, &mutation.patch).unwrap();
+    json_patch::patch(&mut patched, &mutation.json_patch()).unwrap();
     assert_eq!(patched["spec"]["template"]["spec"]["containers"][0]["futureField"], json!({"x": 1}));
     assert_eq!(patched["spec"]["futureSpecField"], json!(true));
 }
@@ -299,7 +299,7 @@ proptest! {
         let expected = inject::inject(&sts(value.clone()), Operation::Create, None, &config).unwrap().unwrap();
         let mutation = mutate_statefulset(&value, Operation::Create, None, &config).unwrap().unwrap();
         let mut patched = value.clone();
-        json_patch::patch(&mut patched, &mutation.patch).unwrap();
+        json_patch::patch(&mut patched, &mutation.json_patch()).unwrap();
         prop_assert_eq!(sts(patched), expected.statefulset);
     }
 

@@ -1,0 +1,170 @@
+//! Admission benchmark (a bench binary, not a timed test).
+//!
+//! 1. injections per second of a typical StatefulSet (engine + JSON patch);
+//! 2. admission requests per second and p50/p99 latency over TLS keep-alive, against a bare
+//!    rustls + axum handler that returns a constant response, measured in the same run on the
+//!    same listener code, so the ratio isolates what the admission path adds.
+//!
+//! Run: `cargo bench --bench admission` (results are printed; BENCHMARKS.md records them).
+
+use axum::Router;
+use axum::routing::post;
+use dkron_ha::admission;
+use dkron_ha::certs::{CertRequest, generate};
+use dkron_ha::inject::{InjectorConfig, Operation};
+use dkron_ha::metrics::AdmissionMetrics;
+use dkron_ha::serve::{AdmissionState, admission_router, serve_https};
+use dkron_ha::tls::{ReloadingCert, server_config};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const REVIEW: &str = include_str!("../tests/fixtures/admission/create-statefulset.json");
+const CLIENTS: usize = 8;
+const REQUESTS_PER_CLIENT: usize = 2_500;
+const WARMUP_PER_CLIENT: usize = 200;
+
+fn injections_per_second() -> f64 {
+    let review: serde_json::Value = serde_json::from_str(REVIEW).unwrap();
+    let object = review["request"]["object"].clone();
+    let config = InjectorConfig::default();
+    for _ in 0..1_000 {
+        admission::mutate_statefulset(&object, Operation::Create, None, &config).unwrap();
+    }
+    let n = 20_000;
+    let started = Instant::now();
+    for _ in 0..n {
+        let m = admission::mutate_statefulset(&object, Operation::Create, None, &config).unwrap();
+        std::hint::black_box(m);
+    }
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+struct LoadResult {
+    rps: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index]
+}
+
+/// Starts `router` over TLS on a 2-thread server runtime and drives it from a separate
+/// 1-thread client runtime with `CLIENTS` keep-alive connections.
+fn load(router: Router, ca_pem: &str, cert: Arc<ReloadingCert>) -> LoadResult {
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = server_rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let url = format!("https://127.0.0.1:{}/mutate", listener.local_addr().unwrap().port());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    server_rt.spawn(serve_https(listener, server_config(cert).unwrap(), router, async {
+        let _ = stopped.await;
+    }));
+
+    let client_rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let ca = ca_pem.to_string();
+    let result = client_rt.block_on(async move {
+        let mut tasks = Vec::new();
+        let started = Instant::now();
+        for _ in 0..CLIENTS {
+            let client = reqwest::Client::builder()
+                .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap())
+                .pool_max_idle_per_host(1)
+                .build()
+                .unwrap();
+            let url = url.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(REQUESTS_PER_CLIENT);
+                for i in 0..WARMUP_PER_CLIENT + REQUESTS_PER_CLIENT {
+                    let t = Instant::now();
+                    let r = client.post(&url).body(REVIEW).send().await.unwrap();
+                    assert_eq!(r.status(), 200);
+                    let body = r.bytes().await.unwrap();
+                    std::hint::black_box(body);
+                    if i >= WARMUP_PER_CLIENT {
+                        latencies.push(t.elapsed());
+                    }
+                }
+                latencies
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        let elapsed = started.elapsed();
+        all.sort();
+        let total = CLIENTS * (WARMUP_PER_CLIENT + REQUESTS_PER_CLIENT);
+        LoadResult {
+            rps: total as f64 / elapsed.as_secs_f64(),
+            p50: percentile(&all, 0.50),
+            p99: percentile(&all, 0.99),
+        }
+    });
+    let _ = stop.send(());
+    drop(server_rt);
+    result
+}
+
+fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = generate(&CertRequest {
+        service: "dkron-ha".into(),
+        namespace: "bench".into(),
+        extra_names: vec!["127.0.0.1".into()],
+        valid_days: 1,
+    })
+    .unwrap();
+    certs.write_to(dir.path()).unwrap();
+    let cert = || Arc::new(ReloadingCert::new(dir.path().join("tls.crt"), dir.path().join("tls.key")).unwrap());
+
+    let ips = injections_per_second();
+    println!("injection engine: {ips:.0} injections/s ({:.1} µs each)", 1e6 / ips);
+
+    // A constant answer of the same shape and size as a real patched response.
+    let constant = {
+        let answer = admission::review(REVIEW.as_bytes(), &InjectorConfig::default()).unwrap();
+        serde_json::to_vec(&answer.body).unwrap()
+    };
+    let bare = Router::new().route(
+        "/mutate",
+        post(move || {
+            let body = constant.clone();
+            async move { ([("content-type", "application/json")], body) }
+        }),
+    );
+    let mut registry = prometheus_client::registry::Registry::default();
+    let ours = admission_router(AdmissionState {
+        injector: Arc::new(InjectorConfig::default()),
+        metrics: AdmissionMetrics::register(&mut registry),
+    });
+
+    // Alternate the two, twice, so drift on a shared machine hits both alike.
+    let mut bare_runs = Vec::new();
+    let mut our_runs = Vec::new();
+    for _ in 0..2 {
+        bare_runs.push(load(bare.clone(), &certs.ca_cert_pem, cert()));
+        our_runs.push(load(ours.clone(), &certs.ca_cert_pem, cert()));
+    }
+    let best = |runs: &[LoadResult]| -> (f64, Duration, Duration) {
+        let rps = runs.iter().map(|r| r.rps).fold(0.0, f64::max);
+        let p50 = runs.iter().map(|r| r.p50).min().unwrap();
+        let p99 = runs.iter().map(|r| r.p99).min().unwrap();
+        (rps, p50, p99)
+    };
+    let (b_rps, b_p50, b_p99) = best(&bare_runs);
+    let (o_rps, o_p50, o_p99) = best(&our_runs);
+    println!("{CLIENTS} keep-alive TLS clients x {REQUESTS_PER_CLIENT} requests (best of 2 runs each):");
+    println!("  bare rustls+axum constant: {b_rps:>8.0} req/s  p50 {b_p50:>9.1?}  p99 {b_p99:>9.1?}");
+    println!("  dkron-ha /mutate:          {o_rps:>8.0} req/s  p50 {o_p50:>9.1?}  p99 {o_p99:>9.1?}");
+    println!(
+        "  throughput ratio {:.2} (goal >= 0.80); p99 added {:.3} ms (goal < 1 ms); p50 added {:.3} ms",
+        o_rps / b_rps,
+        (o_p99.as_secs_f64() - b_p99.as_secs_f64()) * 1e3,
+        (o_p50.as_secs_f64() - b_p50.as_secs_f64()) * 1e3,
+    );
+}
