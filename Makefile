@@ -1,0 +1,25 @@
+# dkron-ha developer entry points. `make test` is what CI runs (.ci/run).
+.PHONY: inject test tools dev-cluster bench lint
+
+# The main job without a cluster: inject the example StatefulSet and print it.
+inject:
+	cargo run --quiet -- inject -f examples/dkron.yaml
+
+# Every test. Builds the real control plane (etcd, kube-apiserver, kube-controller-manager)
+# from pinned Go modules first; cached in ~/.cache/dkron-ha/tools, so only the first run pays.
+test: tools
+	cargo test --workspace
+
+tools:
+	bash tests/tools/build.sh
+
+# A real control plane with `dkron-ha serve` registered as its webhook; Ctrl-C stops it all.
+dev-cluster: tools
+	cargo run --example dev_cluster
+
+bench:
+	cargo bench --bench admission
+
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
