@@ -9,6 +9,7 @@
 
 pub mod admission;
 pub mod certs;
+pub mod controller;
 pub mod inject;
 pub mod install;
 pub mod manifests;

@@ -3,7 +3,7 @@
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use dkron_ha::{certs, manifests, serve, telemetry};
+use dkron_ha::{certs, controller, manifests, serve, telemetry};
 use std::io::Read;
 use std::path::PathBuf;
 
@@ -22,8 +22,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the admission webhook (HTTPS) and the health/metrics port (HTTP).
-    Serve(serve::ServeArgs),
+    /// Run the admission webhook (HTTPS), the health/metrics port (HTTP) and the controller.
+    Serve {
+        #[command(flatten)]
+        serve: serve::ServeArgs,
+        #[command(flatten)]
+        controller: controller::ControllerArgs,
+    },
     /// Print manifests with every opted-in StatefulSet injected, as the webhook would on CREATE.
     Inject {
         /// YAML file with one or more documents, or `-` for standard input.
@@ -72,7 +77,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     telemetry::init(cli.log_format, &cli.log_level).map_err(anyhow::Error::msg)?;
     match cli.command {
-        Command::Serve(args) => run_serve(args),
+        Command::Serve { serve, controller } => run_serve(serve, controller),
         Command::Inject { file, injector } => run_inject(&file, &injector),
         Command::Install { dir } => {
             let target = dkron_ha::install::install_self(&dir)?;
@@ -107,13 +112,35 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn run_serve(args: serve::ServeArgs) -> anyhow::Result<()> {
+fn run_serve(args: serve::ServeArgs, controller_args: controller::ControllerArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let server = serve::Server::bind(&args).await?;
+        let mut server = serve::Server::bind(&args).await?;
+        // Building a client reads configuration only; it never waits for the API server.
+        match kube::Client::try_default().await {
+            Ok(client) => {
+                if controller_args.enabled {
+                    let metrics = controller::ControllerMetrics::register(server.registry_mut());
+                    server.add_task(Box::new(move |shutdown| {
+                        Box::pin(async move {
+                            let (leading, _) = tokio::sync::watch::channel(false);
+                            if let Err(error) =
+                                controller::run(client, controller_args, metrics, leading, shutdown).await
+                            {
+                                tracing::error!(%error, "controller stopped");
+                            }
+                        })
+                    }));
+                }
+            }
+            Err(error) => tracing::warn!(
+                %error,
+                "no Kubernetes client configuration: serving admission only (controller off)"
+            ),
+        }
         server.run(serve::shutdown_signal()).await?;
         Ok(())
     })

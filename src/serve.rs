@@ -234,18 +234,28 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// A background role started by [`Server::run`] (the controller, FleetLock upkeep); it gets a
+/// future that completes at shutdown.
+pub type BackgroundTask = Box<
+    dyn FnOnce(futures::future::BoxFuture<'static, ()>) -> futures::future::BoxFuture<'static, ()>
+        + Send,
+>;
+
 /// Everything `serve` runs, bound and ready; [`Server::run`] drives it.
 pub struct Server {
     https: TcpListener,
     http: TcpListener,
     tls_config: rustls::ServerConfig,
     admission: Router,
-    http_router: Router,
+    registry: Registry,
+    extra_http: Router,
+    tasks: Vec<BackgroundTask>,
     ready: Arc<AtomicBool>,
 }
 
 impl Server {
-    /// Loads the certificate, registers metrics and binds both ports.
+    /// Loads the certificate, registers metrics and binds both ports. Touches no Kubernetes
+    /// API: admission works even when the API server is unreachable.
     pub async fn bind(args: &ServeArgs) -> Result<Self, ServeError> {
         let cert = Arc::new(ReloadingCert::new(&args.tls_cert, &args.tls_key)?);
         cert.clone()
@@ -254,11 +264,6 @@ impl Server {
 
         let mut registry = Registry::default();
         let admission_metrics = AdmissionMetrics::register(&mut registry);
-        let ready = Arc::new(AtomicBool::new(false));
-        let http_router = http_router(HttpState {
-            registry: Arc::new(registry),
-            ready: ready.clone(),
-        });
         let admission = admission_router(AdmissionState {
             injector: Arc::new(args.injector.config()),
             metrics: admission_metrics,
@@ -274,8 +279,10 @@ impl Server {
             http: bind(args.http_addr).await?,
             tls_config,
             admission,
-            http_router,
-            ready,
+            registry,
+            extra_http: Router::new(),
+            tasks: Vec::new(),
+            ready: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -287,7 +294,22 @@ impl Server {
         self.http.local_addr()
     }
 
-    /// Serves until `shutdown` completes, then stops both ports.
+    /// Where other roles register their metrics before [`Server::run`].
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// Adds routes to the plain-HTTP port (FleetLock).
+    pub fn merge_http(&mut self, router: Router) {
+        self.extra_http = std::mem::take(&mut self.extra_http).merge(router);
+    }
+
+    /// Adds a background role, started by [`Server::run`] and stopped at shutdown.
+    pub fn add_task(&mut self, task: BackgroundTask) {
+        self.tasks.push(task);
+    }
+
+    /// Serves until `shutdown` completes, then stops both ports and every background role.
     pub async fn run(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -301,6 +323,16 @@ impl Server {
             http = %self.http.local_addr()?,
             "serving admission webhook, health and metrics"
         );
+        let http_router = http_router(HttpState {
+            registry: Arc::new(self.registry),
+            ready: self.ready.clone(),
+        })
+        .merge(self.extra_http);
+        let background: Vec<_> = self
+            .tasks
+            .into_iter()
+            .map(|task| tokio::spawn(task(Box::pin(stopped(stop_rx.clone())))))
+            .collect();
         self.ready.store(true, Ordering::Relaxed);
         let https = tokio::spawn(serve_https(
             self.https,
@@ -309,7 +341,7 @@ impl Server {
             stopped(stop_rx.clone()),
         ));
         let http = tokio::spawn(
-            axum::serve(self.http, self.http_router)
+            axum::serve(self.http, http_router)
                 .with_graceful_shutdown(stopped(stop_rx))
                 .into_future(),
         );
@@ -317,6 +349,12 @@ impl Server {
         tracing::info!("shutting down");
         self.ready.store(false, Ordering::Relaxed);
         let _ = stop_tx.send(true);
+        // Background roles get a bounded time to hand over (e.g. release the Lease).
+        let _ = tokio::time::timeout(
+            Duration::from_secs(10),
+            futures::future::join_all(background),
+        )
+        .await;
         let (https, http) = tokio::join!(https, http);
         https.map_err(std::io::Error::other)??;
         http.map_err(std::io::Error::other)??;

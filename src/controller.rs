@@ -1,0 +1,425 @@
+//! The companion controller: per opted-in StatefulSet it keeps the supporting objects
+//! (ServiceAccount, Role, RoleBinding, leader Service, PodDisruptionBudget) by server-side apply,
+//! and removes them when the StatefulSet opts out. Runs inside `serve`, only on the replica
+//! holding the Lease; the webhook and FleetLock serve on every replica.
+
+pub mod supporting;
+
+use crate::inject;
+use futures::StreamExt;
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use kube_lease_manager::LeaseManagerBuilder;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+use supporting::{LABEL_MANAGED_BY, MANAGED_BY, SupportingError, supporting_objects};
+
+/// Field manager of every server-side apply.
+pub const FIELD_MANAGER: &str = "dkron-ha";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Supporting(#[from] SupportingError),
+    #[error("leader election: {0}")]
+    Election(#[from] kube_lease_manager::LeaseManagerError),
+}
+
+impl Error {
+    /// A bounded label for the errors metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(s)) if s.code == 403 => "forbidden",
+            Error::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
+            Error::Kube(kube::Error::Api(_)) => "api",
+            Error::Kube(_) => "transport",
+            Error::Supporting(_) => "invalid_statefulset",
+            Error::Election(_) => "election",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Flags of the controller part of `serve`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ControllerArgs {
+    /// Run the companion controller (on the replica holding the Lease).
+    #[arg(long = "controller", env = "DKRON_HA_CONTROLLER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub enabled: bool,
+    /// Name of the Lease that elects the replica running the controller.
+    #[arg(long, env = "DKRON_HA_LEASE_NAME", default_value = "dkron-ha-controller")]
+    pub lease_name: String,
+    /// Namespace of the Lease (the namespace dkron-ha runs in).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// Identity in the Lease; the pod name in a cluster.
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Seconds a Lease stays valid without renewal.
+    #[arg(long, env = "DKRON_HA_LEASE_SECONDS", default_value_t = 15)]
+    pub lease_seconds: u64,
+    /// Seconds between full re-syncs of an opted-in StatefulSet.
+    #[arg(long, env = "DKRON_HA_RESYNC_SECONDS", default_value_t = 300)]
+    pub resync_seconds: u64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    kind: &'static str,
+}
+
+/// Controller metrics.
+#[derive(Clone)]
+pub struct ControllerMetrics {
+    reconciles: Counter,
+    errors: Family<ErrorLabels, Counter>,
+    removals: Counter,
+    leading: Gauge,
+}
+
+impl ControllerMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            reconciles: Counter::default(),
+            errors: Family::default(),
+            removals: Counter::default(),
+            leading: Gauge::default(),
+        };
+        registry.register(
+            "dkron_ha_controller_reconciles",
+            "StatefulSet reconciliations",
+            m.reconciles.clone(),
+        );
+        registry.register(
+            "dkron_ha_controller_errors",
+            "Failed reconciliations by kind",
+            m.errors.clone(),
+        );
+        registry.register(
+            "dkron_ha_controller_supporting_object_removals",
+            "Supporting objects removed after a StatefulSet opted out",
+            m.removals.clone(),
+        );
+        registry.register(
+            "dkron_ha_controller_leading",
+            "1 while this replica holds the controller Lease",
+            m.leading.clone(),
+        );
+        m
+    }
+}
+
+struct Context {
+    client: Client,
+    recorder: Recorder,
+    metrics: ControllerMetrics,
+    resync: Duration,
+}
+
+/// Applies `object` server-side in `namespace`, owning every field it sets.
+async fn apply<K>(client: &Client, namespace: &str, object: &K) -> Result<K>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Debug
+        + Serialize
+        + DeserializeOwned,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    let name = object.meta().name.clone().unwrap_or_default();
+    let mut object = object.clone();
+    // Server-side apply needs apiVersion and kind in the body.
+    let body = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+    });
+    let mut body = body;
+    if let (Some(target), Ok(serde_json::Value::Object(fields))) =
+        (body.as_object_mut(), serde_json::to_value(&mut object))
+    {
+        for (k, v) in fields {
+            target.entry(k).or_insert(v);
+        }
+    }
+    Ok(api
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await?)
+}
+
+/// Deletes `name` if it exists and is ours: labelled managed-by dkron-ha and owned by `owner_uid`.
+async fn delete_if_ours<K>(client: &Client, namespace: &str, name: &str, owner_uid: &str) -> Result<bool>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Debug
+        + DeserializeOwned,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    let Some(existing) = api.get_opt(name).await? else {
+        return Ok(false);
+    };
+    let labelled = existing.labels().get(LABEL_MANAGED_BY).map(String::as_str) == Some(MANAGED_BY);
+    let owned = existing.owner_references().iter().any(|o| o.uid == owner_uid);
+    if !(labelled && owned) {
+        return Ok(false);
+    }
+    api.delete(name, &DeleteParams::background()).await?;
+    Ok(true)
+}
+
+async fn publish(ctx: &Context, sts: &StatefulSet, type_: EventType, reason: &str, note: String) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, &sts.object_ref(&())).await {
+        tracing::warn!(%error, reason, "cannot publish event");
+    }
+}
+
+/// Warns when the headless Service is missing or does not publish not-ready addresses: peers
+/// must resolve before they are ready or a cold start never forms a quorum.
+async fn check_headless_service(ctx: &Context, sts: &StatefulSet, namespace: &str) -> Result<()> {
+    let Some(service_name) = sts.spec.as_ref().and_then(|s| s.service_name.clone()) else {
+        return Ok(());
+    };
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), namespace);
+    let note = match services.get_opt(&service_name).await? {
+        None => Some(format!(
+            "headless Service {service_name} (spec.serviceName) does not exist: create it with clusterIP: None and publishNotReadyAddresses: true"
+        )),
+        Some(svc) if svc.spec.as_ref().and_then(|s| s.publish_not_ready_addresses) != Some(true) => Some(format!(
+            "headless Service {service_name} lacks publishNotReadyAddresses: true, so peers cannot resolve each other before they are ready and a cold start may never elect a leader; set it"
+        )),
+        Some(_) => None,
+    };
+    if let Some(note) = note {
+        publish(ctx, sts, EventType::Warning, "HeadlessServiceNotReadyAddresses", note).await;
+    }
+    Ok(())
+}
+
+async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Action> {
+    ctx.metrics.reconciles.inc();
+    let (Some(namespace), Some(name), Some(uid)) = (
+        sts.metadata.namespace.clone(),
+        sts.metadata.name.clone(),
+        sts.metadata.uid.clone(),
+    ) else {
+        return Ok(Action::await_change());
+    };
+    if sts.metadata.deletion_timestamp.is_some() {
+        // Owner references let the garbage collector remove the supporting objects.
+        return Ok(Action::await_change());
+    }
+
+    if !inject::is_opted_in(&sts) {
+        if !supporting::was_injected(&sts) {
+            return Ok(Action::await_change());
+        }
+        let names = supporting::names(&name);
+        let client = &ctx.client;
+        let mut removed = Vec::new();
+        if delete_if_ours::<ServiceAccount>(client, &namespace, &names.service_account, &uid).await? {
+            removed.push(format!("ServiceAccount {}", names.service_account));
+        }
+        if delete_if_ours::<Role>(client, &namespace, &names.role, &uid).await? {
+            removed.push(format!("Role {}", names.role));
+        }
+        if delete_if_ours::<RoleBinding>(client, &namespace, &names.role_binding, &uid).await? {
+            removed.push(format!("RoleBinding {}", names.role_binding));
+        }
+        if delete_if_ours::<Service>(client, &namespace, &names.leader_service, &uid).await? {
+            removed.push(format!("Service {}", names.leader_service));
+        }
+        if delete_if_ours::<PodDisruptionBudget>(client, &namespace, &names.pod_disruption_budget, &uid).await? {
+            removed.push(format!("PodDisruptionBudget {}", names.pod_disruption_budget));
+        }
+        if !removed.is_empty() {
+            ctx.metrics.removals.inc_by(removed.len() as u64);
+            tracing::info!(%namespace, %name, removed = ?removed, "opted out: supporting objects removed");
+            publish(&ctx, &sts, EventType::Normal, "SupportingObjectsRemoved", format!(
+                "{} no longer carries {}: removed {}",
+                name,
+                inject::ANNOTATION_ENABLED,
+                removed.join(", ")
+            ))
+            .await;
+        }
+        return Ok(Action::await_change());
+    }
+
+    let objects = match supporting_objects(&sts) {
+        Ok(objects) => objects,
+        Err(error) => {
+            publish(&ctx, &sts, EventType::Warning, "InvalidStatefulSet", error.to_string()).await;
+            return Err(error.into());
+        }
+    };
+    if let Some(sa) = &objects.service_account {
+        apply(&ctx.client, &namespace, sa).await?;
+    }
+    apply(&ctx.client, &namespace, &objects.role).await?;
+    apply(&ctx.client, &namespace, &objects.role_binding).await?;
+    apply(&ctx.client, &namespace, &objects.leader_service).await?;
+    apply(&ctx.client, &namespace, &objects.pod_disruption_budget).await?;
+    check_headless_service(&ctx, &sts, &namespace).await?;
+    tracing::debug!(%namespace, %name, "supporting objects applied");
+    Ok(Action::requeue(ctx.resync))
+}
+
+fn error_policy(sts: Arc<StatefulSet>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .errors
+        .get_or_create(&ErrorLabels {
+            kind: error.metric_label(),
+        })
+        .inc();
+    tracing::warn!(namespace = sts.namespace().unwrap_or_default(), name = %sts.name_any(), %error, "reconcile failed");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Runs the reconcile loops until the future is dropped.
+pub async fn run_loops(client: Client, metrics: ControllerMetrics, resync: Duration, instance: String) {
+    let reporter = Reporter {
+        controller: "dkron-ha".into(),
+        instance: Some(instance),
+    };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client: client.clone(),
+        metrics,
+        resync,
+    });
+    let config = watcher::Config::default();
+    Controller::new(Api::<StatefulSet>::all(client.clone()), config.clone())
+        .owns(Api::<Role>::all(client.clone()), config.clone())
+        .owns(Api::<RoleBinding>::all(client.clone()), config.clone())
+        .owns(Api::<Service>::all(client.clone()), config.clone())
+        .owns(Api::<PodDisruptionBudget>::all(client.clone()), config.clone())
+        .owns(Api::<ServiceAccount>::all(client.clone()), config)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "controller event");
+            }
+        })
+        .await;
+}
+
+/// Elects one replica with a Lease and runs the loops there until `shutdown` completes; on
+/// shutdown the Lease is released so another replica takes over at once.
+/// `leading` reports whether this replica currently runs the loops.
+pub async fn run(
+    client: Client,
+    args: ControllerArgs,
+    metrics: ControllerMetrics,
+    leading_tx: tokio::sync::watch::Sender<bool>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let identity = args
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("dkron-ha-{}", std::process::id()));
+    let lease_seconds = args.lease_seconds.max(3);
+    tokio::pin!(shutdown);
+    // The API server may be unreachable at start: keep trying, serving goes on meanwhile.
+    let manager = loop {
+        let built = LeaseManagerBuilder::new(client.clone(), &args.lease_name)
+            .with_namespace(&args.lease_namespace)
+            .with_identity(&identity)
+            .with_duration(lease_seconds)
+            .with_grace((lease_seconds / 3).max(1))
+            .with_field_manager(FIELD_MANAGER)
+            .build()
+            .await;
+        match built {
+            Ok(manager) => break manager,
+            Err(error) => {
+                metrics
+                    .errors
+                    .get_or_create(&ErrorLabels { kind: "election" })
+                    .inc();
+                tracing::warn!(%error, lease = %args.lease_name, "cannot set up leader election; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    () = &mut shutdown => return Ok(()),
+                }
+            }
+        }
+    };
+    let (mut leading, lease_task) = manager.watch().await;
+    loop {
+        // Follower: wait for the Lease.
+        while !*leading.borrow_and_update() {
+            tokio::select! {
+                changed = leading.changed() => if changed.is_err() { return Ok(()) },
+                () = &mut shutdown => return release(leading, lease_task).await,
+            }
+        }
+        tracing::info!(%identity, lease = %args.lease_name, "leading: running the controller");
+        metrics.leading.set(1);
+        let _ = leading_tx.send(true);
+        let loops = run_loops(
+            client.clone(),
+            metrics.clone(),
+            Duration::from_secs(args.resync_seconds.max(1)),
+            identity.clone(),
+        );
+        tokio::pin!(loops);
+        let stop = loop {
+            tokio::select! {
+                () = &mut loops => break false,
+                changed = leading.changed() => {
+                    if changed.is_err() || !*leading.borrow_and_update() { break false }
+                }
+                () = &mut shutdown => break true,
+            }
+        };
+        metrics.leading.set(0);
+        let _ = leading_tx.send(false);
+        tracing::info!(%identity, "no longer leading: controller stopped");
+        if stop {
+            return release(leading, lease_task).await;
+        }
+    }
+}
+
+async fn release(
+    leading: tokio::sync::watch::Receiver<bool>,
+    lease_task: tokio::task::JoinHandle<kube_lease_manager::Result<kube_lease_manager::LeaseManager>>,
+) -> Result<()> {
+    // Dropping the receiver makes the lease task release the Lease and end.
+    drop(leading);
+    match tokio::time::timeout(Duration::from_secs(5), lease_task).await {
+        Ok(Ok(Ok(_))) => Ok(()),
+        Ok(Ok(Err(error))) => Err(error.into()),
+        Ok(Err(_)) | Err(_) => Ok(()),
+    }
+}

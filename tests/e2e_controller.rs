@@ -1,0 +1,315 @@
+//! The companion controller against the real control plane: supporting objects, RBAC that
+//! really limits the label-updater, scaling, opting out, garbage collection, and Lease election.
+//! (The raft peer reconciler needs real Dkron servers, which cannot be built here.)
+
+mod support;
+
+use dkron_ha::controller::{self, ControllerArgs, ControllerMetrics};
+use dkron_ha::inject::{self, InjectorConfig, Operation};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::Client;
+use serde_json::json;
+use std::time::Duration;
+use support::ControlPlane;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+struct RunningController {
+    leading: tokio::sync::watch::Receiver<bool>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningController {
+    async fn stop(mut self) {
+        let _ = self.stop.take().map(|s| s.send(()));
+        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.task).await;
+    }
+}
+
+fn start_controller(client: Client, ns: &str, lease: &str, identity: &str) -> RunningController {
+    let args = ControllerArgs {
+        enabled: true,
+        lease_name: lease.into(),
+        lease_namespace: ns.into(),
+        identity: Some(identity.into()),
+        lease_seconds: 4,
+        resync_seconds: 2,
+    };
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = ControllerMetrics::register(&mut registry);
+    let (leading_tx, leading) = tokio::sync::watch::channel(false);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        controller::run(client, args, metrics, leading_tx, async {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("controller");
+    });
+    RunningController {
+        leading,
+        stop: Some(stop),
+        task,
+    }
+}
+
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// An opted-in StatefulSet as the webhook would have stored it.
+fn injected_statefulset(name: &str, replicas: i32) -> StatefulSet {
+    let sts: StatefulSet = serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": name, "annotations": {"dkron-ha/enabled": "true"}},
+        "spec": {
+            "serviceName": name, "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{"name": "dkron", "image": "dkron/dkron:4.1.1", "args": ["agent", "--server"]}]}}
+        }
+    }))
+    .unwrap();
+    inject::inject(&sts, Operation::Create, None, &InjectorConfig::default())
+        .unwrap()
+        .unwrap()
+        .statefulset
+}
+
+async fn headless_service(client: &Client, ns: &str, name: &str, publish_not_ready: bool) {
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"clusterIP": "None", "publishNotReadyAddresses": publish_not_ready,
+            "selector": {"app": name}, "ports": [{"name": "http", "port": 8080}]}
+    }))
+    .unwrap();
+    Api::<Service>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &svc)
+        .await
+        .unwrap();
+}
+
+async fn exists<K>(client: &Client, ns: &str, name: &str) -> bool
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned,
+{
+    Api::<K>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .unwrap()
+        .is_some()
+}
+
+async fn patch_names(client: &Client, ns: &str, role: &str) -> Vec<String> {
+    let role = Api::<Role>::namespaced(client.clone(), ns).get(role).await.unwrap();
+    role.rules
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| r.verbs.contains(&"patch".to_string()))
+        .flat_map(|r| r.resource_names.unwrap_or_default())
+        .collect()
+}
+
+#[tokio::test]
+async fn supporting_objects_appear_follow_scaling_and_limit_the_label_updater() {
+    let cp = ControlPlane::shared();
+    let client = cp.client().await;
+    let ns = cp.namespace("ctl-objects").await;
+    let running = start_controller(client.clone(), &ns, "ctl-a", "replica-a");
+    headless_service(&client, &ns, "dkron", true).await;
+    let statefulsets = Api::<StatefulSet>::namespaced(client.clone(), &ns);
+    statefulsets
+        .create(&PostParams::default(), &injected_statefulset("dkron", 3))
+        .await
+        .unwrap();
+
+    eventually("supporting objects", || async {
+        let all = exists::<ServiceAccount>(&client, &ns, "dkron-dkron-ha").await
+            && exists::<Role>(&client, &ns, "dkron-dkron-ha").await
+            && exists::<RoleBinding>(&client, &ns, "dkron-dkron-ha").await
+            && exists::<Service>(&client, &ns, "dkron-leader").await
+            && exists::<PodDisruptionBudget>(&client, &ns, "dkron-dkron-ha").await;
+        all.then_some(())
+    })
+    .await;
+    assert_eq!(patch_names(&client, &ns, "dkron-dkron-ha").await, ["dkron-0", "dkron-1", "dkron-2"]);
+    let leader = Api::<Service>::namespaced(client.clone(), &ns).get("dkron-leader").await.unwrap();
+    let selector = leader.spec.unwrap().selector.unwrap();
+    assert_eq!(selector["app"], "dkron");
+    assert_eq!(selector["dkron-ha/leader"], "true");
+    let pdb = Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns).get("dkron-dkron-ha").await.unwrap();
+    assert_eq!(
+        pdb.spec.unwrap().max_unavailable,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
+    );
+
+    // The ServiceAccount now exists, so the statefulset controller can create the pods.
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
+    eventually("pod dkron-0", || async { pods.get_opt("dkron-0").await.unwrap() }).await;
+    let other: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "unrelated"},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &other).await.unwrap();
+
+    // The label-updater's identity: the pods' ServiceAccount, with a real token.
+    let sidecar = cp.service_account_client(&ns, "dkron-dkron-ha").await;
+    let sidecar_pods = Api::<Pod>::namespaced(sidecar, &ns);
+    let label = |v: &str| Patch::Merge(json!({"metadata": {"labels": {"dkron-ha/leader": v}}}));
+    sidecar_pods
+        .patch("dkron-0", &PatchParams::default(), &label("true"))
+        .await
+        .expect("the label-updater may label its own StatefulSet's pods");
+    let denied = sidecar_pods
+        .patch("unrelated", &PatchParams::default(), &label("true"))
+        .await
+        .expect_err("patching another pod must be forbidden");
+    assert!(matches!(denied, kube::Error::Api(ref s) if s.code == 403), "{denied:?}");
+    assert_eq!(sidecar_pods.list(&ListParams::default()).await.unwrap().items.len(), 4);
+
+    // Scaling keeps resourceNames in step.
+    statefulsets
+        .patch("dkron", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 5}})))
+        .await
+        .unwrap();
+    eventually("role follows scale-up", || async {
+        (patch_names(&client, &ns, "dkron-dkron-ha").await.len() == 5).then_some(())
+    })
+    .await;
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn opting_out_removes_only_what_dkron_ha_created_and_deletion_collects_the_rest() {
+    let cp = ControlPlane::shared();
+    let client = cp.client().await;
+    let ns = cp.namespace("ctl-optout").await;
+    let running = start_controller(client.clone(), &ns, "ctl-b", "replica-b");
+    headless_service(&client, &ns, "jobs", true).await;
+    let statefulsets = Api::<StatefulSet>::namespaced(client.clone(), &ns);
+    statefulsets
+        .create(&PostParams::default(), &injected_statefulset("jobs", 3))
+        .await
+        .unwrap();
+    eventually("supporting objects", || async {
+        exists::<PodDisruptionBudget>(&client, &ns, "jobs-dkron-ha").await.then_some(())
+    })
+    .await;
+
+    // Opt out: the annotation goes, the injected template stays.
+    statefulsets
+        .patch(
+            "jobs",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"dkron-ha/enabled": null}}})),
+        )
+        .await
+        .unwrap();
+    eventually("supporting objects removed", || async {
+        let any = exists::<ServiceAccount>(&client, &ns, "jobs-dkron-ha").await
+            || exists::<Role>(&client, &ns, "jobs-dkron-ha").await
+            || exists::<RoleBinding>(&client, &ns, "jobs-dkron-ha").await
+            || exists::<Service>(&client, &ns, "jobs-leader").await
+            || exists::<PodDisruptionBudget>(&client, &ns, "jobs-dkron-ha").await;
+        (!any).then_some(())
+    })
+    .await;
+    assert!(exists::<Service>(&client, &ns, "jobs").await, "the user's headless Service stays");
+    assert!(exists::<StatefulSet>(&client, &ns, "jobs").await);
+
+    // Opt in again, then delete the StatefulSet: the garbage collector removes the objects.
+    statefulsets
+        .patch(
+            "jobs",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"dkron-ha/enabled": "true"}}})),
+        )
+        .await
+        .unwrap();
+    eventually("objects back", || async {
+        exists::<Role>(&client, &ns, "jobs-dkron-ha").await.then_some(())
+    })
+    .await;
+    running.stop().await;
+    statefulsets.delete("jobs", &DeleteParams::background()).await.unwrap();
+    eventually("garbage collected", || async {
+        let any = exists::<Role>(&client, &ns, "jobs-dkron-ha").await
+            || exists::<Service>(&client, &ns, "jobs-leader").await
+            || exists::<PodDisruptionBudget>(&client, &ns, "jobs-dkron-ha").await;
+        (!any).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_headless_service_without_not_ready_addresses_gets_a_warning_event() {
+    let cp = ControlPlane::shared();
+    let client = cp.client().await;
+    let ns = cp.namespace("ctl-event").await;
+    let running = start_controller(client.clone(), &ns, "ctl-c", "replica-c");
+    headless_service(&client, &ns, "cron", false).await;
+    Api::<StatefulSet>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &injected_statefulset("cron", 3))
+        .await
+        .unwrap();
+    let events = Api::<Event>::namespaced(client.clone(), &ns);
+    let event = eventually("warning event", || async {
+        events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("HeadlessServiceNotReadyAddresses"))
+    })
+    .await;
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert_eq!(event.regarding.as_ref().and_then(|r| r.name.as_deref()), Some("cron"));
+    assert!(event.note.unwrap_or_default().contains("publishNotReadyAddresses"));
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn two_replicas_never_run_the_loops_at_once_and_hand_over_on_shutdown() {
+    let cp = ControlPlane::shared();
+    let ns = cp.namespace("ctl-lease").await;
+    let a = start_controller(cp.client().await, &ns, "dkron-ha-controller", "replica-1");
+    let b = start_controller(cp.client().await, &ns, "dkron-ha-controller", "replica-2");
+    let (la, lb) = (a.leading.clone(), b.leading.clone());
+    let mut saw_leader = false;
+    for _ in 0..100 {
+        let (x, y) = (*la.borrow(), *lb.borrow());
+        assert!(!(x && y), "both replicas run the loops");
+        saw_leader |= x || y;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(saw_leader, "nobody took the Lease");
+    let (leader, follower) = if *la.borrow() { (a, b) } else { (b, a) };
+    let follower_leading = follower.leading.clone();
+    leader.stop().await;
+    let started = tokio::time::Instant::now();
+    eventually("hand-over", || async { (*follower_leading.borrow()).then_some(()) }).await;
+    eprintln!("hand-over took {:?}", started.elapsed());
+    follower.stop().await;
+}
