@@ -171,7 +171,9 @@ async fn metrics_handler(State(state): State<HttpState>) -> Response {
 }
 
 /// Serves `router` over TLS on `listener` until `shutdown` completes. Each connection gets a
-/// bounded handshake; HTTP/1.1 keep-alive and HTTP/2 are both offered.
+/// bounded handshake; HTTP/1.1 keep-alive and HTTP/2 are both offered. At shutdown, open
+/// connections (the API server keeps them alive between reviews) finish their in-flight
+/// request and close, so a stopped webhook really stops.
 pub async fn serve_https(
     listener: TcpListener,
     tls_config: rustls::ServerConfig,
@@ -180,6 +182,8 @@ pub async fn serve_https(
 ) -> Result<(), ServeError> {
     let acceptor = TlsAcceptor::from(Arc::new(tls_config));
     let service = TowerToHyperService::new(router);
+    let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -192,12 +196,15 @@ pub async fn serve_https(
                     continue;
                 }
             },
-            () = &mut shutdown => return Ok(()),
+            () = &mut shutdown => break,
         };
+        // Reap finished connection tasks so the set does not grow.
+        while connections.try_join_next().is_some() {}
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let service = service.clone();
-        tokio::spawn(async move {
+        let mut closing = closing_rx.clone();
+        connections.spawn(async move {
             let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
             {
                 Ok(Ok(tls)) => tls,
@@ -211,11 +218,29 @@ pub async fn serve_https(
                 }
             };
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(error) = builder.serve_connection(TokioIo::new(tls), service).await {
+            let connection = builder.serve_connection(TokioIo::new(tls), service);
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = async { let _ = closing.wait_for(|c| *c).await; } => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.as_mut().await
+                }
+            };
+            if let Err(error) = result {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
         });
     }
+    drop(listener);
+    let _ = closing_tx.send(true);
+    // In-flight requests are bounded by REQUEST_TIMEOUT; do not wait longer than that.
+    let _ = tokio::time::timeout(REQUEST_TIMEOUT, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    connections.abort_all();
+    Ok(())
 }
 
 /// Resolves when SIGTERM or SIGINT arrives.
