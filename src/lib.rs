@@ -10,11 +10,13 @@
 pub mod admission;
 pub mod certs;
 pub mod controller;
+pub mod dkron;
 pub mod inject;
 pub mod install;
 pub mod manifests;
 pub mod metrics;
 pub mod patch;
+pub mod runtime;
 pub mod serve;
 pub mod telemetry;
 pub mod tls;

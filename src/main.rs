@@ -42,6 +42,14 @@ enum Command {
         /// Target directory, normally the shared emptyDir /dkron-ha/bin.
         dir: PathBuf,
     },
+    /// Start Dkron with this pod's cluster flags and supervise it (entrypoint of the Dkron container).
+    Wrap {
+        /// The Dkron command, e.g. `-- /usr/local/bin/dkron agent --server`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Keep the pod label `dkron-ha/leader` equal to Dkron's leadership (sidecar).
+    LabelUpdater(dkron_ha::runtime::label_updater::LabelUpdaterArgs),
     /// Certificate tooling.
     Certs {
         #[command(subcommand)]
@@ -82,6 +90,23 @@ fn main() -> anyhow::Result<()> {
         Command::Install { dir } => {
             let target = dkron_ha::install::install_self(&dir)?;
             tracing::info!(target = %target.display(), "installed");
+            Ok(())
+        }
+        Command::Wrap { command } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            let code = runtime.block_on(dkron_ha::runtime::wrap::run(command))?;
+            // Exit at once: dropping the runtime would wait for a DNS look-up still blocked.
+            std::process::exit(code)
+        }
+        Command::LabelUpdater(args) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(dkron_ha::runtime::label_updater::run(args))?;
             Ok(())
         }
         Command::Certs {

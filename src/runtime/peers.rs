@@ -1,0 +1,123 @@
+//! Who the peers of this pod are, from the environment the injector sets.
+
+use std::time::Duration;
+
+/// Default bound of the wait for DNS names (`DKRON_HA_DNS_TIMEOUT_SECONDS`).
+pub const DEFAULT_DNS_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SettingsError {
+    #[error(
+        "environment variable {0} is not set; the dkron-ha injector sets it on the Dkron container (was the pod created before the webhook was installed?)"
+    )]
+    Missing(&'static str),
+    #[error("environment variable {name}={value:?} is invalid: {reason}")]
+    Invalid {
+        name: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+}
+
+/// The identity of this pod and of its StatefulSet, as read from the environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    pub statefulset: String,
+    pub service: String,
+    pub namespace: String,
+    pub cluster_domain: String,
+    pub initial_cluster_size: u32,
+    pub pod_name: String,
+    pub pod_ip: std::net::IpAddr,
+    pub dns_timeout: Duration,
+}
+
+impl ClusterSettings {
+    /// Reads the settings from the process environment.
+    pub fn from_env() -> Result<Self, SettingsError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the settings through `lookup` (pure given `lookup`; tests pass a map).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, SettingsError> {
+        let required = |name: &'static str| {
+            lookup(name)
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| v.trim().to_owned())
+                .ok_or(SettingsError::Missing(name))
+        };
+        let size_raw = required("DKRON_HA_INITIAL_CLUSTER_SIZE")?;
+        let initial_cluster_size = match size_raw.parse::<u32>() {
+            Ok(n) if n >= 1 => n,
+            _ => {
+                return Err(SettingsError::Invalid {
+                    name: "DKRON_HA_INITIAL_CLUSTER_SIZE",
+                    value: size_raw,
+                    reason: "expected a whole number of servers, at least 1",
+                });
+            }
+        };
+        let ip_raw = required("POD_IP")?;
+        let pod_ip = ip_raw.parse().map_err(|_| SettingsError::Invalid {
+            name: "POD_IP",
+            value: ip_raw.clone(),
+            reason: "expected an IP address (fieldRef status.podIP)",
+        })?;
+        let dns_timeout = match lookup("DKRON_HA_DNS_TIMEOUT_SECONDS").filter(|v| !v.is_empty()) {
+            None => DEFAULT_DNS_TIMEOUT,
+            Some(raw) => {
+                Duration::from_secs(raw.trim().parse().map_err(|_| SettingsError::Invalid {
+                    name: "DKRON_HA_DNS_TIMEOUT_SECONDS",
+                    value: raw.clone(),
+                    reason: "expected a whole number of seconds",
+                })?)
+            }
+        };
+        let cluster_domain = lookup("DKRON_HA_CLUSTER_DOMAIN")
+            .map(|d| d.trim().trim_end_matches('.').to_owned())
+            .filter(|d| !d.is_empty())
+            .unwrap_or_else(|| "cluster.local".to_owned());
+        Ok(Self {
+            statefulset: required("DKRON_HA_STATEFULSET")?,
+            service: required("DKRON_HA_SERVICE")?,
+            namespace: required("POD_NAMESPACE")?,
+            cluster_domain,
+            initial_cluster_size,
+            pod_name: required("POD_NAME")?,
+            pod_ip,
+            dns_timeout,
+        })
+    }
+
+    /// The stable DNS name of the pod with this ordinal (headless Service record).
+    pub fn peer_fqdn(&self, ordinal: u32) -> String {
+        format!(
+            "{}-{ordinal}.{}.{}.svc.{}",
+            self.statefulset, self.service, self.namespace, self.cluster_domain
+        )
+    }
+
+    /// All initial peers, ordinals 0..initial-cluster-size, this pod included.
+    pub fn peer_fqdns(&self) -> Vec<String> {
+        (0..self.initial_cluster_size)
+            .map(|i| self.peer_fqdn(i))
+            .collect()
+    }
+
+    /// This pod's own DNS name.
+    pub fn own_fqdn(&self) -> String {
+        format!(
+            "{}.{}.{}.svc.{}",
+            self.pod_name, self.service, self.namespace, self.cluster_domain
+        )
+    }
+
+    /// The initial peers other than this pod.
+    pub fn other_peers(&self) -> Vec<String> {
+        let own = self.own_fqdn();
+        self.peer_fqdns()
+            .into_iter()
+            .filter(|p| *p != own)
+            .collect()
+    }
+}

@@ -1,0 +1,493 @@
+//! `dkron-ha wrap -- <command>`: the entrypoint of the Dkron container.
+//!
+//! Shell: read the pod's identity, wait (bounded) for the DNS names, ask the peers whether a
+//! leader exists, then start the command and supervise it. Core: [`plan_launch`] decides the
+//! flags or environment variables from the command and the observations, with no I/O.
+
+use super::peers::{ClusterSettings, SettingsError};
+use crate::dkron::{self, LeaderAnswer};
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+use tokio::signal::unix::{SignalKind, signal};
+
+/// How long one peer may take to answer `GET /v1/leader`.
+const LEADER_QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause between two rounds of DNS look-ups.
+const DNS_RETRY: Duration = Duration::from_millis(500);
+/// Bound of one DNS look-up.
+const DNS_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum WrapError {
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    #[error(
+        "nothing to run: give the Dkron command after `--`, e.g. `dkron-ha wrap -- dkron agent --server`"
+    )]
+    EmptyCommand,
+    #[error("cannot start {program:?}: {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+    #[error("cannot wait for the child process: {0}")]
+    Wait(#[source] nix::Error),
+}
+
+/// Cluster settings the wrapper hands to Dkron.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterFlags {
+    /// `Some(N)` on a cold start (no leader anywhere), `None` when a leader exists.
+    pub bootstrap_expect: Option<u32>,
+    /// The other initial peers, to join (serf port defaults to 8946).
+    pub retry_join: Vec<String>,
+    /// The Dkron node name (= raft server id): the pod name.
+    pub node_name: String,
+}
+
+/// What to execute: the (possibly rewritten) command and the environment changes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LaunchPlan {
+    pub program: String,
+    pub args: Vec<String>,
+    pub set_env: Vec<(String, String)>,
+    pub remove_env: Vec<String>,
+    /// Things the wrapper could not do for this command, for the log.
+    pub warnings: Vec<String>,
+}
+
+/// Is `command` Dkron's server agent itself (`.../dkron agent ...`)? Then flags are rewritten;
+/// anything else (a shell script) gets environment variables.
+pub fn is_dkron_agent(command: &[String]) -> bool {
+    let Some(program) = command.first() else {
+        return false;
+    };
+    let basename = program.rsplit('/').next().unwrap_or(program);
+    basename == "dkron" && command.get(1).map(String::as_str) == Some("agent")
+}
+
+/// The flag value of `--name=value` or `--name value` at `args[i]`, and how many args it spans.
+fn flag_at<'a>(args: &'a [String], i: usize, name: &str) -> Option<(Option<&'a str>, usize)> {
+    let arg = args[i].as_str();
+    let rest = arg.strip_prefix("--")?.strip_prefix(name)?;
+    if let Some(value) = rest.strip_prefix('=') {
+        Some((Some(value), 1))
+    } else if rest.is_empty() {
+        match args.get(i + 1) {
+            Some(value) if !value.starts_with('-') => Some((Some(value.as_str()), 2)),
+            _ => Some((None, 1)),
+        }
+    } else {
+        None
+    }
+}
+
+/// The host of a `--retry-join` value (`host` or `host:port`), to compare with peer names.
+fn join_host(value: &str) -> &str {
+    match value.rsplit_once(':') {
+        Some((host, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => value,
+    }
+}
+
+/// Rewrites the full Dkron command line (`dkron agent ...`, program included):
+/// `--bootstrap-expect` becomes N on a cold start and disappears when a leader exists (Dkron
+/// issue #683: a restarting server must not bootstrap); every other peer not already joined gets
+/// `--retry-join=<peer>`; `--node-name=<pod>` unless one is given. Args after `--` are untouched.
+pub fn plan_dkron_args(original: &[String], flags: &ClusterFlags) -> Vec<String> {
+    plan_dkron_args_with(original, flags, false)
+}
+
+fn plan_dkron_args_with(
+    original: &[String],
+    flags: &ClusterFlags,
+    node_name_from_env: bool,
+) -> Vec<String> {
+    let mut out = Vec::with_capacity(original.len() + flags.retry_join.len() + 2);
+    let mut joined: Vec<String> = Vec::new();
+    let mut has_node_name = node_name_from_env;
+    let mut i = 0;
+    let mut tail: &[String] = &[];
+    while i < original.len() {
+        if original[i] == "--" {
+            tail = &original[i..];
+            break;
+        }
+        if let Some((_, span)) = flag_at(original, i, "bootstrap-expect") {
+            i += span;
+            continue;
+        }
+        if let Some((value, span)) = flag_at(original, i, "retry-join") {
+            if let Some(value) = value {
+                joined.push(join_host(value).to_owned());
+            }
+            out.extend_from_slice(&original[i..i + span]);
+            i += span;
+            continue;
+        }
+        if flag_at(original, i, "node-name").is_some() {
+            has_node_name = true;
+        }
+        out.push(original[i].clone());
+        i += 1;
+    }
+    if let Some(n) = flags.bootstrap_expect {
+        out.push(format!("--bootstrap-expect={n}"));
+    }
+    for peer in &flags.retry_join {
+        if !joined.iter().any(|j| j == peer) {
+            out.push(format!("--retry-join={peer}"));
+        }
+    }
+    if !has_node_name {
+        out.push(format!("--node-name={}", flags.node_name));
+    }
+    out.extend_from_slice(tail);
+    out
+}
+
+/// Decides how to start `command` (pure). `inherited_env` looks up the wrapper's own environment,
+/// which the child inherits.
+///
+/// For a command that is not `dkron agent` the settings travel as Dkron environment variables.
+/// Dkron's config loading (cmd/dkron.go, v4.1.x): viper with `SetEnvPrefix("dkron")`, key
+/// replacer `-` → `_`, `AutomaticEnv()`, then `viper.Unmarshal(config)`, whose default decode hook
+/// `StringToSliceHookFunc(",")` splits a string into `[]string` on commas: so
+/// `DKRON_RETRY_JOIN=a,b` (comma-separated, not space-separated), `DKRON_BOOTSTRAP_EXPECT=3`,
+/// `DKRON_NODE_NAME=pod`. Precedence is flag > env > config file > default, so a flag written in
+/// the script wins over the variable; that case is reported in `warnings`.
+pub fn plan_launch(
+    command: &[String],
+    flags: &ClusterFlags,
+    inherited_env: impl Fn(&str) -> Option<String>,
+) -> Result<LaunchPlan, WrapError> {
+    let program = command.first().ok_or(WrapError::EmptyCommand)?.clone();
+    let inherited = |name: &str| inherited_env(name).filter(|v| !v.trim().is_empty());
+    let mut plan = LaunchPlan {
+        program,
+        ..LaunchPlan::default()
+    };
+    // An inherited DKRON_BOOTSTRAP_EXPECT would make a restarting server bootstrap (issue #683).
+    if flags.bootstrap_expect.is_none() && inherited("DKRON_BOOTSTRAP_EXPECT").is_some() {
+        plan.remove_env.push("DKRON_BOOTSTRAP_EXPECT".to_owned());
+    }
+    let node_name_from_env = inherited("DKRON_NODE_NAME").is_some();
+    if is_dkron_agent(command) {
+        let rewritten = plan_dkron_args_with(command, flags, node_name_from_env);
+        plan.args = rewritten[1..].to_vec();
+        return Ok(plan);
+    }
+    plan.args = command[1..].to_vec();
+    if let Some(n) = flags.bootstrap_expect {
+        plan.set_env
+            .push(("DKRON_BOOTSTRAP_EXPECT".to_owned(), n.to_string()));
+    }
+    let mut joins: Vec<String> = inherited("DKRON_RETRY_JOIN")
+        .map(|v| {
+            v.split(',')
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    for peer in &flags.retry_join {
+        if !joins.iter().any(|j| join_host(j) == peer) {
+            joins.push(peer.clone());
+        }
+    }
+    if !joins.is_empty() {
+        plan.set_env
+            .push(("DKRON_RETRY_JOIN".to_owned(), joins.join(",")));
+    }
+    if !node_name_from_env {
+        plan.set_env
+            .push(("DKRON_NODE_NAME".to_owned(), flags.node_name.clone()));
+    }
+    if command[1..]
+        .iter()
+        .any(|a| a.contains("--bootstrap-expect"))
+    {
+        plan.warnings.push(
+            "the command line contains --bootstrap-expect, which Dkron prefers over DKRON_BOOTSTRAP_EXPECT; \
+             run `dkron agent` directly under wrap (or drop the flag) so a restarting server never bootstraps"
+                .to_owned(),
+        );
+    }
+    Ok(plan)
+}
+
+/// One peer's answer to "is there a leader?".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerAnswer {
+    Leader,
+    NoLeader,
+    NoAnswer,
+}
+
+/// `--bootstrap-expect` value from the peers' answers (pure): any leader → none (join it);
+/// no leader anywhere (or nobody answering: a cold start) → the initial cluster size.
+pub fn bootstrap_expect(initial_cluster_size: u32, answers: &[PeerAnswer]) -> Option<u32> {
+    if answers.contains(&PeerAnswer::Leader) {
+        None
+    } else {
+        Some(initial_cluster_size)
+    }
+}
+
+async fn resolve(name: &str) -> Vec<IpAddr> {
+    match tokio::time::timeout(DNS_LOOKUP_TIMEOUT, tokio::net::lookup_host((name, 0))).await {
+        Ok(Ok(addrs)) => addrs.map(|a| a.ip()).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Waits until this pod's name resolves to `POD_IP` and every peer resolves, at most
+/// `dns_timeout`; then proceeds anyway (logged). Returns whether everything resolved.
+pub async fn wait_for_names(settings: &ClusterSettings) -> bool {
+    let own = settings.own_fqdn();
+    let peers = settings.other_peers();
+    let started = Instant::now();
+    let mut last_log: Option<Instant> = None;
+    loop {
+        let own_ips = resolve(&own).await;
+        let own_ok = own_ips.contains(&settings.pod_ip);
+        let lookups = futures::future::join_all(peers.iter().map(|p| resolve(p))).await;
+        let unresolved: Vec<&str> = peers
+            .iter()
+            .zip(&lookups)
+            .filter(|(_, ips)| ips.is_empty())
+            .map(|(p, _)| p.as_str())
+            .collect();
+        let waited = started.elapsed();
+        if own_ok && unresolved.is_empty() {
+            tracing::info!(own = %own, pod_ip = %settings.pod_ip, peers = peers.len(), waited_ms = waited.as_millis() as u64, "DNS names resolve");
+            return true;
+        }
+        if waited >= settings.dns_timeout {
+            tracing::warn!(own = %own, pod_ip = %settings.pod_ip, own_resolves_to = ?own_ips, ?unresolved, waited_s = waited.as_secs(),
+                "DNS names still do not resolve; proceeding (does the headless Service have publishNotReadyAddresses: true?)");
+            return false;
+        }
+        if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+            tracing::info!(own = %own, pod_ip = %settings.pod_ip, own_resolves_to = ?own_ips, ?unresolved, waited_s = waited.as_secs(),
+                timeout_s = settings.dns_timeout.as_secs(), "waiting for DNS names");
+            last_log = Some(Instant::now());
+        }
+        tokio::time::sleep(DNS_RETRY).await;
+    }
+}
+
+/// Asks every other peer `GET /v1/leader` concurrently; unreachable peers are `NoAnswer`.
+pub async fn ask_peers_for_leader(peers: &[String]) -> Vec<PeerAnswer> {
+    let asks = peers.iter().map(|peer| async move {
+        let answer = dkron::leader(peer, dkron::HTTP_PORT, LEADER_QUERY_TIMEOUT).await;
+        match answer {
+            Ok(LeaderAnswer::Known { name }) => {
+                tracing::info!(peer = %peer, leader = ?name, "peer knows a leader");
+                PeerAnswer::Leader
+            }
+            Ok(LeaderAnswer::NoLeader) => PeerAnswer::NoLeader,
+            Ok(LeaderAnswer::Unexpected { status }) => {
+                tracing::warn!(peer = %peer, status, "unexpected answer to GET /v1/leader");
+                PeerAnswer::NoAnswer
+            }
+            Err(error) => {
+                tracing::debug!(peer = %peer, %error, "no answer to GET /v1/leader");
+                PeerAnswer::NoAnswer
+            }
+        }
+    });
+    futures::future::join_all(asks).await
+}
+
+/// Signal streams of the supervisor. Created before anything else so that a SIGTERM during
+/// discovery or before the child starts is never lost, and SIGCHLD before the child exists.
+pub struct SupervisorSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    child: tokio::signal::unix::Signal,
+}
+
+impl SupervisorSignals {
+    pub fn install() -> Result<Self, WrapError> {
+        let make = |kind| signal(kind).map_err(WrapError::Signals);
+        Ok(Self {
+            term: make(SignalKind::terminate())?,
+            int: make(SignalKind::interrupt())?,
+            hup: make(SignalKind::hangup())?,
+            child: make(SignalKind::child())?,
+        })
+    }
+
+    /// The next SIGTERM or SIGINT (what stops the wrapper before the child runs).
+    async fn stop_request(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.term.recv() => Signal::SIGTERM,
+            _ = self.int.recv() => Signal::SIGINT,
+        }
+    }
+}
+
+/// How the child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChildExit {
+    /// Its exit status, or 128 + signal number when a signal killed it (shell convention).
+    pub code: i32,
+    /// Orphaned descendants reaped while it ran (the wrapper is PID 1 or a child subreaper).
+    pub orphans_reaped: u32,
+}
+
+/// Starts the plan's command, forwards SIGTERM, SIGINT and SIGHUP to it, reaps orphans, and
+/// returns when it ends.
+///
+/// The child is spawned with `std::process` and waited for with `waitpid(-1, WNOHANG)` on each
+/// SIGCHLD rather than with `tokio::process`: reaping every child would otherwise race with
+/// tokio's own wait for the main child and lose its status.
+pub async fn run_child(
+    plan: &LaunchPlan,
+    signals: &mut SupervisorSignals,
+) -> Result<ChildExit, WrapError> {
+    // Orphans of Dkron's shell jobs are reparented to us even when we are not PID 1
+    // (e.g. shareProcessNamespace), so we reap them in both cases.
+    if let Err(error) = nix::sys::prctl::set_child_subreaper(true) {
+        tracing::warn!(%error, "cannot become a child subreaper; orphans are reaped only as PID 1");
+    }
+    let mut command = std::process::Command::new(&plan.program);
+    command.args(&plan.args);
+    for name in &plan.remove_env {
+        command.env_remove(name);
+    }
+    command.envs(plan.set_env.iter().map(|(k, v)| (k, v)));
+    let child = command.spawn().map_err(|source| WrapError::Spawn {
+        program: plan.program.clone(),
+        source,
+    })?;
+    let child_pid = Pid::from_raw(child.id() as i32);
+    // `child` is dropped without waiting: std does not reap on drop, `reap` below does.
+    drop(child);
+    tracing::info!(pid = child_pid.as_raw(), program = %plan.program, "child started");
+    let mut orphans_reaped = 0;
+    let mut safety_tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        if let Some(code) = reap(child_pid, &mut orphans_reaped)? {
+            tracing::info!(code, orphans_reaped, "child exited");
+            return Ok(ChildExit {
+                code,
+                orphans_reaped,
+            });
+        }
+        let forward = tokio::select! {
+            _ = signals.term.recv() => Some(Signal::SIGTERM),
+            _ = signals.int.recv() => Some(Signal::SIGINT),
+            _ = signals.hup.recv() => Some(Signal::SIGHUP),
+            _ = signals.child.recv() => None,
+            // SIGCHLD can coalesce; a slow poll makes sure no exit is missed.
+            _ = safety_tick.tick() => None,
+        };
+        if let Some(sig) = forward {
+            tracing::info!(signal = %sig, pid = child_pid.as_raw(), "forwarding signal to child");
+            if let Err(error) = kill(child_pid, sig) {
+                tracing::warn!(signal = %sig, %error, "cannot forward signal");
+            }
+        }
+    }
+}
+
+/// Reaps every exited child; `Some(code)` once the main child is among them.
+fn reap(main: Pid, orphans_reaped: &mut u32) -> Result<Option<i32>, WrapError> {
+    loop {
+        match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => return Ok(None),
+            Ok(WaitStatus::Exited(pid, code)) if pid == main => return Ok(Some(code)),
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == main => {
+                return Ok(Some(128 + sig as i32));
+            }
+            Ok(status) => {
+                if let Some(pid) = status.pid() {
+                    tracing::debug!(pid = pid.as_raw(), ?status, "reaped orphan");
+                    *orphans_reaped += 1;
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            // No children left at all: the main child was reaped elsewhere. Should not happen.
+            Err(nix::errno::Errno::ECHILD) => {
+                return Err(WrapError::Wait(nix::errno::Errno::ECHILD));
+            }
+            Err(error) => return Err(WrapError::Wait(error)),
+        }
+    }
+}
+
+/// `dkron-ha wrap -- <command>`: returns the exit code for the process.
+pub async fn run(command: Vec<String>) -> Result<i32, WrapError> {
+    if command.is_empty() {
+        return Err(WrapError::EmptyCommand);
+    }
+    let settings = ClusterSettings::from_env()?;
+    let mut signals = SupervisorSignals::install()?;
+    let discovery = async {
+        wait_for_names(&settings).await;
+        let others = settings.other_peers();
+        let answers = ask_peers_for_leader(&others).await;
+        (others, answers)
+    };
+    let (others, answers) = tokio::select! {
+        found = discovery => found,
+        sig = signals.stop_request() => {
+            tracing::info!(signal = %sig, "stopped before the child started");
+            return Ok(128 + sig as i32);
+        }
+    };
+    let flags = ClusterFlags {
+        bootstrap_expect: bootstrap_expect(settings.initial_cluster_size, &answers),
+        retry_join: others,
+        node_name: settings.pod_name.clone(),
+    };
+    tracing::info!(bootstrap_expect = ?flags.bootstrap_expect, ?answers, "leader search done");
+    let plan = plan_launch(&command, &flags, |name| std::env::var(name).ok())?;
+    for warning in &plan.warnings {
+        tracing::warn!(%warning, "cannot apply every cluster setting");
+    }
+    let set_env: Vec<&str> = plan.set_env.iter().map(|(k, _)| k.as_str()).collect();
+    tracing::info!(program = %plan.program, args = ?plan.args, ?set_env, remove_env = ?plan.remove_env, "starting");
+    Ok(run_child(&plan, &mut signals).await?.code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|a| a.to_string()).collect()
+    }
+
+    #[test]
+    fn flag_forms() {
+        let args = s(&[
+            "--bootstrap-expect",
+            "3",
+            "--bootstrap-expect=2",
+            "--bootstrap-expectx",
+        ]);
+        assert_eq!(flag_at(&args, 0, "bootstrap-expect"), Some((Some("3"), 2)));
+        assert_eq!(flag_at(&args, 2, "bootstrap-expect"), Some((Some("2"), 1)));
+        assert_eq!(flag_at(&args, 3, "bootstrap-expect"), None);
+    }
+
+    #[test]
+    fn join_host_strips_port() {
+        assert_eq!(join_host("a.b:8946"), "a.b");
+        assert_eq!(join_host("a.b"), "a.b");
+        assert_eq!(
+            join_host("provider=aws tag_key=x"),
+            "provider=aws tag_key=x"
+        );
+    }
+}
