@@ -58,14 +58,27 @@ fn load(router: Router, ca_pem: &str, cert: Arc<ReloadingCert>) -> LoadResult {
         .enable_all()
         .build()
         .unwrap();
-    let listener = server_rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
-    let url = format!("https://127.0.0.1:{}/mutate", listener.local_addr().unwrap().port());
+    let listener = server_rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let url = format!(
+        "https://127.0.0.1:{}/mutate",
+        listener.local_addr().unwrap().port()
+    );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    server_rt.spawn(serve_https(listener, server_config(cert).unwrap(), router, async {
-        let _ = stopped.await;
-    }));
+    server_rt.spawn(serve_https(
+        listener,
+        server_config(cert).unwrap(),
+        router,
+        async {
+            let _ = stopped.await;
+        },
+    ));
 
-    let client_rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let client_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let ca = ca_pem.to_string();
     let result = client_rt.block_on(async move {
         let mut tasks = Vec::new();
@@ -120,10 +133,17 @@ fn main() {
     })
     .unwrap();
     certs.write_to(dir.path()).unwrap();
-    let cert = || Arc::new(ReloadingCert::new(dir.path().join("tls.crt"), dir.path().join("tls.key")).unwrap());
+    let cert = || {
+        Arc::new(
+            ReloadingCert::new(dir.path().join("tls.crt"), dir.path().join("tls.key")).unwrap(),
+        )
+    };
 
     let ips = injections_per_second();
-    println!("injection engine: {ips:.0} injections/s ({:.1} µs each)", 1e6 / ips);
+    println!(
+        "injection engine: {ips:.0} injections/s ({:.1} µs each)",
+        1e6 / ips
+    );
 
     // A constant answer of the same shape and size as a real patched response.
     let constant = {
@@ -158,9 +178,15 @@ fn main() {
     };
     let (b_rps, b_p50, b_p99) = best(&bare_runs);
     let (o_rps, o_p50, o_p99) = best(&our_runs);
-    println!("{CLIENTS} keep-alive TLS clients x {REQUESTS_PER_CLIENT} requests (best of 2 runs each):");
-    println!("  bare rustls+axum constant: {b_rps:>8.0} req/s  p50 {b_p50:>9.1?}  p99 {b_p99:>9.1?}");
-    println!("  dkron-ha /mutate:          {o_rps:>8.0} req/s  p50 {o_p50:>9.1?}  p99 {o_p99:>9.1?}");
+    println!(
+        "{CLIENTS} keep-alive TLS clients x {REQUESTS_PER_CLIENT} requests (best of 2 runs each):"
+    );
+    println!(
+        "  bare rustls+axum constant: {b_rps:>8.0} req/s  p50 {b_p50:>9.1?}  p99 {b_p99:>9.1?}"
+    );
+    println!(
+        "  dkron-ha /mutate:          {o_rps:>8.0} req/s  p50 {o_p50:>9.1?}  p99 {o_p99:>9.1?}"
+    );
     println!(
         "  throughput ratio {:.2} (goal >= 0.80); p99 added {:.3} ms (goal < 1 ms); p50 added {:.3} ms",
         o_rps / b_rps,

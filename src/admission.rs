@@ -201,8 +201,7 @@ pub fn review(body: &[u8], config: &InjectorConfig) -> Result<ReviewAnswer, Revi
         operation: request.operation.clone(),
     };
 
-    let (Some(operation), true, Some(object)) = (operation, is_statefulset, request.object)
-    else {
+    let (Some(operation), true, Some(object)) = (operation, is_statefulset, request.object) else {
         tracing::debug!(uid = %request.uid, kind = ?request.kind, operation = %request.operation, "not ours, allowed unchanged");
         return Ok(answer(
             Verdict::Unchanged,

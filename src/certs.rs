@@ -68,9 +68,10 @@ pub fn generate(request: &CertRequest) -> Result<GeneratedCerts, CertsError> {
 
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, format!("dkron-ha CA ({})", request.namespace));
+    ca_params.distinguished_name.push(
+        DnType::CommonName,
+        format!("dkron-ha CA ({})", request.namespace),
+    );
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,

@@ -67,7 +67,11 @@ pub struct ControllerArgs {
     #[arg(long = "controller", env = "DKRON_HA_CONTROLLER", default_value_t = true, action = clap::ArgAction::Set)]
     pub enabled: bool,
     /// Name of the Lease that elects the replica running the controller.
-    #[arg(long, env = "DKRON_HA_LEASE_NAME", default_value = "dkron-ha-controller")]
+    #[arg(
+        long,
+        env = "DKRON_HA_LEASE_NAME",
+        default_value = "dkron-ha-controller"
+    )]
     pub lease_name: String,
     /// Namespace of the Lease (the namespace dkron-ha runs in).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
@@ -171,7 +175,12 @@ where
 }
 
 /// Deletes `name` if it exists and is ours: labelled managed-by dkron-ha and owned by `owner_uid`.
-async fn delete_if_ours<K>(client: &Client, namespace: &str, name: &str, owner_uid: &str) -> Result<bool>
+async fn delete_if_ours<K>(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    owner_uid: &str,
+) -> Result<bool>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
         + Clone
@@ -183,7 +192,10 @@ where
         return Ok(false);
     };
     let labelled = existing.labels().get(LABEL_MANAGED_BY).map(String::as_str) == Some(MANAGED_BY);
-    let owned = existing.owner_references().iter().any(|o| o.uid == owner_uid);
+    let owned = existing
+        .owner_references()
+        .iter()
+        .any(|o| o.uid == owner_uid);
     if !(labelled && owned) {
         return Ok(false);
     }
@@ -215,13 +227,28 @@ async fn check_headless_service(ctx: &Context, sts: &StatefulSet, namespace: &st
         None => Some(format!(
             "headless Service {service_name} (spec.serviceName) does not exist: create it with clusterIP: None and publishNotReadyAddresses: true"
         )),
-        Some(svc) if svc.spec.as_ref().and_then(|s| s.publish_not_ready_addresses) != Some(true) => Some(format!(
-            "headless Service {service_name} lacks publishNotReadyAddresses: true, so peers cannot resolve each other before they are ready and a cold start may never elect a leader; set it"
-        )),
+        Some(svc)
+            if svc
+                .spec
+                .as_ref()
+                .and_then(|s| s.publish_not_ready_addresses)
+                != Some(true) =>
+        {
+            Some(format!(
+                "headless Service {service_name} lacks publishNotReadyAddresses: true, so peers cannot resolve each other before they are ready and a cold start may never elect a leader; set it"
+            ))
+        }
         Some(_) => None,
     };
     if let Some(note) = note {
-        publish(ctx, sts, EventType::Warning, "HeadlessServiceNotReadyAddresses", note).await;
+        publish(
+            ctx,
+            sts,
+            EventType::Warning,
+            "HeadlessServiceNotReadyAddresses",
+            note,
+        )
+        .await;
     }
     Ok(())
 }
@@ -247,7 +274,9 @@ async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Action> {
         let names = supporting::names(&name);
         let client = &ctx.client;
         let mut removed = Vec::new();
-        if delete_if_ours::<ServiceAccount>(client, &namespace, &names.service_account, &uid).await? {
+        if delete_if_ours::<ServiceAccount>(client, &namespace, &names.service_account, &uid)
+            .await?
+        {
             removed.push(format!("ServiceAccount {}", names.service_account));
         }
         if delete_if_ours::<Role>(client, &namespace, &names.role, &uid).await? {
@@ -259,18 +288,34 @@ async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Action> {
         if delete_if_ours::<Service>(client, &namespace, &names.leader_service, &uid).await? {
             removed.push(format!("Service {}", names.leader_service));
         }
-        if delete_if_ours::<PodDisruptionBudget>(client, &namespace, &names.pod_disruption_budget, &uid).await? {
-            removed.push(format!("PodDisruptionBudget {}", names.pod_disruption_budget));
+        if delete_if_ours::<PodDisruptionBudget>(
+            client,
+            &namespace,
+            &names.pod_disruption_budget,
+            &uid,
+        )
+        .await?
+        {
+            removed.push(format!(
+                "PodDisruptionBudget {}",
+                names.pod_disruption_budget
+            ));
         }
         if !removed.is_empty() {
             ctx.metrics.removals.inc_by(removed.len() as u64);
             tracing::info!(%namespace, %name, removed = ?removed, "opted out: supporting objects removed");
-            publish(&ctx, &sts, EventType::Normal, "SupportingObjectsRemoved", format!(
-                "{} no longer carries {}: removed {}",
-                name,
-                inject::ANNOTATION_ENABLED,
-                removed.join(", ")
-            ))
+            publish(
+                &ctx,
+                &sts,
+                EventType::Normal,
+                "SupportingObjectsRemoved",
+                format!(
+                    "{} no longer carries {}: removed {}",
+                    name,
+                    inject::ANNOTATION_ENABLED,
+                    removed.join(", ")
+                ),
+            )
             .await;
         }
         return Ok(Action::await_change());
@@ -279,7 +324,14 @@ async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Action> {
     let objects = match supporting_objects(&sts) {
         Ok(objects) => objects,
         Err(error) => {
-            publish(&ctx, &sts, EventType::Warning, "InvalidStatefulSet", error.to_string()).await;
+            publish(
+                &ctx,
+                &sts,
+                EventType::Warning,
+                "InvalidStatefulSet",
+                error.to_string(),
+            )
+            .await;
             return Err(error.into());
         }
     };
@@ -307,7 +359,12 @@ fn error_policy(sts: Arc<StatefulSet>, error: &Error, ctx: Arc<Context>) -> Acti
 }
 
 /// Runs the reconcile loops until the future is dropped.
-pub async fn run_loops(client: Client, metrics: ControllerMetrics, resync: Duration, instance: String) {
+pub async fn run_loops(
+    client: Client,
+    metrics: ControllerMetrics,
+    resync: Duration,
+    instance: String,
+) {
     let reporter = Reporter {
         controller: "dkron-ha".into(),
         instance: Some(instance),
@@ -323,7 +380,10 @@ pub async fn run_loops(client: Client, metrics: ControllerMetrics, resync: Durat
         .owns(Api::<Role>::all(client.clone()), config.clone())
         .owns(Api::<RoleBinding>::all(client.clone()), config.clone())
         .owns(Api::<Service>::all(client.clone()), config.clone())
-        .owns(Api::<PodDisruptionBudget>::all(client.clone()), config.clone())
+        .owns(
+            Api::<PodDisruptionBudget>::all(client.clone()),
+            config.clone(),
+        )
         .owns(Api::<ServiceAccount>::all(client.clone()), config)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -414,7 +474,9 @@ pub async fn run(
 
 async fn release(
     leading: tokio::sync::watch::Receiver<bool>,
-    lease_task: tokio::task::JoinHandle<kube_lease_manager::Result<kube_lease_manager::LeaseManager>>,
+    lease_task: tokio::task::JoinHandle<
+        kube_lease_manager::Result<kube_lease_manager::LeaseManager>,
+    >,
 ) -> Result<()> {
     // Dropping the receiver makes the lease task release the Lease and end.
     drop(leading);

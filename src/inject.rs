@@ -170,7 +170,11 @@ pub fn plan(
         .clone()
         .filter(|s| !s.is_empty())
         .ok_or(InjectError::MissingServiceName)?;
-    let pod = spec.template.spec.as_ref().ok_or(InjectError::MissingPodSpec)?;
+    let pod = spec
+        .template
+        .spec
+        .as_ref()
+        .ok_or(InjectError::MissingPodSpec)?;
     let container_index = dkron_container_index(sts, pod)?;
 
     let dkron_command = match annotation(sts, ANNOTATION_DKRON_COMMAND) {
@@ -323,7 +327,12 @@ fn apply_plan(
                 .map(|s| s.pod_management_policy.clone())
                 .unwrap_or_else(|| spec.pod_management_policy.clone());
             spec.pod_management_policy = stored;
-            if spec.pod_management_policy.as_deref().unwrap_or("OrderedReady") == "OrderedReady" {
+            if spec
+                .pod_management_policy
+                .as_deref()
+                .unwrap_or("OrderedReady")
+                == "OrderedReady"
+            {
                 warnings.push(format!(
                     "StatefulSet {} uses podManagementPolicy OrderedReady, which dkron-ha cannot change on an existing StatefulSet: after a full outage the pods start one at a time and a cold start waits for all {} servers. Recreate it with `kubectl delete statefulset {} --cascade=orphan` and apply it again to get Parallel.",
                     plan.name, plan.initial_cluster_size, plan.name

@@ -11,6 +11,7 @@ pub mod admission;
 pub mod certs;
 pub mod controller;
 pub mod dkron;
+pub mod fleetlock;
 pub mod inject;
 pub mod install;
 pub mod manifests;

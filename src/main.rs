@@ -3,7 +3,7 @@
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use dkron_ha::{certs, controller, manifests, serve, telemetry};
+use dkron_ha::{certs, controller, fleetlock, manifests, serve, telemetry};
 use std::io::Read;
 use std::path::PathBuf;
 
@@ -11,10 +11,21 @@ use std::path::PathBuf;
 #[command(name = "dkron-ha", version = dkron_ha::VERSION, about = "Makes a Dkron StatefulSet highly available on Kubernetes")]
 struct Cli {
     /// Log format: text for people, json for log pipelines.
-    #[arg(long, global = true, env = "DKRON_HA_LOG_FORMAT", value_enum, default_value_t)]
+    #[arg(
+        long,
+        global = true,
+        env = "DKRON_HA_LOG_FORMAT",
+        value_enum,
+        default_value_t
+    )]
     log_format: telemetry::LogFormat,
     /// Log filter in RUST_LOG syntax, e.g. `info` or `info,dkron_ha=debug`.
-    #[arg(long, global = true, env = "DKRON_HA_LOG_LEVEL", default_value = "info")]
+    #[arg(
+        long,
+        global = true,
+        env = "DKRON_HA_LOG_LEVEL",
+        default_value = "info"
+    )]
     log_level: String,
     #[command(subcommand)]
     command: Command,
@@ -25,9 +36,11 @@ enum Command {
     /// Run the admission webhook (HTTPS), the health/metrics port (HTTP) and the controller.
     Serve {
         #[command(flatten)]
-        serve: serve::ServeArgs,
+        serve: Box<serve::ServeArgs>,
         #[command(flatten)]
         controller: controller::ControllerArgs,
+        #[command(flatten)]
+        fleetlock: fleetlock::FleetLockConfig,
     },
     /// Print manifests with every opted-in StatefulSet injected, as the webhook would on CREATE.
     Inject {
@@ -73,7 +86,11 @@ enum CertsCommand {
         #[arg(long, env = "DKRON_HA_OUT")]
         out: PathBuf,
         /// Extra DNS names or IP addresses for the serving certificate (repeatable).
-        #[arg(long = "extra-name", env = "DKRON_HA_EXTRA_NAME", value_delimiter = ',')]
+        #[arg(
+            long = "extra-name",
+            env = "DKRON_HA_EXTRA_NAME",
+            value_delimiter = ','
+        )]
         extra_names: Vec<String>,
         /// Validity of the serving certificate in days (the CA gets ten times as long).
         #[arg(long, env = "DKRON_HA_DAYS", default_value_t = 365)]
@@ -85,7 +102,11 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     telemetry::init(cli.log_format, &cli.log_level).map_err(anyhow::Error::msg)?;
     match cli.command {
-        Command::Serve { serve, controller } => run_serve(serve, controller),
+        Command::Serve {
+            serve,
+            controller,
+            fleetlock,
+        } => run_serve(*serve, controller, fleetlock),
         Command::Inject { file, injector } => run_inject(&file, &injector),
         Command::Install { dir } => {
             let target = dkron_ha::install::install_self(&dir)?;
@@ -131,13 +152,21 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Version => {
-            println!("dkron-ha {} (commit {})", dkron_ha::VERSION, dkron_ha::GIT_COMMIT);
+            println!(
+                "dkron-ha {} (commit {})",
+                dkron_ha::VERSION,
+                dkron_ha::GIT_COMMIT
+            );
             Ok(())
         }
     }
 }
 
-fn run_serve(args: serve::ServeArgs, controller_args: controller::ControllerArgs) -> anyhow::Result<()> {
+fn run_serve(
+    args: serve::ServeArgs,
+    controller_args: controller::ControllerArgs,
+    fleetlock_config: fleetlock::FleetLockConfig,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -145,8 +174,17 @@ fn run_serve(args: serve::ServeArgs, controller_args: controller::ControllerArgs
     runtime.block_on(async move {
         let mut server = serve::Server::bind(&args).await?;
         // Building a client reads configuration only; it never waits for the API server.
-        match kube::Client::try_default().await {
-            Ok(client) => {
+        match kube::Config::infer().await {
+            Ok(config) => {
+                let client = kube::Client::try_from(config.clone())?;
+                // Evictions must see a PDB's 429 at once, not after the client's retries.
+                let mut eviction_config = config;
+                eviction_config.default_retry = false;
+                let eviction_client = kube::Client::try_from(eviction_config)?;
+                let fleetlock =
+                    fleetlock::FleetLock::new(client.clone(), fleetlock_config, server.registry_mut())
+                        .with_eviction_client(eviction_client);
+                server.merge_http(fleetlock::router(std::sync::Arc::new(fleetlock)));
                 if controller_args.enabled {
                     let metrics = controller::ControllerMetrics::register(server.registry_mut());
                     server.add_task(Box::new(move |shutdown| {
@@ -163,7 +201,7 @@ fn run_serve(args: serve::ServeArgs, controller_args: controller::ControllerArgs
             }
             Err(error) => tracing::warn!(
                 %error,
-                "no Kubernetes client configuration: serving admission only (controller off)"
+                "no Kubernetes client configuration: serving admission only (controller and FleetLock off)"
             ),
         }
         server.run(serve::shutdown_signal()).await?;

@@ -108,12 +108,13 @@ fn inject_value(
         return Ok(0);
     }
     let what = describe(value);
-    let mutation = admission::mutate_statefulset(value, Operation::Create, None, config)
-        .map_err(|source| ManifestError::Denied {
+    let mutation = admission::mutate_statefulset(value, Operation::Create, None, config).map_err(
+        |source| ManifestError::Denied {
             document,
             what: what.clone(),
             source,
-        })?;
+        },
+    )?;
     let Some(mutation) = mutation else {
         return Ok(0);
     };
@@ -152,12 +153,11 @@ pub fn inject_manifests(
             }
             continue;
         }
-        let mut value: Value = serde_yaml_ng::from_str(&document).map_err(|source| {
-            ManifestError::Yaml {
+        let mut value: Value =
+            serde_yaml_ng::from_str(&document).map_err(|source| ManifestError::Yaml {
                 document: number,
                 source,
-            }
-        })?;
+            })?;
         let injected = inject_value(&mut value, number, config, &mut out.warnings)?;
         if injected == 0 {
             rendered.push(document);

@@ -73,9 +73,9 @@ pub fn diff_values(before: &Value, after: &Value, path: &str, ops: &mut Vec<Patc
                 }
             }
         }
-        (Value::Array(b), Value::Array(a)) => diff_arrays(b, a, path, ops, |o, n, p, ops| {
-            diff_values(o, n, p, ops)
-        }),
+        (Value::Array(b), Value::Array(a)) => {
+            diff_arrays(b, a, path, ops, |o, n, p, ops| diff_values(o, n, p, ops))
+        }
         _ => ops.push(PatchOp::Replace {
             path: path.to_string(),
             value: raw(after),
@@ -127,19 +127,30 @@ fn diff_fields<T: Serialize>(before: &T, after: &T, path: &str, ops: &mut Vec<Pa
     }
     let (Some(bf), Some(af)) = (parse(&b), parse(&a)) else {
         if b.get() != a.get() {
-            ops.push(PatchOp::Replace { path: path.to_string(), value: a });
+            ops.push(PatchOp::Replace {
+                path: path.to_string(),
+                value: a,
+            });
         }
         return;
     };
     for key in bf.keys().filter(|k| !af.contains_key(*k)) {
-        ops.push(PatchOp::Remove { path: format!("{path}/{}", token(key)) });
+        ops.push(PatchOp::Remove {
+            path: format!("{path}/{}", token(key)),
+        });
     }
     for (key, new) in &af {
         let child = format!("{path}/{}", token(key));
         match bf.get(key) {
             Some(old) if old.get() == new.get() => {}
-            Some(_) => ops.push(PatchOp::Replace { path: child, value: raw(new) }),
-            None => ops.push(PatchOp::Add { path: child, value: raw(new) }),
+            Some(_) => ops.push(PatchOp::Replace {
+                path: child,
+                value: raw(new),
+            }),
+            None => ops.push(PatchOp::Add {
+                path: child,
+                value: raw(new),
+            }),
         }
     }
 }
@@ -237,7 +248,8 @@ mod tests {
     use serde_json::json;
 
     fn apply(mut doc: Value, ops: &[PatchOp]) -> Value {
-        let patch: json_patch::Patch = serde_json::from_str(&serde_json::to_string(ops).unwrap()).unwrap();
+        let patch: json_patch::Patch =
+            serde_json::from_str(&serde_json::to_string(ops).unwrap()).unwrap();
         json_patch::patch(&mut doc, &patch).unwrap();
         doc
     }
@@ -249,7 +261,10 @@ mod tests {
         let mut ops = Vec::new();
         diff_values(&before, &after, "", &mut ops);
         assert_eq!(apply(before, &ops), after);
-        assert!(ops.contains(&PatchOp::Replace { path: "/c~1d/x~0y".into(), value: raw(&json!(false)) }));
+        assert!(ops.contains(&PatchOp::Replace {
+            path: "/c~1d/x~0y".into(),
+            value: raw(&json!(false))
+        }));
     }
 
     #[test]

@@ -83,10 +83,18 @@ pub struct ServeArgs {
     #[arg(long, env = "DKRON_HA_HTTP_ADDR", default_value = "0.0.0.0:8081")]
     pub http_addr: SocketAddr,
     /// PEM certificate chain of the webhook; re-read when it changes.
-    #[arg(long, env = "DKRON_HA_TLS_CERT", default_value = "/etc/dkron-ha/tls/tls.crt")]
+    #[arg(
+        long,
+        env = "DKRON_HA_TLS_CERT",
+        default_value = "/etc/dkron-ha/tls/tls.crt"
+    )]
     pub tls_cert: PathBuf,
     /// PEM private key of the webhook; re-read when it changes.
-    #[arg(long, env = "DKRON_HA_TLS_KEY", default_value = "/etc/dkron-ha/tls/tls.key")]
+    #[arg(
+        long,
+        env = "DKRON_HA_TLS_KEY",
+        default_value = "/etc/dkron-ha/tls/tls.key"
+    )]
     pub tls_key: PathBuf,
     /// How often the certificate files are checked for rotation, in seconds.
     #[arg(long, env = "DKRON_HA_TLS_RELOAD_SECONDS", default_value_t = 2)]
@@ -119,9 +127,11 @@ async fn mutate(State(state): State<AdmissionState>, body: Bytes) -> Response {
     let started = Instant::now();
     match admission::review(&body, &state.injector) {
         Ok(answer) => {
-            state
-                .metrics
-                .observe(&answer.operation, answer.verdict.as_label(), started.elapsed());
+            state.metrics.observe(
+                &answer.operation,
+                answer.verdict.as_label(),
+                started.elapsed(),
+            );
             axum::Json(answer.body).into_response()
         }
         Err(error) => {
@@ -139,7 +149,7 @@ pub struct HttpState {
     pub ready: Arc<AtomicBool>,
 }
 
-/// `/healthz`, `/readyz` and `/metrics`; FleetLock routes are merged in by [`run`].
+/// `/healthz`, `/readyz` and `/metrics`; FleetLock routes are merged in with [`Server::merge_http`].
 pub fn http_router(state: HttpState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))

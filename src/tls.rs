@@ -108,7 +108,10 @@ fn fingerprint(cert: &[u8], key: &[u8]) -> [u8; 32] {
 
 impl ReloadingCert {
     /// Loads the pair once; fails if the initial pair is unusable.
-    pub fn new(cert_path: impl Into<PathBuf>, key_path: impl Into<PathBuf>) -> Result<Self, TlsError> {
+    pub fn new(
+        cert_path: impl Into<PathBuf>,
+        key_path: impl Into<PathBuf>,
+    ) -> Result<Self, TlsError> {
         let cert_path = cert_path.into();
         let key_path = key_path.into();
         let loaded = load(&cert_path, &key_path)?;

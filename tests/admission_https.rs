@@ -78,7 +78,12 @@ async fn start(dir: &Path) -> Running {
             .await
             .expect("serve");
     });
-    Running { https, http, stop: Some(tx), task }
+    Running {
+        https,
+        http,
+        stop: Some(tx),
+        task,
+    }
 }
 
 fn client(ca_pem: &str) -> reqwest::Client {
@@ -100,7 +105,10 @@ async fn post(client: &reqwest::Client, url: &str, body: impl Into<reqwest::Body
         .expect("request");
     let status = response.status().as_u16();
     let text = response.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 fn secret_dir() -> (tempfile::TempDir, PathBuf, dkron_ha::certs::GeneratedCerts) {
@@ -123,10 +131,16 @@ async fn an_opted_in_statefulset_gets_a_base64_json_patch_that_injects_it() {
     assert_eq!(response["uid"], "5f3b2c1e-8d7a-4b6c-9e0f-1a2b3c4d5e6f");
     assert_eq!(response["allowed"], true);
     assert_eq!(response["patchType"], "JSONPatch");
-    let patch = response["patch"].as_str().expect("patch is a string, not an array of numbers");
+    let patch = response["patch"]
+        .as_str()
+        .expect("patch is a string, not an array of numbers");
     assert!(!patch.contains('\n'), "single-line base64");
-    let patch: json_patch::Patch =
-        serde_json::from_slice(&base64::engine::general_purpose::STANDARD.decode(patch).unwrap()).unwrap();
+    let patch: json_patch::Patch = serde_json::from_slice(
+        &base64::engine::general_purpose::STANDARD
+            .decode(patch)
+            .unwrap(),
+    )
+    .unwrap();
     let review: Value = serde_json::from_str(REVIEW).unwrap();
     let mut object = review["request"]["object"].clone();
     json_patch::patch(&mut object, &patch).unwrap();
@@ -137,7 +151,10 @@ async fn an_opted_in_statefulset_gets_a_base64_json_patch_that_injects_it() {
     assert_eq!(pod["serviceAccountName"], "dkron-dkron-ha");
     assert_eq!(object["spec"]["podManagementPolicy"], "Parallel");
     // Fields the API server defaulted are untouched.
-    assert_eq!(pod["containers"][0]["terminationMessagePath"], "/dev/termination-log");
+    assert_eq!(
+        pod["containers"][0]["terminationMessagePath"],
+        "/dev/termination-log"
+    );
     server.stop().await;
 }
 
@@ -173,12 +190,21 @@ async fn an_invalid_annotation_is_denied_with_a_message() {
     let (_tmp, dir, certs) = secret_dir();
     let server = start(&dir).await;
     let mut review: Value = serde_json::from_str(REVIEW).unwrap();
-    review["request"]["object"]["metadata"]["annotations"]["dkron-ha/initial-cluster-size"] = json!("lots");
-    let (status, body) = post(&client(&certs.ca_cert_pem), &server.https, review.to_string()).await;
+    review["request"]["object"]["metadata"]["annotations"]["dkron-ha/initial-cluster-size"] =
+        json!("lots");
+    let (status, body) = post(
+        &client(&certs.ca_cert_pem),
+        &server.https,
+        review.to_string(),
+    )
+    .await;
     assert_eq!(status, 200);
     assert_eq!(body["response"]["allowed"], false);
     let message = body["response"]["status"]["message"].as_str().unwrap();
-    assert!(message.contains("dkron-ha/initial-cluster-size"), "{message}");
+    assert!(
+        message.contains("dkron-ha/initial-cluster-size"),
+        "{message}"
+    );
     assert!(body["response"].get("patch").is_none());
     server.stop().await;
 }
@@ -201,7 +227,10 @@ async fn malformed_reviews_get_400_with_a_message_and_the_server_keeps_answering
         let (status, answer) = post(&client, &server.https, body.clone()).await;
         assert_eq!(status, 400, "{body:?} -> {answer}");
         let message = answer["message"].as_str().unwrap_or_default();
-        assert!(message.contains(needle), "{body:?}: {message:?} lacks {needle:?}");
+        assert!(
+            message.contains(needle),
+            "{body:?}: {message:?} lacks {needle:?}"
+        );
     }
     // An opted-in object that is not a StatefulSet shape: denial, not a crash.
     let mut review: Value = serde_json::from_str(REVIEW).unwrap();
@@ -229,14 +258,42 @@ async fn health_readiness_and_metrics_are_served_over_plain_http() {
     post(&tls, &server.https, "garbage").await;
     let plain = reqwest::Client::new();
     for path in ["/healthz", "/readyz"] {
-        let r = plain.get(format!("{}{path}", server.http)).send().await.unwrap();
+        let r = plain
+            .get(format!("{}{path}", server.http))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200, "{path}");
     }
-    let metrics = plain.get(format!("{}/metrics", server.http)).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains(r#"dkron_ha_admission_requests_total{operation="CREATE",result="patched"} 1"#), "{metrics}");
-    assert!(metrics.contains(r#"dkron_ha_admission_requests_total{operation="unknown",result="malformed"} 1"#), "{metrics}");
-    assert!(metrics.contains("dkron_ha_admission_duration_seconds_count 2"), "{metrics}");
-    let healthz = tls.get(format!("{}/healthz", server.https)).send().await.unwrap();
+    let metrics = plain
+        .get(format!("{}/metrics", server.http))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            r#"dkron_ha_admission_requests_total{operation="CREATE",result="patched"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            r#"dkron_ha_admission_requests_total{operation="unknown",result="malformed"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("dkron_ha_admission_duration_seconds_count 2"),
+        "{metrics}"
+    );
+    let healthz = tls
+        .get(format!("{}/healthz", server.https))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(healthz.status(), 200);
     server.stop().await;
 }
@@ -252,21 +309,35 @@ async fn a_rotated_certificate_is_served_without_a_restart() {
     write_secret_volume(&dir, "broken", "not a certificate", "not a key");
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let (status, _) = post(&client(&old.ca_cert_pem), &server.https, REVIEW).await;
-    assert_eq!(status, 200, "a broken rotation must not take the webhook down");
+    assert_eq!(
+        status, 200,
+        "a broken rotation must not take the webhook down"
+    );
 
     let new = loopback_certs();
     write_secret_volume(&dir, "gen2", &new.cert_pem, &new.key_pem);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         // Fresh clients: no TLS session reuse, every attempt is a full handshake.
-        let with_new = client(&new.ca_cert_pem).post(format!("{}/mutate", server.https)).body(REVIEW).send().await;
+        let with_new = client(&new.ca_cert_pem)
+            .post(format!("{}/mutate", server.https))
+            .body(REVIEW)
+            .send()
+            .await;
         if with_new.is_ok() {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "new certificate never served");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "new certificate never served"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let with_old = client(&old.ca_cert_pem).post(format!("{}/mutate", server.https)).body(REVIEW).send().await;
+    let with_old = client(&old.ca_cert_pem)
+        .post(format!("{}/mutate", server.https))
+        .body(REVIEW)
+        .send()
+        .await;
     assert!(with_old.is_err(), "the old certificate is still served");
     server.stop().await;
 }

@@ -15,7 +15,12 @@ fn run(args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
         .spawn()
         .expect("spawn dkron-ha");
     if let Some(input) = stdin {
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
     } else {
         drop(child.stdin.take());
     }
@@ -33,7 +38,10 @@ fn inject_reads_a_file_and_stdin_alike() {
     let (code, from_file, _) = run(&["inject", "-f", example], None);
     assert_eq!(code, 0);
     assert!(from_file.contains("/dkron-ha/bin/dkron-ha"));
-    let (code, from_stdin, _) = run(&["inject", "-f", "-"], Some(&std::fs::read_to_string(example).unwrap()));
+    let (code, from_stdin, _) = run(
+        &["inject", "-f", "-"],
+        Some(&std::fs::read_to_string(example).unwrap()),
+    );
     assert_eq!(code, 0);
     assert_eq!(from_file, from_stdin);
 }
@@ -41,7 +49,16 @@ fn inject_reads_a_file_and_stdin_alike() {
 #[test]
 fn inject_options_come_from_flags_and_env() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/dkron.yaml");
-    let (_, out, _) = run(&["inject", "-f", example, "--inject-image", "my.registry/dkron-ha:1"], None);
+    let (_, out, _) = run(
+        &[
+            "inject",
+            "-f",
+            example,
+            "--inject-image",
+            "my.registry/dkron-ha:1",
+        ],
+        None,
+    );
     assert!(out.contains("image: my.registry/dkron-ha:1"));
     let out = Command::new(BIN)
         .args(["inject", "-f", example])
@@ -63,12 +80,19 @@ fn unparseable_yaml_fails_with_the_document_number_and_prints_nothing() {
 
 #[test]
 fn an_invalid_annotation_fails_with_the_document_and_the_fix() {
-    let input = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/dkron.yaml"))
-        .unwrap()
-        .replace("dkron-ha/enabled: \"true\"", "dkron-ha/enabled: \"true\"\n    dkron-ha/container: missing");
+    let input =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/dkron.yaml"))
+            .unwrap()
+            .replace(
+                "dkron-ha/enabled: \"true\"",
+                "dkron-ha/enabled: \"true\"\n    dkron-ha/container: missing",
+            );
     let (code, stdout, stderr) = run(&["inject", "-f", "-"], Some(&input));
     assert_ne!(code, 0);
-    assert!(stderr.contains("document 2 (StatefulSet dkron)"), "{stderr}");
+    assert!(
+        stderr.contains("document 2 (StatefulSet dkron)"),
+        "{stderr}"
+    );
     assert!(stderr.contains("dkron-ha/container"), "{stderr}");
     assert!(stdout.is_empty());
 }
@@ -84,7 +108,10 @@ fn a_missing_file_is_a_clear_error() {
 fn version_prints_version_and_commit() {
     let (code, out, _) = run(&["version"], None);
     assert_eq!(code, 0);
-    assert!(out.starts_with(&format!("dkron-ha {} (commit ", env!("CARGO_PKG_VERSION"))), "{out}");
+    assert!(
+        out.starts_with(&format!("dkron-ha {} (commit ", env!("CARGO_PKG_VERSION"))),
+        "{out}"
+    );
 }
 
 #[test]
@@ -93,7 +120,16 @@ fn certs_generate_writes_a_ca_and_a_serving_pair_with_private_keys_locked_down()
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("certs");
     let (code, stdout, stderr) = run(
-        &["certs", "generate", "--service", "dkron-ha", "--namespace", "dkron-ha", "--out", out.to_str().unwrap()],
+        &[
+            "certs",
+            "generate",
+            "--service",
+            "dkron-ha",
+            "--namespace",
+            "dkron-ha",
+            "--out",
+            out.to_str().unwrap(),
+        ],
         None,
     );
     assert_eq!(code, 0, "{stderr}");
@@ -105,7 +141,8 @@ fn certs_generate_writes_a_ca_and_a_serving_pair_with_private_keys_locked_down()
         }
     }
     // The serving pair loads as a TLS identity.
-    dkron_ha::tls::ReloadingCert::new(out.join("tls.crt"), out.join("tls.key")).expect("usable pair");
+    dkron_ha::tls::ReloadingCert::new(out.join("tls.crt"), out.join("tls.key"))
+        .expect("usable pair");
 }
 
 #[test]
@@ -115,7 +152,10 @@ fn install_copies_the_executable_and_it_runs_from_there() {
     let (code, _, stderr) = run(&["install", target.to_str().unwrap()], None);
     assert_eq!(code, 0, "{stderr}");
     let copied = target.join("dkron-ha");
-    let out = Command::new(&copied).arg("version").output().expect("run the copy");
+    let out = Command::new(&copied)
+        .arg("version")
+        .output()
+        .expect("run the copy");
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("dkron-ha "));
 }
 
@@ -130,7 +170,13 @@ fn serve_answers_admission_with_no_kubernetes_api_reachable() {
     })
     .unwrap();
     certs.write_to(dir.path()).unwrap();
-    let port = |_: ()| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = |_: ()| {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
     let (https, http) = (port(()), port(()));
     let mut child = Command::new(BIN)
         .args(["serve", "--log-format", "json"])
@@ -147,12 +193,19 @@ fn serve_answers_admission_with_no_kubernetes_api_reachable() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let answered = runtime.block_on(async {
         let client = reqwest::Client::builder()
-            .add_root_certificate(reqwest::Certificate::from_pem(certs.ca_cert_pem.as_bytes()).unwrap())
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(certs.ca_cert_pem.as_bytes()).unwrap(),
+            )
             .build()
             .unwrap();
         for _ in 0..100 {
             let review = include_str!("fixtures/admission/create-statefulset.json");
-            if let Ok(r) = client.post(format!("https://127.0.0.1:{https}/mutate")).body(review).send().await {
+            if let Ok(r) = client
+                .post(format!("https://127.0.0.1:{https}/mutate"))
+                .body(review)
+                .send()
+                .await
+            {
                 return r.json::<serde_json::Value>().await.ok();
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -160,7 +213,10 @@ fn serve_answers_admission_with_no_kubernetes_api_reachable() {
         None
     });
     // SIGTERM: a clean, prompt shutdown.
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     let status = child.wait().unwrap();
     let answered = answered.expect("serve never answered");
     assert_eq!(answered["response"]["patchType"], "JSONPatch");

@@ -11,8 +11,8 @@ use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::Client;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use std::time::Duration;
 use support::ControlPlane;
@@ -69,7 +69,10 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -121,7 +124,10 @@ where
 }
 
 async fn patch_names(client: &Client, ns: &str, role: &str) -> Vec<String> {
-    let role = Api::<Role>::namespaced(client.clone(), ns).get(role).await.unwrap();
+    let role = Api::<Role>::namespaced(client.clone(), ns)
+        .get(role)
+        .await
+        .unwrap();
     role.rules
         .unwrap_or_default()
         .into_iter()
@@ -152,12 +158,21 @@ async fn supporting_objects_appear_follow_scaling_and_limit_the_label_updater() 
         all.then_some(())
     })
     .await;
-    assert_eq!(patch_names(&client, &ns, "dkron-dkron-ha").await, ["dkron-0", "dkron-1", "dkron-2"]);
-    let leader = Api::<Service>::namespaced(client.clone(), &ns).get("dkron-leader").await.unwrap();
+    assert_eq!(
+        patch_names(&client, &ns, "dkron-dkron-ha").await,
+        ["dkron-0", "dkron-1", "dkron-2"]
+    );
+    let leader = Api::<Service>::namespaced(client.clone(), &ns)
+        .get("dkron-leader")
+        .await
+        .unwrap();
     let selector = leader.spec.unwrap().selector.unwrap();
     assert_eq!(selector["app"], "dkron");
     assert_eq!(selector["dkron-ha/leader"], "true");
-    let pdb = Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns).get("dkron-dkron-ha").await.unwrap();
+    let pdb = Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns)
+        .get("dkron-dkron-ha")
+        .await
+        .unwrap();
     assert_eq!(
         pdb.spec.unwrap().max_unavailable,
         Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1))
@@ -165,7 +180,10 @@ async fn supporting_objects_appear_follow_scaling_and_limit_the_label_updater() 
 
     // The ServiceAccount now exists, so the statefulset controller can create the pods.
     let pods = Api::<Pod>::namespaced(client.clone(), &ns);
-    eventually("pod dkron-0", || async { pods.get_opt("dkron-0").await.unwrap() }).await;
+    eventually("pod dkron-0", || async {
+        pods.get_opt("dkron-0").await.unwrap()
+    })
+    .await;
     let other: Pod = serde_json::from_value(json!({
         "metadata": {"name": "unrelated"},
         "spec": {"containers": [{"name": "c", "image": "busybox"}]}
@@ -185,12 +203,27 @@ async fn supporting_objects_appear_follow_scaling_and_limit_the_label_updater() 
         .patch("unrelated", &PatchParams::default(), &label("true"))
         .await
         .expect_err("patching another pod must be forbidden");
-    assert!(matches!(denied, kube::Error::Api(ref s) if s.code == 403), "{denied:?}");
-    assert_eq!(sidecar_pods.list(&ListParams::default()).await.unwrap().items.len(), 4);
+    assert!(
+        matches!(denied, kube::Error::Api(ref s) if s.code == 403),
+        "{denied:?}"
+    );
+    assert_eq!(
+        sidecar_pods
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .len(),
+        4
+    );
 
     // Scaling keeps resourceNames in step.
     statefulsets
-        .patch("dkron", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 5}})))
+        .patch(
+            "dkron",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 5}})),
+        )
         .await
         .unwrap();
     eventually("role follows scale-up", || async {
@@ -213,7 +246,9 @@ async fn opting_out_removes_only_what_dkron_ha_created_and_deletion_collects_the
         .await
         .unwrap();
     eventually("supporting objects", || async {
-        exists::<PodDisruptionBudget>(&client, &ns, "jobs-dkron-ha").await.then_some(())
+        exists::<PodDisruptionBudget>(&client, &ns, "jobs-dkron-ha")
+            .await
+            .then_some(())
     })
     .await;
 
@@ -235,7 +270,10 @@ async fn opting_out_removes_only_what_dkron_ha_created_and_deletion_collects_the
         (!any).then_some(())
     })
     .await;
-    assert!(exists::<Service>(&client, &ns, "jobs").await, "the user's headless Service stays");
+    assert!(
+        exists::<Service>(&client, &ns, "jobs").await,
+        "the user's headless Service stays"
+    );
     assert!(exists::<StatefulSet>(&client, &ns, "jobs").await);
 
     // Opt in again, then delete the StatefulSet: the garbage collector removes the objects.
@@ -248,11 +286,16 @@ async fn opting_out_removes_only_what_dkron_ha_created_and_deletion_collects_the
         .await
         .unwrap();
     eventually("objects back", || async {
-        exists::<Role>(&client, &ns, "jobs-dkron-ha").await.then_some(())
+        exists::<Role>(&client, &ns, "jobs-dkron-ha")
+            .await
+            .then_some(())
     })
     .await;
     running.stop().await;
-    statefulsets.delete("jobs", &DeleteParams::background()).await.unwrap();
+    statefulsets
+        .delete("jobs", &DeleteParams::background())
+        .await
+        .unwrap();
     eventually("garbage collected", || async {
         let any = exists::<Role>(&client, &ns, "jobs-dkron-ha").await
             || exists::<Service>(&client, &ns, "jobs-leader").await
@@ -285,8 +328,16 @@ async fn a_headless_service_without_not_ready_addresses_gets_a_warning_event() {
     })
     .await;
     assert_eq!(event.type_.as_deref(), Some("Warning"));
-    assert_eq!(event.regarding.as_ref().and_then(|r| r.name.as_deref()), Some("cron"));
-    assert!(event.note.unwrap_or_default().contains("publishNotReadyAddresses"));
+    assert_eq!(
+        event.regarding.as_ref().and_then(|r| r.name.as_deref()),
+        Some("cron")
+    );
+    assert!(
+        event
+            .note
+            .unwrap_or_default()
+            .contains("publishNotReadyAddresses")
+    );
     running.stop().await;
 }
 
@@ -309,7 +360,10 @@ async fn two_replicas_never_run_the_loops_at_once_and_hand_over_on_shutdown() {
     let follower_leading = follower.leading.clone();
     leader.stop().await;
     let started = tokio::time::Instant::now();
-    eventually("hand-over", || async { (*follower_leading.borrow()).then_some(()) }).await;
+    eventually("hand-over", || async {
+        (*follower_leading.borrow()).then_some(())
+    })
+    .await;
     eprintln!("hand-over took {:?}", started.elapsed());
     follower.stop().await;
 }

@@ -58,8 +58,18 @@ fn env_of(sts: &StatefulSet, container: &str, name: &str) -> Option<String> {
 
 #[test]
 fn not_opted_in_objects_are_left_alone() {
-    for annotations in [json!({}), json!({"dkron-ha/enabled": "false"}), json!({"dkron-ha/enabled": "True"})] {
-        let out = inject::inject(&sts(dkron_sts(annotations, 3)), Operation::Create, None, &config()).unwrap();
+    for annotations in [
+        json!({}),
+        json!({"dkron-ha/enabled": "false"}),
+        json!({"dkron-ha/enabled": "True"}),
+    ] {
+        let out = inject::inject(
+            &sts(dkron_sts(annotations, 3)),
+            Operation::Create,
+            None,
+            &config(),
+        )
+        .unwrap();
         assert!(out.is_none());
     }
 }
@@ -69,7 +79,10 @@ fn create_sets_parallel_pod_management_and_defaults_cluster_size_to_replicas() {
     let out = create(dkron_sts(json!({"dkron-ha/enabled": "true"}), 5));
     let spec = out.statefulset.spec.as_ref().unwrap();
     assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
-    assert_eq!(env_of(&out.statefulset, "dkron", "DKRON_HA_INITIAL_CLUSTER_SIZE").as_deref(), Some("5"));
+    assert_eq!(
+        env_of(&out.statefulset, "dkron", "DKRON_HA_INITIAL_CLUSTER_SIZE").as_deref(),
+        Some("5")
+    );
     assert!(out.warnings.is_empty(), "{:?}", out.warnings);
 }
 
@@ -79,17 +92,25 @@ fn update_keeps_the_stored_pod_management_policy_and_warns_on_ordered_ready() {
     old["spec"]["podManagementPolicy"] = json!("OrderedReady");
     let mut new = old.clone();
     new["spec"]["template"]["spec"]["containers"][0]["image"] = json!("dkron/dkron:4.1.2");
-    let out = inject::inject(&sts(new), Operation::Update, Some(&sts(old)), &config()).unwrap().unwrap();
+    let out = inject::inject(&sts(new), Operation::Update, Some(&sts(old)), &config())
+        .unwrap()
+        .unwrap();
     let spec = out.statefulset.spec.as_ref().unwrap();
     assert_eq!(spec.pod_management_policy.as_deref(), Some("OrderedReady"));
     assert_eq!(out.warnings.len(), 1);
-    assert!(out.warnings[0].contains("OrderedReady"), "{}", out.warnings[0]);
+    assert!(
+        out.warnings[0].contains("OrderedReady"),
+        "{}",
+        out.warnings[0]
+    );
 }
 
 #[test]
 fn update_of_a_parallel_statefulset_warns_nothing() {
     let injected = create(dkron_sts(json!({"dkron-ha/enabled": "true"}), 3)).statefulset;
-    let out = inject::inject(&injected, Operation::Update, Some(&injected), &config()).unwrap().unwrap();
+    let out = inject::inject(&injected, Operation::Update, Some(&injected), &config())
+        .unwrap()
+        .unwrap();
     assert!(out.warnings.is_empty());
     assert_eq!(out.statefulset, injected);
 }
@@ -99,8 +120,13 @@ fn scaling_up_does_not_change_the_initial_cluster_size() {
     let injected = create(dkron_sts(json!({"dkron-ha/enabled": "true"}), 3)).statefulset;
     let mut scaled = injected.clone();
     scaled.spec.as_mut().unwrap().replicas = Some(5);
-    let out = inject::inject(&scaled, Operation::Update, Some(&injected), &config()).unwrap().unwrap();
-    assert_eq!(env_of(&out.statefulset, "dkron", "DKRON_HA_INITIAL_CLUSTER_SIZE").as_deref(), Some("3"));
+    let out = inject::inject(&scaled, Operation::Update, Some(&injected), &config())
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        env_of(&out.statefulset, "dkron", "DKRON_HA_INITIAL_CLUSTER_SIZE").as_deref(),
+        Some("3")
+    );
 }
 
 #[test]
@@ -108,8 +134,13 @@ fn update_whose_template_lost_the_env_takes_the_size_from_the_stored_object() {
     // Server-side apply of the user's manifest drops fields the webhook added earlier.
     let stored = create(dkron_sts(json!({"dkron-ha/enabled": "true"}), 3)).statefulset;
     let reapplied = sts(dkron_sts(json!({"dkron-ha/enabled": "true"}), 7));
-    let out = inject::inject(&reapplied, Operation::Update, Some(&stored), &config()).unwrap().unwrap();
-    assert_eq!(env_of(&out.statefulset, "dkron", "DKRON_HA_INITIAL_CLUSTER_SIZE").as_deref(), Some("3"));
+    let out = inject::inject(&reapplied, Operation::Update, Some(&stored), &config())
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        env_of(&out.statefulset, "dkron", "DKRON_HA_INITIAL_CLUSTER_SIZE").as_deref(),
+        Some("3")
+    );
 }
 
 #[test]
@@ -117,7 +148,10 @@ fn update_duplicates_no_container_env_or_volume() {
     let first = create(dkron_sts(json!({"dkron-ha/enabled": "true"}), 3)).statefulset;
     let mut again = first.clone();
     for _ in 0..3 {
-        again = inject::inject(&again, Operation::Update, Some(&first), &config()).unwrap().unwrap().statefulset;
+        again = inject::inject(&again, Operation::Update, Some(&first), &config())
+            .unwrap()
+            .unwrap()
+            .statefulset;
     }
     let pod = again.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
     assert_eq!(pod.containers.len(), 2);
@@ -135,12 +169,25 @@ fn update_duplicates_no_container_env_or_volume() {
 #[test]
 fn switching_to_native_sidecar_moves_the_label_updater() {
     let first = create(dkron_sts(json!({"dkron-ha/enabled": "true"}), 3)).statefulset;
-    let native = InjectorConfig { native_sidecar: true, ..config() };
-    let out = inject::inject(&first, Operation::Update, Some(&first), &native).unwrap().unwrap().statefulset;
+    let native = InjectorConfig {
+        native_sidecar: true,
+        ..config()
+    };
+    let out = inject::inject(&first, Operation::Update, Some(&first), &native)
+        .unwrap()
+        .unwrap()
+        .statefulset;
     let pod = out.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
-    assert!(pod.containers.iter().all(|c| c.name != inject::LABEL_UPDATER_CONTAINER));
+    assert!(
+        pod.containers
+            .iter()
+            .all(|c| c.name != inject::LABEL_UPDATER_CONTAINER)
+    );
     let init = pod.init_containers.as_ref().unwrap();
-    let sidecar = init.iter().find(|c| c.name == inject::LABEL_UPDATER_CONTAINER).expect("native sidecar");
+    let sidecar = init
+        .iter()
+        .find(|c| c.name == inject::LABEL_UPDATER_CONTAINER)
+        .expect("native sidecar");
     assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
 }
 
@@ -158,35 +205,71 @@ fn an_existing_command_is_wrapped_once() {
     let mut value = dkron_sts(json!({"dkron-ha/enabled": "true"}), 3);
     value["spec"]["template"]["spec"]["containers"][0]["command"] = json!(["dkron"]);
     let out = create(value).statefulset;
-    let again = inject::inject(&out, Operation::Create, None, &config()).unwrap().unwrap().statefulset;
-    let command = again.spec.unwrap().template.spec.unwrap().containers[0].command.clone().unwrap();
-    assert_eq!(command, vec!["/dkron-ha/bin/dkron-ha", "wrap", "--", "dkron"]);
+    let again = inject::inject(&out, Operation::Create, None, &config())
+        .unwrap()
+        .unwrap()
+        .statefulset;
+    let command = again.spec.unwrap().template.spec.unwrap().containers[0]
+        .command
+        .clone()
+        .unwrap();
+    assert_eq!(
+        command,
+        vec!["/dkron-ha/bin/dkron-ha", "wrap", "--", "dkron"]
+    );
 }
 
 #[test]
 fn invalid_annotations_are_denied_with_a_message_naming_the_fix() {
     let cases: Vec<(Value, &str)> = vec![
-        (json!({"dkron-ha/enabled": "true", "dkron-ha/initial-cluster-size": "three"}), "dkron-ha/initial-cluster-size"),
-        (json!({"dkron-ha/enabled": "true", "dkron-ha/initial-cluster-size": "0"}), "whole number"),
-        (json!({"dkron-ha/enabled": "true", "dkron-ha/initial-cluster-size": "-1"}), "dkron-ha/initial-cluster-size"),
-        (json!({"dkron-ha/enabled": "true", "dkron-ha/container": "nope"}), "dkron-ha/container"),
-        (json!({"dkron-ha/enabled": "true", "dkron-ha/dkron-command": "  "}), "dkron-ha/dkron-command"),
+        (
+            json!({"dkron-ha/enabled": "true", "dkron-ha/initial-cluster-size": "three"}),
+            "dkron-ha/initial-cluster-size",
+        ),
+        (
+            json!({"dkron-ha/enabled": "true", "dkron-ha/initial-cluster-size": "0"}),
+            "whole number",
+        ),
+        (
+            json!({"dkron-ha/enabled": "true", "dkron-ha/initial-cluster-size": "-1"}),
+            "dkron-ha/initial-cluster-size",
+        ),
+        (
+            json!({"dkron-ha/enabled": "true", "dkron-ha/container": "nope"}),
+            "dkron-ha/container",
+        ),
+        (
+            json!({"dkron-ha/enabled": "true", "dkron-ha/dkron-command": "  "}),
+            "dkron-ha/dkron-command",
+        ),
     ];
     for (annotations, needle) in cases {
-        let err = inject::inject(&sts(dkron_sts(annotations.clone(), 3)), Operation::Create, None, &config())
-            .expect_err(&format!("{annotations} must be denied"));
+        let err = inject::inject(
+            &sts(dkron_sts(annotations.clone(), 3)),
+            Operation::Create,
+            None,
+            &config(),
+        )
+        .expect_err(&format!("{annotations} must be denied"));
         let message = err.to_string();
         assert!(message.contains(needle), "{message:?} lacks {needle:?}");
-        assert!(message.contains("set it") || message.contains("set "), "{message:?} says no fix");
+        assert!(
+            message.contains("set it") || message.contains("set "),
+            "{message:?} says no fix"
+        );
     }
 }
 
 #[test]
 fn two_unnamed_containers_are_ambiguous() {
     let mut value = dkron_sts(json!({"dkron-ha/enabled": "true"}), 3);
-    value["spec"]["template"]["spec"]["containers"] = json!([{"name": "a", "image": "x"}, {"name": "b", "image": "y"}]);
+    value["spec"]["template"]["spec"]["containers"] =
+        json!([{"name": "a", "image": "x"}, {"name": "b", "image": "y"}]);
     let err = inject::inject(&sts(value), Operation::Create, None, &config()).unwrap_err();
-    assert!(matches!(err, InjectError::AmbiguousContainer { count: 2, .. }), "{err}");
+    assert!(
+        matches!(err, InjectError::AmbiguousContainer { count: 2, .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("a, b"));
 }
 
@@ -203,10 +286,15 @@ fn patch_keeps_fields_this_build_does_not_know() {
     let mut value = dkron_sts(json!({"dkron-ha/enabled": "true"}), 3);
     value["spec"]["template"]["spec"]["containers"][0]["futureField"] = json!({"x": 1});
     value["spec"]["futureSpecField"] = json!(true);
-    let mutation = mutate_statefulset(&value, Operation::Create, None, &config()).unwrap().unwrap();
+    let mutation = mutate_statefulset(&value, Operation::Create, None, &config())
+        .unwrap()
+        .unwrap();
     let mut patched = value.clone();
     json_patch::patch(&mut patched, &mutation.json_patch()).unwrap();
-    assert_eq!(patched["spec"]["template"]["spec"]["containers"][0]["futureField"], json!({"x": 1}));
+    assert_eq!(
+        patched["spec"]["template"]["spec"]["containers"][0]["futureField"],
+        json!({"x": 1})
+    );
     assert_eq!(patched["spec"]["futureSpecField"], json!(true));
 }
 
@@ -253,31 +341,33 @@ fn arb_statefulset() -> impl Strategy<Value = Value> {
         any::<bool>(),
         any::<bool>(),
     )
-        .prop_map(|(replicas, dkron, sidecar, sa, policy, size, init, volume)| {
-            let mut annotations = json!({"dkron-ha/enabled": "true"});
-            if let Some(size) = size {
-                annotations["dkron-ha/initial-cluster-size"] = json!(size.to_string());
-            }
-            let mut value = dkron_sts(annotations, replicas);
-            let pod = &mut value["spec"]["template"]["spec"];
-            pod["containers"] = match sidecar {
-                Some(s) => json!([s, dkron]),
-                None => json!([dkron]),
-            };
-            if let Some(sa) = sa {
-                pod["serviceAccountName"] = json!(sa);
-            }
-            if init {
-                pod["initContainers"] = json!([{"name": "init", "image": "busybox"}]);
-            }
-            if volume {
-                pod["volumes"] = json!([{"name": "data", "emptyDir": {}}]);
-            }
-            if let Some(policy) = policy {
-                value["spec"]["podManagementPolicy"] = json!(policy);
-            }
-            value
-        })
+        .prop_map(
+            |(replicas, dkron, sidecar, sa, policy, size, init, volume)| {
+                let mut annotations = json!({"dkron-ha/enabled": "true"});
+                if let Some(size) = size {
+                    annotations["dkron-ha/initial-cluster-size"] = json!(size.to_string());
+                }
+                let mut value = dkron_sts(annotations, replicas);
+                let pod = &mut value["spec"]["template"]["spec"];
+                pod["containers"] = match sidecar {
+                    Some(s) => json!([s, dkron]),
+                    None => json!([dkron]),
+                };
+                if let Some(sa) = sa {
+                    pod["serviceAccountName"] = json!(sa);
+                }
+                if init {
+                    pod["initContainers"] = json!([{"name": "init", "image": "busybox"}]);
+                }
+                if volume {
+                    pod["volumes"] = json!([{"name": "data", "emptyDir": {}}]);
+                }
+                if let Some(policy) = policy {
+                    value["spec"]["podManagementPolicy"] = json!(policy);
+                }
+                value
+            },
+        )
 }
 
 proptest! {

@@ -22,7 +22,11 @@ fn cases() -> Vec<(String, PathBuf)> {
         .expect("fixtures directory")
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter_map(|p| {
-            let name = p.file_name()?.to_str()?.strip_suffix(".in.yaml")?.to_string();
+            let name = p
+                .file_name()?
+                .to_str()?
+                .strip_suffix(".in.yaml")?
+                .to_string();
             Some((name, p))
         })
         .collect();
@@ -73,7 +77,10 @@ fn golden_outputs_are_fixed_points() {
         let twice = inject_manifests(&once, &config_for(&case)).unwrap().yaml;
         let once_values: Vec<serde_json::Value> = docs(&once);
         let twice_values: Vec<serde_json::Value> = docs(&twice);
-        assert_eq!(once_values, twice_values, "{case}: second injection changed the output");
+        assert_eq!(
+            once_values, twice_values,
+            "{case}: second injection changed the output"
+        );
     }
 }
 

@@ -124,7 +124,9 @@ pub fn raft_servers_to_remove(
             }
             (Some(_), Some(p))
                 if status == MemberStatus::Failed
-                    && p.ip.as_deref().is_some_and(|ip| ip != host(&server.address)) =>
+                    && p.ip
+                        .as_deref()
+                        .is_some_and(|ip| ip != host(&server.address)) =>
             {
                 Some(RemovalReason::FailedAndReplaced)
             }
@@ -226,7 +228,10 @@ mod tests {
         // While dkron-4's pod still terminates (and is alive), it stays.
         let mut with_pod = pods.clone();
         with_pod.push(pod("dkron-4", "10.0.0.4"));
-        let m2 = members(&[("dkron-4", MemberStatus::Alive), ("dkron-3", MemberStatus::Left)]);
+        let m2 = members(&[
+            ("dkron-4", MemberStatus::Alive),
+            ("dkron-3", MemberStatus::Left),
+        ]);
         let ids: Vec<_> = raft_servers_to_remove("dkron", Some(&sts(3)), &servers, &m2, &with_pod)
             .into_iter()
             .map(|r| r.id)
@@ -240,7 +245,10 @@ mod tests {
             server("dkron-0", "10.0.0.1", true),
             server("dkron-1", "10.0.0.2", false),
         ];
-        let m = members(&[("dkron-0", MemberStatus::Alive), ("dkron-1", MemberStatus::Failed)]);
+        let m = members(&[
+            ("dkron-0", MemberStatus::Alive),
+            ("dkron-1", MemberStatus::Failed),
+        ]);
         let pods = [pod("dkron-0", "10.0.0.1"), pod("dkron-1", "10.0.9.9")];
         let removals = raft_servers_to_remove("dkron", Some(&sts(2)), &servers, &m, &pods);
         assert_eq!(removals[0].reason, RemovalReason::FailedAndReplaced);
@@ -266,6 +274,9 @@ mod tests {
     #[test]
     fn the_configuration_is_never_emptied() {
         let servers = [server("dkron-3", "10.0.0.1", false)];
-        assert!(raft_servers_to_remove("dkron", Some(&sts(1)), &servers, &HashMap::new(), &[]).is_empty());
+        assert!(
+            raft_servers_to_remove("dkron", Some(&sts(1)), &servers, &HashMap::new(), &[])
+                .is_empty()
+        );
     }
 }

@@ -72,7 +72,9 @@ pub fn pod_service_account(sts: &StatefulSet) -> String {
 
 /// Pod names the StatefulSet has at its current scale: the label-updater may patch only these.
 pub fn pod_names(name: &str, replicas: i32) -> Vec<String> {
-    (0..replicas.max(0)).map(|i| format!("{name}-{i}")).collect()
+    (0..replicas.max(0))
+        .map(|i| format!("{name}-{i}"))
+        .collect()
 }
 
 /// Whether the StatefulSet was injected once (its template carries our annotation): only
@@ -239,7 +241,11 @@ mod tests {
     fn zero_replicas_grant_no_patch_at_all() {
         let objects = supporting_objects(&sts(0, None)).unwrap();
         let rules = objects.role.rules.unwrap();
-        assert!(rules.iter().all(|r| !r.verbs.contains(&"patch".to_string())));
+        assert!(
+            rules
+                .iter()
+                .all(|r| !r.verbs.contains(&"patch".to_string()))
+        );
     }
 
     #[test]
@@ -262,7 +268,10 @@ mod tests {
         let selector = objects.leader_service.spec.unwrap().selector.unwrap();
         assert_eq!(selector.get("app").map(String::as_str), Some("dkron"));
         assert_eq!(selector.get(LABEL_LEADER).map(String::as_str), Some("true"));
-        assert_eq!(objects.leader_service.metadata.name.as_deref(), Some("dkron-leader"));
+        assert_eq!(
+            objects.leader_service.metadata.name.as_deref(),
+            Some("dkron-leader")
+        );
     }
 
     #[test]
@@ -277,7 +286,10 @@ mod tests {
         ];
         for meta in metas {
             let owner = &meta.owner_references.as_ref().unwrap()[0];
-            assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("StatefulSet", "u-1"));
+            assert_eq!(
+                (owner.kind.as_str(), owner.uid.as_str()),
+                ("StatefulSet", "u-1")
+            );
             assert_eq!(meta.labels.as_ref().unwrap()[LABEL_MANAGED_BY], MANAGED_BY);
         }
         let pdb = objects.pod_disruption_budget.spec.unwrap();

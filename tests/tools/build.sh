@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds the real components dkron-ha's tests run (kube-apiserver, kube-controller-manager,
-# etcd) from their pinned Go modules into a gitignored cache. A module's binaries are rebuilt
-# only when the go.mod/go.sum that pins them changes or one is missing, so a warm machine pays
-# nothing. Prints the cache's bin directory.
+# etcd, helm) from their pinned Go modules into a gitignored cache. A module's binaries are
+# rebuilt only when the go.mod/go.sum that pins them (or their version stamp) changes or one is
+# missing, so a warm machine pays nothing. Prints the cache's bin directory.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -14,13 +14,15 @@ mkdir -p "$cache/bin"
 exec 9>"$cache/.lock"
 if command -v flock >/dev/null; then flock 9; fi
 
-# build_module DIR NAME=PACKAGE... : builds each PACKAGE of the Go module in tests/tools/DIR
-# as $cache/bin/NAME. The stamp $cache/DIR.stamp holds the sha256 of that go.mod+go.sum.
+# [EXTRA_LDFLAGS=...] build_module DIR NAME=PACKAGE... : builds each PACKAGE of the Go module
+# in tests/tools/DIR as $cache/bin/NAME, linked with EXTRA_LDFLAGS (-X version stamps) if set.
+# The stamp $cache/DIR.stamp holds the sha256 of that go.mod+go.sum (+ EXTRA_LDFLAGS).
 build_module() {
 	local dir="$1"; shift
 	local stamp="$cache/$dir.stamp"
+	local extra="${EXTRA_LDFLAGS:-}"
 	local want have="" spec name pkg
-	want="$(cat "$here/$dir/go.mod" "$here/$dir/go.sum" | sha256sum | cut -d' ' -f1)"
+	want="$({ cat "$here/$dir/go.mod" "$here/$dir/go.sum"; printf '%s' "$extra"; } | sha256sum | cut -d' ' -f1)"
 	if [ -f "$stamp" ]; then have="$(cat "$stamp")"; fi
 	local todo=()
 	for spec in "$@"; do
@@ -35,7 +37,7 @@ build_module() {
 		name="${spec%%=*}"
 		pkg="${spec#*=}"
 		echo "building $name from $pkg (pinned in tests/tools/$dir) into $cache/bin" >&2
-		(cd "$here/$dir" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags='-s -w' \
+		(cd "$here/$dir" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags="-s -w $extra" \
 			-o "$cache/bin/$name.tmp" "$pkg")
 		# Renamed into place so a binary that is running is never overwritten.
 		mv -f "$cache/bin/$name.tmp" "$cache/bin/$name"
@@ -44,7 +46,19 @@ build_module() {
 }
 
 build_module etcd etcd=go.etcd.io/etcd/server/v3
-build_module k8s \
+# Stamped with their release like Kubernetes' own build (hack/lib/version.sh), so /version says
+# v1.36.3 rather than v0.0.0-master and version checks (helm's kubeVersion) see a real one.
+EXTRA_LDFLAGS="-X k8s.io/component-base/version.gitVersion=v1.36.3 \
+-X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=36 \
+-X k8s.io/client-go/pkg/version.gitVersion=v1.36.3 \
+-X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=36" \
+	build_module k8s \
 	kube-apiserver=k8s.io/kubernetes/cmd/kube-apiserver \
 	kube-controller-manager=k8s.io/kubernetes/cmd/kube-controller-manager
+# Stamped like helm's own Makefile: its version, and the Kubernetes version of its client-go
+# (v0.37 -> 1.37) as the default for `helm template` and `helm lint`.
+EXTRA_LDFLAGS="-X helm.sh/helm/v3/internal/version.version=v3.22.0 \
+-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=37 \
+-X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=37" \
+	build_module helm helm=helm.sh/helm/v3/cmd/helm
 echo "$cache/bin"

@@ -1,0 +1,526 @@
+//! The FleetLock server Zincati asks before it reboots a Fedora CoreOS node (DESIGN.md,
+//! "FleetLock"). Zincati is configured with
+//! `fleet_lock.base_url = "http://<service-ip>/fleetlock/"`.
+//!
+//! - `POST /fleetlock/v1/pre-reboot`: the Node named by the id takes (or keeps) a slot of its
+//!   group's semaphore ([`lock`]), is cordoned and drained ([`drain`]); 200 only once no pod
+//!   that must leave is left, `drain_in_progress` until then.
+//! - `POST /fleetlock/v1/steady-state`: once the Node is Ready, uncordon it if FleetLock
+//!   cordoned it and release its slot; 200 for a Node holding nothing.
+//! - `GET /fleetlock/v1/status`: holders per group and their drain progress, as JSON.
+//!
+//! All state lives in the Kubernetes API (Leases, one Node annotation), so any replica can
+//! answer and a restart resumes where the last one stopped. The decisions are pure functions
+//! in the submodules; this file is the shell that reads state, calls them and acts.
+//!
+//! Objects it uses, and the RBAC the chart grants for them:
+//! - Nodes (cluster): `get`, `list`, `patch`. Cordon mark: annotation
+//!   `dkron-ha/fleetlock-cordoned: "true"`; id override: annotation `dkron-ha/fleetlock-id`.
+//! - Pods (all namespaces): `list`; `pods/eviction`: `create`.
+//! - Leases `dkron-ha-fleetlock-<group>` (lock namespace, `coordination.k8s.io`): `get`,
+//!   `list`, `create`, `update`.
+//! - ConfigMap `dkron-ha-fleetlock` (lock namespace): `get` (slots per group, see [`lock`]).
+//! - Events (`events.k8s.io`, namespace `default`, where Events about Nodes go): `create`,
+//!   `patch`.
+
+pub mod drain;
+pub mod lock;
+pub mod machine_id;
+pub mod metrics;
+pub mod node;
+pub mod protocol;
+pub mod router;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::ListParams;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Api, Resource, ResourceExt};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+pub use machine_id::app_specific_machine_id;
+pub use protocol::{ClientParams, ErrorKind, FleetLockError};
+pub use router::router;
+
+use drain::{CordonDecision, DrainPlan, Drainer, EvictionOutcome, PodKey, UncordonDecision};
+use lock::{AcquireOutcome, LockPolicy, LockRequest, LockStore, ReleaseReason};
+use metrics::FleetLockMetrics;
+
+/// How often a pre-reboot request looks again at the pods of a draining Node.
+const DRAIN_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// `reportingController` of FleetLock's Events.
+const EVENT_CONTROLLER: &str = "dkron-ha-fleetlock";
+
+fn default_namespace() -> String {
+    std::env::var("POD_NAMESPACE")
+        .ok()
+        .filter(|ns| !ns.trim().is_empty())
+        .unwrap_or_else(|| "default".to_owned())
+}
+
+/// Parses `90`, `90s`, `500ms`, `15m`, `2h` or `1d` (no unit: seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 30s, 15m or 2h"))?;
+    let seconds = match unit.trim() {
+        "ms" => return Ok(Duration::from_millis(number)),
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?}; use ms, s, m, h or d"
+            ));
+        }
+    };
+    number
+        .checked_mul(seconds)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{text:?} is too long"))
+}
+
+/// FleetLock settings of `dkron-ha serve`.
+///
+/// Slots per group are live-configurable in the ConfigMap `--fleetlock-config-map` (default
+/// `dkron-ha-fleetlock`) in `--fleetlock-namespace`, with data `<group>: "<slots>"` (for
+/// example `default: "1"`, `workers: "3"`; `"0"` stops reboots in a group). It is read on
+/// every request; groups without a key get `--fleetlock-default-slots`. See [`lock`].
+#[derive(Clone, Debug, clap::Args)]
+pub struct FleetLockConfig {
+    /// Namespace of the lock Leases (dkron-ha-fleetlock-GROUP) and the slots ConfigMap
+    /// [default: $POD_NAMESPACE, else "default"]
+    #[arg(
+        long = "fleetlock-namespace",
+        env = "DKRON_HA_FLEETLOCK_NAMESPACE",
+        default_value_t = default_namespace(),
+        hide_default_value = true
+    )]
+    pub namespace: String,
+
+    /// ConfigMap whose data maps a group to its reboot slots, e.g. `workers: "2"`
+    #[arg(
+        long = "fleetlock-config-map",
+        env = "DKRON_HA_FLEETLOCK_CONFIG_MAP",
+        default_value = lock::DEFAULT_CONFIG_MAP
+    )]
+    pub config_map: String,
+
+    /// Reboot slots of a group the ConfigMap does not list
+    #[arg(
+        long = "fleetlock-default-slots",
+        env = "DKRON_HA_FLEETLOCK_DEFAULT_SLOTS",
+        default_value_t = 1
+    )]
+    pub default_slots: u32,
+
+    /// Release a slot whose holder has sent no pre-reboot for this long (e.g. 2h); unset or
+    /// 0 keeps it until steady-state or until its Node is deleted
+    #[arg(
+        long = "fleetlock-lock-ttl",
+        env = "DKRON_HA_FLEETLOCK_LOCK_TTL",
+        value_parser = parse_duration
+    )]
+    pub lock_ttl: Option<Duration>,
+
+    /// How long one pre-reboot request waits for the drain before answering
+    /// drain_in_progress (Zincati asks again later)
+    #[arg(
+        long = "fleetlock-drain-wait",
+        env = "DKRON_HA_FLEETLOCK_DRAIN_WAIT",
+        default_value = "30s",
+        value_parser = parse_duration
+    )]
+    pub drain_wait: Duration,
+
+    /// Evictions requested at the same time while draining a Node
+    #[arg(
+        long = "fleetlock-eviction-concurrency",
+        env = "DKRON_HA_FLEETLOCK_EVICTION_CONCURRENCY",
+        default_value_t = 16,
+        value_parser = clap::value_parser!(u32).range(1..=1024)
+    )]
+    pub eviction_concurrency: u32,
+}
+
+impl Default for FleetLockConfig {
+    fn default() -> Self {
+        FleetLockConfig {
+            namespace: default_namespace(),
+            config_map: lock::DEFAULT_CONFIG_MAP.to_owned(),
+            default_slots: 1,
+            lock_ttl: None,
+            drain_wait: Duration::from_secs(30),
+            eviction_concurrency: 16,
+        }
+    }
+}
+
+/// `GET /fleetlock/v1/status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub groups: Vec<GroupStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupStatus {
+    pub group: String,
+    pub slots: u32,
+    pub holders: Vec<HolderStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HolderStatus {
+    pub node: String,
+    pub id: String,
+    pub acquired_at: Timestamp,
+    pub renewed_at: Timestamp,
+    /// False when the Node is gone: the slot is reclaimed at the next pre-reboot.
+    pub node_exists: bool,
+    pub cordoned_by_fleetlock: bool,
+    pub drained: bool,
+    /// Pods still to evict or still terminating.
+    pub remaining_pods: Vec<String>,
+}
+
+/// The FleetLock server: decisions from the submodules, state in the Kubernetes API.
+pub struct FleetLock {
+    client: kube::Client,
+    config: FleetLockConfig,
+    locks: LockStore,
+    drainer: Drainer,
+    recorder: Recorder,
+    metrics: FleetLockMetrics,
+}
+
+impl FleetLock {
+    pub fn new(
+        client: kube::Client,
+        config: FleetLockConfig,
+        registry: &mut prometheus_client::registry::Registry,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: EVENT_CONTROLLER.to_owned(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        FleetLock {
+            locks: LockStore::new(
+                client.clone(),
+                &config.namespace,
+                &config.config_map,
+                config.default_slots,
+            ),
+            drainer: Drainer::new(client.clone(), config.eviction_concurrency as usize),
+            recorder: Recorder::new(client.clone(), reporter),
+            metrics: FleetLockMetrics::register(registry),
+            client,
+            config,
+        }
+    }
+
+    /// Sends evictions through `client`, best built with `kube::Config { default_retry: false,
+    /// .. }`: kube's default client retries the Eviction API's 429 ("a PodDisruptionBudget
+    /// forbids it now") for minutes, so through it a refusal only shows as an eviction still
+    /// unanswered after [`drain::EVICTION_TIMEOUT`].
+    pub fn with_eviction_client(mut self, client: kube::Client) -> Self {
+        self.drainer = self.drainer.with_eviction_client(client);
+        self
+    }
+
+    pub fn config(&self) -> &FleetLockConfig {
+        &self.config
+    }
+
+    pub(crate) fn metrics(&self) -> &FleetLockMetrics {
+        &self.metrics
+    }
+
+    async fn list_nodes(&self) -> Result<Vec<Node>, FleetLockError> {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        Ok(nodes
+            .list(&ListParams::default())
+            .await
+            .map_err(FleetLockError::kube("listing Nodes"))?
+            .items)
+    }
+
+    /// RecursiveLock, then drain: `Ok` means the Node holds a slot and is drained.
+    pub async fn pre_reboot(&self, params: &ClientParams) -> Result<(), FleetLockError> {
+        let nodes = self.list_nodes().await?;
+        let (node, matched_by) = node::find_node_for_id(&nodes, &params.id)?;
+        let node_name = node.name_any();
+        let existing: BTreeSet<String> = nodes.iter().map(|n| n.name_any()).collect();
+        let policy = LockPolicy {
+            slots: self.locks.slots(&params.group).await?,
+            ttl: self.config.lock_ttl,
+        };
+        let request = LockRequest {
+            node: &node_name,
+            id: &params.id,
+        };
+        let decision = self
+            .locks
+            .update(&params.group, |state| {
+                let decision =
+                    lock::decide_acquire(state, request, policy, Timestamp::now(), &|name| {
+                        existing.contains(name)
+                    });
+                (decision.state.clone(), decision)
+            })
+            .await?;
+        for reclaimed in &decision.reclaimed {
+            self.note_reclaimed(&params.group, reclaimed, &nodes).await;
+        }
+        match decision.outcome {
+            AcquireOutcome::Full { holders } => {
+                return Err(FleetLockError::SemaphoreFull {
+                    group: params.group.clone(),
+                    slots: policy.slots,
+                    holders,
+                });
+            }
+            AcquireOutcome::Acquired => {
+                self.metrics.count_lock_change("acquired");
+                tracing::info!(node = %node_name, group = %params.group, matched_by = matched_by.as_str(), "reboot slot acquired");
+                let note = format!("Reboot slot of group {} acquired", params.group);
+                self.publish(node, EventType::Normal, "RebootSlotAcquired", "Lock", note)
+                    .await;
+            }
+            AcquireOutcome::AlreadyHeld => {}
+        }
+        self.drain_node(node).await
+    }
+
+    /// Cordons `node` and evicts its pods until it is drained or `--fleetlock-drain-wait`
+    /// is over.
+    async fn drain_node(&self, node: &Node) -> Result<(), FleetLockError> {
+        let name = node.name_any();
+        match self.drainer.cordon(&name).await? {
+            CordonDecision::Cordon | CordonDecision::Recordon => {
+                self.metrics.count_node_change("cordoned");
+                tracing::info!(node = %name, "node cordoned for reboot");
+                let note = "Cordoned before a reboot approved by FleetLock".to_owned();
+                self.publish(node, EventType::Normal, "Cordoned", "Drain", note)
+                    .await;
+            }
+            CordonDecision::CordonedByOthers => {
+                tracing::debug!(node = %name, "node was cordoned already; it stays cordoned after the reboot");
+            }
+            CordonDecision::AlreadyCordonedByUs => {}
+        }
+        let deadline = Instant::now() + self.config.drain_wait;
+        let mut last_outcomes: Option<BTreeMap<PodKey, EvictionOutcome>> = None;
+        loop {
+            let pods = self.drainer.pods_on(&name).await?;
+            let plan = drain::plan_drain(&name, &pods);
+            if plan.is_drained() {
+                tracing::info!(node = %name, skipped = plan.skipped.len(), "node drained, reboot approved");
+                let note = "Drained; reboot approved".to_owned();
+                self.publish(node, EventType::Normal, "Drained", "Drain", note)
+                    .await;
+                return Ok(());
+            }
+            if let Some(outcomes) = &last_outcomes
+                && Instant::now() >= deadline
+            {
+                return Err(FleetLockError::DrainInProgress {
+                    node: name,
+                    remaining: drain::describe_remaining(&plan, outcomes),
+                });
+            }
+            let outcomes = self.evict(node, &plan).await;
+            last_outcomes = Some(outcomes);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !left.is_zero() {
+                tokio::time::sleep(left.min(DRAIN_POLL_INTERVAL)).await;
+            }
+        }
+    }
+
+    async fn evict(&self, node: &Node, plan: &DrainPlan) -> BTreeMap<PodKey, EvictionOutcome> {
+        let outcomes = self.drainer.evict(&plan.to_evict).await;
+        let mut blocked = Vec::new();
+        let mut failed = Vec::new();
+        let mut evicted = 0usize;
+        for (pod, outcome) in &outcomes {
+            self.metrics
+                .evictions
+                .get_or_create(&metrics::OutcomeLabels {
+                    outcome: outcome.as_str(),
+                })
+                .inc();
+            match outcome {
+                EvictionOutcome::Evicted => evicted += 1,
+                EvictionOutcome::AlreadyGone => {}
+                EvictionOutcome::BlockedByDisruptionBudget(_) | EvictionOutcome::Unanswered => {
+                    blocked.push(pod.to_string())
+                }
+                EvictionOutcome::Failed(message) => {
+                    tracing::warn!(node = %node.name_any(), %pod, error = %message, "eviction failed");
+                    failed.push(pod.to_string());
+                }
+            }
+        }
+        if evicted > 0 {
+            tracing::info!(node = %node.name_any(), evicted, "pods evicted");
+            let note = format!("Evicted {evicted} pod(s) before a reboot");
+            self.publish(node, EventType::Normal, "Evicted", "Drain", note)
+                .await;
+        }
+        if !blocked.is_empty() {
+            tracing::info!(node = %node.name_any(), blocked = ?blocked, "evictions blocked by PodDisruptionBudgets");
+            let note = format!(
+                "Eviction blocked (PodDisruptionBudget): {}",
+                blocked.join(", ")
+            );
+            self.publish(node, EventType::Warning, "EvictionBlocked", "Drain", note)
+                .await;
+        }
+        if !failed.is_empty() {
+            let note = format!("Eviction failed: {}", failed.join(", "));
+            self.publish(node, EventType::Warning, "EvictionFailed", "Drain", note)
+                .await;
+        }
+        outcomes
+    }
+
+    /// UnlockIfHeld: once the Node is Ready, uncordon it if we cordoned it and release its
+    /// slots in every group.
+    pub async fn steady_state(&self, params: &ClientParams) -> Result<(), FleetLockError> {
+        let nodes = self.list_nodes().await?;
+        let (node, _) = node::find_node_for_id(&nodes, &params.id)?;
+        let name = node.name_any();
+        let held_in = self.locks.groups_held_by(&name).await?;
+        let ours = drain::uncordon_decision(node) == UncordonDecision::Uncordon;
+        if held_in.is_empty() && !ours {
+            return Ok(());
+        }
+        if !node::node_is_ready(node) {
+            return Err(FleetLockError::NodeNotReady { node: name });
+        }
+        if self.drainer.uncordon(&name).await? == UncordonDecision::Uncordon {
+            self.metrics.count_node_change("uncordoned");
+            tracing::info!(node = %name, "node uncordoned after its reboot");
+            let note = "Uncordoned after the reboot".to_owned();
+            self.publish(node, EventType::Normal, "Uncordoned", "Unlock", note)
+                .await;
+        }
+        for group in &held_in {
+            let released = self
+                .locks
+                .update(group, |state| {
+                    let decision = lock::decide_release(state, &name);
+                    (decision.state, decision.was_held)
+                })
+                .await?;
+            if released {
+                self.metrics.count_lock_change("released");
+                tracing::info!(node = %name, %group, "reboot slot released");
+                let note = format!("Reboot slot of group {group} released");
+                self.publish(
+                    node,
+                    EventType::Normal,
+                    "RebootSlotReleased",
+                    "Unlock",
+                    note,
+                )
+                .await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Holders per group (every group with a Lease or a ConfigMap key) and their drains.
+    pub async fn status(&self) -> Result<StatusReport, FleetLockError> {
+        let nodes = self.list_nodes().await?;
+        let nodes_by_name: BTreeMap<String, &Node> =
+            nodes.iter().map(|n| (n.name_any(), n)).collect();
+        let mut states: BTreeMap<String, lock::LockState> =
+            self.locks.all_groups().await?.into_iter().collect();
+        for group in self.locks.configured_groups().await? {
+            states.entry(group).or_default();
+        }
+        let mut groups = Vec::with_capacity(states.len());
+        for (group, state) in states {
+            let mut holders = Vec::with_capacity(state.holders.len());
+            for holder in state.holders {
+                let node = nodes_by_name.get(&holder.node).copied();
+                let plan = match node {
+                    Some(_) => {
+                        let pods = self.drainer.pods_on(&holder.node).await?;
+                        drain::plan_drain(&holder.node, &pods)
+                    }
+                    None => DrainPlan::default(),
+                };
+                holders.push(HolderStatus {
+                    node_exists: node.is_some(),
+                    cordoned_by_fleetlock: node.is_some_and(drain::cordoned_by_us),
+                    drained: plan.is_drained(),
+                    remaining_pods: plan
+                        .to_evict
+                        .iter()
+                        .chain(&plan.terminating)
+                        .map(PodKey::to_string)
+                        .collect(),
+                    node: holder.node,
+                    id: holder.id,
+                    acquired_at: holder.acquired_at,
+                    renewed_at: holder.renewed_at,
+                });
+            }
+            groups.push(GroupStatus {
+                slots: self.locks.slots(&group).await?,
+                group,
+                holders,
+            });
+        }
+        Ok(StatusReport { groups })
+    }
+
+    async fn note_reclaimed(&self, group: &str, reclaimed: &lock::Reclaimed, nodes: &[Node]) {
+        let change = match reclaimed.reason {
+            ReleaseReason::NodeGone => "reclaimed_node_gone",
+            ReleaseReason::Expired => "reclaimed_expired",
+        };
+        self.metrics.count_lock_change(change);
+        tracing::warn!(node = %reclaimed.holder.node, %group, reason = reclaimed.reason.as_str(), "reboot slot reclaimed");
+        if let Some(node) = nodes.iter().find(|n| n.name_any() == reclaimed.holder.node) {
+            let note = format!(
+                "Reboot slot of group {group} reclaimed: no pre-reboot request within the TTL"
+            );
+            self.publish(node, EventType::Warning, "RebootSlotExpired", "Lock", note)
+                .await;
+        }
+    }
+
+    /// Events are a courtesy to the people watching: failing to publish one is only logged.
+    async fn publish(
+        &self,
+        node: &Node,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.to_owned(),
+            note: Some(note),
+            action: action.to_owned(),
+            secondary: None,
+        };
+        if let Err(error) = self.recorder.publish(&event, &node.object_ref(&())).await {
+            tracing::warn!(node = %node.name_any(), reason, %error, "could not publish an Event");
+        }
+    }
+}

@@ -1,0 +1,440 @@
+//! The reboot semaphore: one counting semaphore per group, recursive, owned by Nodes.
+//!
+//! The decision ([`decide_acquire`], [`decide_release`]) is a pure function of the stored
+//! holders, the request, the slot count and the clock. [`LockStore`] keeps the holders of
+//! group `G` in the Lease `dkron-ha-fleetlock-G` (annotation [`HOLDERS_ANNOTATION`], a JSON
+//! list; `spec.holderIdentity` lists the Nodes for `kubectl get lease`) and writes with the
+//! Lease's resourceVersion, retrying on conflicts, so every replica of `serve` shares one
+//! semaphore and a restart loses nothing.
+//!
+//! Slots per group come from the ConfigMap named by `--fleetlock-config-map` (default
+//! `dkron-ha-fleetlock`) in the lock namespace, read on every decision so edits apply at once:
+//!
+//! ```yaml
+//! apiVersion: v1
+//! kind: ConfigMap
+//! metadata:
+//!   name: dkron-ha-fleetlock
+//! data:
+//!   default: "1"     # group name (as Zincati's fleet_lock.group, any case): slots
+//!   workers: "3"
+//!   frozen: "0"      # 0 slots: nobody in this group may reboot
+//! ```
+//!
+//! A group without a key gets `--fleetlock-default-slots`; a missing ConfigMap means every
+//! group gets the default.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ListParams, ObjectMeta, PostParams};
+use kube::{Api, ResourceExt};
+use serde::{Deserialize, Serialize};
+
+use super::FleetLockError;
+
+/// Lease `dkron-ha-fleetlock-<group>` holds the semaphore of `<group>`.
+pub const LEASE_PREFIX: &str = "dkron-ha-fleetlock-";
+/// Annotation on the Lease with the holders, a JSON list of [`Holder`].
+pub const HOLDERS_ANNOTATION: &str = "dkron-ha/fleetlock-holders";
+/// Label on the Lease naming its group, so every group can be listed.
+pub const GROUP_LABEL: &str = "dkron-ha/fleetlock-group";
+/// Default name of the ConfigMap with slots per group.
+pub const DEFAULT_CONFIG_MAP: &str = "dkron-ha-fleetlock";
+/// Writes are retried this often on resourceVersion conflicts before giving up.
+const MAX_WRITE_ATTEMPTS: u32 = 32;
+
+/// One Node holding a reboot slot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    /// The Node name: ownership follows the Node, whatever id rule found it.
+    pub node: String,
+    /// The id the client sent, for people reading the Lease.
+    pub id: String,
+    pub acquired_at: Timestamp,
+    /// Last pre-reboot request from this holder; the TTL counts from here.
+    pub renewed_at: Timestamp,
+}
+
+/// The holders of one group's semaphore, oldest first.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LockState {
+    pub holders: Vec<Holder>,
+}
+
+impl LockState {
+    pub fn holds(&self, node: &str) -> bool {
+        self.holders.iter().any(|h| h.node == node)
+    }
+
+    pub fn node_names(&self) -> Vec<String> {
+        self.holders.iter().map(|h| h.node.clone()).collect()
+    }
+}
+
+/// How many slots a group has and how long a silent holder keeps one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LockPolicy {
+    pub slots: u32,
+    /// `None`: holders are kept until steady-state or until their Node is deleted.
+    pub ttl: Option<Duration>,
+}
+
+/// Why a holder lost its slot without asking.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReleaseReason {
+    NodeGone,
+    Expired,
+}
+
+impl ReleaseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReleaseReason::NodeGone => "node_gone",
+            ReleaseReason::Expired => "expired",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reclaimed {
+    pub holder: Holder,
+    pub reason: ReleaseReason,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AcquireOutcome {
+    /// The Node got a free slot.
+    Acquired,
+    /// The Node already held a slot (recursive lock): it keeps it.
+    AlreadyHeld,
+    /// Every slot is taken by these Nodes.
+    Full { holders: Vec<String> },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AcquireDecision {
+    pub state: LockState,
+    pub outcome: AcquireOutcome,
+    /// Holders dropped because their Node is gone or their TTL ran out.
+    pub reclaimed: Vec<Reclaimed>,
+}
+
+/// A pre-reboot request for `node`, which the client called `id`.
+#[derive(Clone, Copy, Debug)]
+pub struct LockRequest<'a> {
+    pub node: &'a str,
+    pub id: &'a str,
+}
+
+/// Drops holders whose Node no longer exists or, with a TTL, whose last request is older than
+/// the TTL; then lets the requester keep its slot, take a free one, or wait.
+pub fn decide_acquire(
+    state: &LockState,
+    request: LockRequest<'_>,
+    policy: LockPolicy,
+    now: Timestamp,
+    node_exists: &dyn Fn(&str) -> bool,
+) -> AcquireDecision {
+    let mut kept = Vec::with_capacity(state.holders.len() + 1);
+    let mut reclaimed = Vec::new();
+    let mut already_held = false;
+    for holder in &state.holders {
+        if holder.node == request.node {
+            // Asking again proves it is alive: renew instead of expiring.
+            already_held = true;
+            kept.push(Holder {
+                id: request.id.to_owned(),
+                renewed_at: now,
+                ..holder.clone()
+            });
+        } else if !node_exists(&holder.node) {
+            reclaimed.push(reclaim(holder, ReleaseReason::NodeGone));
+        } else if is_expired(holder, policy.ttl, now) {
+            reclaimed.push(reclaim(holder, ReleaseReason::Expired));
+        } else {
+            kept.push(holder.clone());
+        }
+    }
+    let outcome = if already_held {
+        AcquireOutcome::AlreadyHeld
+    } else if kept.len() < policy.slots as usize {
+        kept.push(Holder {
+            node: request.node.to_owned(),
+            id: request.id.to_owned(),
+            acquired_at: now,
+            renewed_at: now,
+        });
+        AcquireOutcome::Acquired
+    } else {
+        AcquireOutcome::Full {
+            holders: kept.iter().map(|h| h.node.clone()).collect(),
+        }
+    };
+    AcquireDecision {
+        state: LockState { holders: kept },
+        outcome,
+        reclaimed,
+    }
+}
+
+fn reclaim(holder: &Holder, reason: ReleaseReason) -> Reclaimed {
+    Reclaimed {
+        holder: holder.clone(),
+        reason,
+    }
+}
+
+fn is_expired(holder: &Holder, ttl: Option<Duration>, now: Timestamp) -> bool {
+    let Some(ttl) = ttl.filter(|ttl| !ttl.is_zero()) else {
+        return false;
+    };
+    let silent_for = now.as_millisecond() - holder.renewed_at.as_millisecond();
+    silent_for > i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReleaseDecision {
+    pub state: LockState,
+    /// Whether `node` held a slot (steady-state succeeds either way).
+    pub was_held: bool,
+}
+
+/// Unlock-if-held: removes `node` from the holders, if it is one.
+pub fn decide_release(state: &LockState, node: &str) -> ReleaseDecision {
+    let holders: Vec<Holder> = state
+        .holders
+        .iter()
+        .filter(|h| h.node != node)
+        .cloned()
+        .collect();
+    ReleaseDecision {
+        was_held: holders.len() != state.holders.len(),
+        state: LockState { holders },
+    }
+}
+
+/// Slots of `group` from the ConfigMap data (keys compare without case), else `default`.
+pub fn slots_for_group(
+    data: Option<&BTreeMap<String, String>>,
+    group: &str,
+    default: u32,
+    config_map: &str,
+) -> Result<u32, FleetLockError> {
+    let Some((key, value)) = data
+        .into_iter()
+        .flatten()
+        .find(|(key, _)| key.trim().eq_ignore_ascii_case(group))
+    else {
+        return Ok(default);
+    };
+    value.trim().parse::<u32>().map_err(|_| {
+        FleetLockError::InvalidConfiguration(format!(
+            "ConfigMap {config_map} key {key:?} has {value:?}; it must be a whole number of \
+             reboot slots (0 stops reboots in that group)"
+        ))
+    })
+}
+
+/// The name of the Lease holding `group`'s semaphore.
+pub fn lease_name(group: &str) -> String {
+    format!("{LEASE_PREFIX}{group}")
+}
+
+/// Reads the holders stored on a Lease.
+pub fn state_from_lease(lease: &Lease) -> Result<LockState, FleetLockError> {
+    let Some(json) = lease.annotations().get(HOLDERS_ANNOTATION) else {
+        return Ok(LockState::default());
+    };
+    let holders: Vec<Holder> = serde_json::from_str(json).map_err(|e| {
+        FleetLockError::CorruptLockState(format!(
+            "Lease {} has an unreadable {HOLDERS_ANNOTATION} annotation ({e}); fix it or \
+             delete the Lease to release every slot of its group",
+            lease.name_any()
+        ))
+    })?;
+    Ok(LockState { holders })
+}
+
+/// Writes `state` into `lease` (a fresh Lease when `None`), keeping its resourceVersion.
+pub fn lease_with_state(
+    lease: Option<Lease>,
+    namespace: &str,
+    group: &str,
+    state: &LockState,
+) -> Result<Lease, FleetLockError> {
+    let mut lease = lease.unwrap_or_else(|| Lease {
+        metadata: ObjectMeta {
+            name: Some(lease_name(group)),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(BTreeMap::from([
+                (
+                    "app.kubernetes.io/managed-by".to_owned(),
+                    "dkron-ha".to_owned(),
+                ),
+                (GROUP_LABEL.to_owned(), group.to_owned()),
+            ])),
+            ..ObjectMeta::default()
+        },
+        spec: None,
+    });
+    let json = serde_json::to_string(&state.holders)
+        .map_err(|e| FleetLockError::CorruptLockState(format!("cannot encode the holders: {e}")))?;
+    lease
+        .annotations_mut()
+        .insert(HOLDERS_ANNOTATION.to_owned(), json);
+    let holder_identity = (!state.holders.is_empty()).then(|| state.node_names().join(","));
+    lease.spec = Some(LeaseSpec {
+        holder_identity,
+        ..lease.spec.unwrap_or_default()
+    });
+    Ok(lease)
+}
+
+/// The semaphores as stored in the Kubernetes API.
+#[derive(Clone)]
+pub struct LockStore {
+    leases: Api<Lease>,
+    config_maps: Api<ConfigMap>,
+    namespace: String,
+    config_map: String,
+    default_slots: u32,
+}
+
+impl LockStore {
+    pub fn new(
+        client: kube::Client,
+        namespace: &str,
+        config_map: &str,
+        default_slots: u32,
+    ) -> Self {
+        LockStore {
+            leases: Api::namespaced(client.clone(), namespace),
+            config_maps: Api::namespaced(client, namespace),
+            namespace: namespace.to_owned(),
+            config_map: config_map.to_owned(),
+            default_slots,
+        }
+    }
+
+    /// Slots of `group`, read from the ConfigMap now.
+    pub async fn slots(&self, group: &str) -> Result<u32, FleetLockError> {
+        let config_map = self
+            .config_maps
+            .get_opt(&self.config_map)
+            .await
+            .map_err(FleetLockError::kube("reading the slots ConfigMap"))?;
+        slots_for_group(
+            config_map.as_ref().and_then(|cm| cm.data.as_ref()),
+            group,
+            self.default_slots,
+            &self.config_map,
+        )
+    }
+
+    /// Group names configured in the ConfigMap (for the status page).
+    pub async fn configured_groups(&self) -> Result<Vec<String>, FleetLockError> {
+        let config_map = self
+            .config_maps
+            .get_opt(&self.config_map)
+            .await
+            .map_err(FleetLockError::kube("reading the slots ConfigMap"))?;
+        Ok(config_map
+            .and_then(|cm| cm.data)
+            .map(|data| data.keys().map(|k| k.trim().to_ascii_lowercase()).collect())
+            .unwrap_or_default())
+    }
+
+    /// Reads `group`'s holders, lets `decide` compute the new holders, and writes them back
+    /// if they changed, with optimistic concurrency: on a conflict everything is read and
+    /// decided again. Returns what `decide` returned for the state that was written.
+    pub async fn update<T>(
+        &self,
+        group: &str,
+        mut decide: impl FnMut(&LockState) -> (LockState, T),
+    ) -> Result<T, FleetLockError> {
+        let name = lease_name(group);
+        for attempt in 1..=MAX_WRITE_ATTEMPTS {
+            let lease = self
+                .leases
+                .get_opt(&name)
+                .await
+                .map_err(FleetLockError::kube(format!("reading Lease {name}")))?;
+            let current = match &lease {
+                Some(lease) => state_from_lease(lease)?,
+                None => LockState::default(),
+            };
+            let (next, answer) = decide(&current);
+            if next == current {
+                return Ok(answer);
+            }
+            let exists = lease.is_some();
+            let desired = lease_with_state(lease, &self.namespace, group, &next)?;
+            let written = if exists {
+                self.leases
+                    .replace(&name, &PostParams::default(), &desired)
+                    .await
+            } else {
+                self.leases.create(&PostParams::default(), &desired).await
+            };
+            match written {
+                Ok(_) => return Ok(answer),
+                Err(kube::Error::Api(status)) if status.is_conflict() || status.code == 409 => {
+                    tracing::debug!(lease = %name, attempt, "lock write conflict, retrying");
+                    tokio::time::sleep(conflict_backoff(attempt)).await;
+                }
+                Err(error) => {
+                    return Err(FleetLockError::Kubernetes {
+                        action: format!("writing Lease {name}"),
+                        source: error,
+                    });
+                }
+            }
+        }
+        Err(FleetLockError::TooManyConflicts {
+            action: format!("writing Lease {name}"),
+            attempts: MAX_WRITE_ATTEMPTS,
+        })
+    }
+
+    /// Every group with a Lease, and its holders.
+    pub async fn all_groups(&self) -> Result<Vec<(String, LockState)>, FleetLockError> {
+        let leases = self
+            .leases
+            .list(&ListParams::default().labels(GROUP_LABEL))
+            .await
+            .map_err(FleetLockError::kube("listing the lock Leases"))?;
+        let mut groups = Vec::new();
+        for lease in &leases.items {
+            let Some(group) = lease.labels().get(GROUP_LABEL) else {
+                continue;
+            };
+            groups.push((group.clone(), state_from_lease(lease)?));
+        }
+        groups.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(groups)
+    }
+
+    /// Groups in which `node` holds a slot.
+    pub async fn groups_held_by(&self, node: &str) -> Result<BTreeSet<String>, FleetLockError> {
+        Ok(self
+            .all_groups()
+            .await?
+            .into_iter()
+            .filter(|(_, state)| state.holds(node))
+            .map(|(group, _)| group)
+            .collect())
+    }
+}
+
+/// A few milliseconds, growing and spread out, so racing writers stop colliding.
+fn conflict_backoff(attempt: u32) -> Duration {
+    let spread = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() % 20_000_000)
+        .unwrap_or(0);
+    Duration::from_millis(u64::from(attempt.min(10)) * 5) + Duration::from_nanos(spread.into())
+}

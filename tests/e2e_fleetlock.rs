@@ -1,0 +1,1133 @@
+//! FleetLock against a real control plane (etcd + kube-apiserver + kube-controller-manager with
+//! the disruption controller), so the real Eviction API enforces PodDisruptionBudgets.
+//!
+//! Nodes and Pods are created by the tests and bound with `spec.nodeName`; there is no kubelet,
+//! so [`kubelet_removes_terminating_pods`] plays its part: an evicted pod stays terminating
+//! until it runs. Requests go over a real listener exactly as Zincati sends them: POST, the
+//! `fleet-lock-protocol: true` header, a pretty-printed body and no Content-Type.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dkron_ha::fleetlock::drain::CORDONED_ANNOTATION;
+use dkron_ha::fleetlock::lock::{lease_name, state_from_lease};
+use dkron_ha::fleetlock::protocol::ErrorBody;
+use dkron_ha::fleetlock::{
+    FleetLock, FleetLockConfig, StatusReport, app_specific_machine_id, router,
+};
+use futures::future::join_all;
+use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, Node, NodeCondition, NodeSpec, NodeStatus, NodeSystemInfo, Pod, PodSpec,
+    PodTemplateSpec,
+};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, ResourceExt};
+use prometheus_client::registry::Registry;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use support::ControlPlane;
+
+const PAUSE_IMAGE: &str = "registry.k8s.io/pause:3.10";
+const GROUP: &str = "default";
+
+/// `dkron-ha serve`'s FleetLock on a loopback port.
+struct Server {
+    base: String,
+    http: reqwest::Client,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    error: Option<ErrorBody>,
+}
+
+impl Answer {
+    fn kind(&self) -> &str {
+        self.error.as_ref().map(|e| e.kind.as_str()).unwrap_or("")
+    }
+
+    fn value(&self) -> &str {
+        self.error.as_ref().map(|e| e.value.as_str()).unwrap_or("")
+    }
+}
+
+impl Server {
+    async fn start(
+        client: Client,
+        eviction_client: Option<Client>,
+        namespace: &str,
+        drain_wait: Duration,
+    ) -> Server {
+        let config = FleetLockConfig {
+            namespace: namespace.to_owned(),
+            drain_wait,
+            ..FleetLockConfig::default()
+        };
+        let mut registry = Registry::default();
+        let mut fleetlock = FleetLock::new(client, config, &mut registry);
+        if let Some(eviction_client) = eviction_client {
+            fleetlock = fleetlock.with_eviction_client(eviction_client);
+        }
+        let fleetlock = Arc::new(fleetlock);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let address: SocketAddr = listener.local_addr().expect("local address");
+        let app = router(fleetlock);
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Server {
+            base: format!("http://{address}/fleetlock/"),
+            http: reqwest::Client::new(),
+            task,
+        }
+    }
+
+    /// What Zincati does: `Url::join("v1/pre-reboot")` on its base URL, the header, and
+    /// `serde_json::to_string_pretty` of `{"client_params":{"id":..,"group":..}}`.
+    async fn zincati(&self, endpoint: &str, id: &str, group: &str) -> Answer {
+        let body = serde_json::to_string_pretty(&json!({
+            "client_params": { "id": id, "group": group }
+        }))
+        .expect("body");
+        self.post(endpoint, Some("true"), body).await
+    }
+
+    async fn pre_reboot(&self, id: &str) -> Answer {
+        self.zincati("v1/pre-reboot", id, GROUP).await
+    }
+
+    async fn steady_state(&self, id: &str) -> Answer {
+        self.zincati("v1/steady-state", id, GROUP).await
+    }
+
+    async fn post(&self, endpoint: &str, header: Option<&str>, body: String) -> Answer {
+        let mut request = self
+            .http
+            .post(format!("{}{endpoint}", self.base))
+            .body(body);
+        if let Some(value) = header {
+            request = request.header("fleet-lock-protocol", value);
+        }
+        let response = request.send().await.expect("FleetLock answers");
+        let status = response.status().as_u16();
+        let bytes = response.bytes().await.expect("body");
+        Answer {
+            status,
+            error: serde_json::from_slice(&bytes).ok(),
+        }
+    }
+
+    async fn status(&self) -> StatusReport {
+        self.http
+            .get(format!("{}v1/status", self.base))
+            .send()
+            .await
+            .expect("status answers")
+            .json()
+            .await
+            .expect("status JSON")
+    }
+
+    /// A `serve` replica going away: its listener and everything in memory are gone.
+    fn stop(self) {
+        self.task.abort();
+    }
+}
+
+/// A test's cluster objects: Nodes named after the test namespace, with machine ids derived
+/// from it, so tests running side by side never share a Node or an id.
+struct Fixture {
+    client: Client,
+    ns: String,
+}
+
+impl Fixture {
+    async fn new(prefix: &str) -> Fixture {
+        let cluster = ControlPlane::shared();
+        let ns = cluster.namespace(prefix).await;
+        Fixture {
+            client: cluster.client().await,
+            ns,
+        }
+    }
+
+    fn node_name(&self, index: usize) -> String {
+        format!("{}-node-{index}", self.ns)
+    }
+
+    fn machine_id(&self, index: usize) -> String {
+        let digest = Sha256::digest(format!("{}/{index}", self.ns));
+        digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The id Zincati on that machine sends.
+    fn zincati_id(&self, index: usize) -> String {
+        app_specific_machine_id(&self.machine_id(index)).expect("valid machine id")
+    }
+
+    async fn create_node(&self, index: usize, ready: bool, unschedulable: bool) -> Node {
+        let node = Node {
+            metadata: ObjectMeta {
+                name: Some(self.node_name(index)),
+                labels: Some(BTreeMap::from([(
+                    "dkron-ha-test/namespace".to_owned(),
+                    self.ns.clone(),
+                )])),
+                ..ObjectMeta::default()
+            },
+            spec: Some(NodeSpec {
+                unschedulable: Some(unschedulable),
+                ..NodeSpec::default()
+            }),
+            status: Some(NodeStatus {
+                conditions: Some(vec![ready_condition(ready)]),
+                node_info: Some(NodeSystemInfo {
+                    machine_id: self.machine_id(index),
+                    system_uuid: format!("{:032x}", index + 1),
+                    boot_id: "boot".into(),
+                    architecture: "amd64".into(),
+                    container_runtime_version: "cri-o://1.33.2".into(),
+                    kernel_version: "6.15.9".into(),
+                    kube_proxy_version: String::new(),
+                    kubelet_version: "v1.33.3".into(),
+                    operating_system: "linux".into(),
+                    os_image: "Fedora CoreOS 42".into(),
+                    ..NodeSystemInfo::default()
+                }),
+                ..NodeStatus::default()
+            }),
+        };
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let created = nodes
+            .create(&PostParams::default(), &node)
+            .await
+            .expect("create Node");
+        // Status on create is kept for Nodes, but set it again in case a version drops it.
+        nodes
+            .patch_status(
+                &self.node_name(index),
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "status": node.status })),
+            )
+            .await
+            .expect("Node status");
+        created
+    }
+
+    async fn set_node_ready(&self, index: usize, ready: bool) {
+        Api::<Node>::all(self.client.clone())
+            .patch_status(
+                &self.node_name(index),
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "status": { "conditions": [ready_condition(ready)] } })),
+            )
+            .await
+            .expect("patch Node status");
+    }
+
+    async fn node(&self, index: usize) -> Node {
+        Api::<Node>::all(self.client.clone())
+            .get(&self.node_name(index))
+            .await
+            .expect("get Node")
+    }
+
+    async fn delete_node(&self, index: usize) {
+        Api::<Node>::all(self.client.clone())
+            .delete(&self.node_name(index), &DeleteParams::default())
+            .await
+            .expect("delete Node");
+    }
+
+    fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    /// A pod bound to node `index`, already Running and Ready as a kubelet would report it.
+    async fn create_running_pod(
+        &self,
+        name: &str,
+        node: usize,
+        labels: &[(&str, &str)],
+        owner: Option<OwnerReference>,
+        annotations: &[(&str, &str)],
+    ) {
+        let pod = Pod {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                labels: Some(to_map(labels)),
+                annotations: Some(to_map(annotations)),
+                owner_references: owner.map(|o| vec![o]),
+                ..ObjectMeta::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some(self.node_name(node)),
+                containers: vec![Container {
+                    name: "app".into(),
+                    image: Some(PAUSE_IMAGE.into()),
+                    ..Container::default()
+                }],
+                ..PodSpec::default()
+            }),
+            ..Pod::default()
+        };
+        self.pods()
+            .create(&PostParams::default(), &pod)
+            .await
+            .unwrap_or_else(|e| panic!("create Pod {name}: {e}"));
+        self.set_pod_phase(name, "Running").await;
+    }
+
+    async fn set_pod_phase(&self, name: &str, phase: &str) {
+        let ready = if phase == "Running" { "True" } else { "False" };
+        self.pods()
+            .patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "status": {
+                    "phase": phase,
+                    "conditions": [{ "type": "Ready", "status": ready }],
+                } })),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("Pod {name} status: {e}"));
+    }
+
+    async fn pod_exists(&self, name: &str) -> bool {
+        self.pods().get_opt(name).await.expect("get Pod").is_some()
+    }
+
+    /// What the kubelet does with an evicted pod: stop it, then remove it for good.
+    async fn kubelet_removes_terminating_pods(&self, node: usize) -> usize {
+        let on_node =
+            ListParams::default().fields(&format!("spec.nodeName={}", self.node_name(node)));
+        let pods: Api<Pod> = Api::all(self.client.clone());
+        let mut removed = 0;
+        for pod in pods.list(&on_node).await.expect("list pods").items {
+            if pod.metadata.deletion_timestamp.is_none() {
+                continue;
+            }
+            let api: Api<Pod> =
+                Api::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
+            let now = DeleteParams {
+                grace_period_seconds: Some(0),
+                ..DeleteParams::default()
+            };
+            match api.delete(&pod.name_any(), &now).await {
+                Ok(_) => removed += 1,
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(error) => panic!("force-delete {}: {error}", pod.name_any()),
+            }
+        }
+        removed
+    }
+
+    /// A PodDisruptionBudget over `app=<app>` once the disruption controller has counted it.
+    async fn create_budget(&self, app: &str, min_available: i32, expect_allowed: i32) {
+        let budget = PodDisruptionBudget {
+            metadata: named(app),
+            spec: Some(PodDisruptionBudgetSpec {
+                min_available: Some(IntOrString::Int(min_available)),
+                selector: Some(LabelSelector {
+                    match_labels: Some(to_map(&[("app", app)])),
+                    ..LabelSelector::default()
+                }),
+                ..PodDisruptionBudgetSpec::default()
+            }),
+            ..PodDisruptionBudget::default()
+        };
+        self.budgets()
+            .create(&PostParams::default(), &budget)
+            .await
+            .expect("create PodDisruptionBudget");
+        self.budget_allows(app, expect_allowed).await;
+    }
+
+    async fn relax_budget(&self, app: &str) {
+        self.budgets()
+            .patch(
+                app,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "spec": { "minAvailable": 0 } })),
+            )
+            .await
+            .expect("relax PodDisruptionBudget");
+        self.budget_allows(app, 1).await;
+    }
+
+    async fn budget_allows(&self, app: &str, allowed: i32) {
+        let budgets = self.budgets();
+        eventually(
+            &format!("PodDisruptionBudget {app} allows {allowed} disruption(s)"),
+            async || {
+                let budget = budgets.get(app).await.ok()?;
+                let status = budget.status?;
+                let observed = status.observed_generation == budget.metadata.generation;
+                (observed && status.disruptions_allowed == Some(allowed)).then_some(())
+            },
+        )
+        .await;
+    }
+
+    fn budgets(&self) -> Api<PodDisruptionBudget> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    async fn holders(&self, group: &str) -> Vec<String> {
+        let leases: Api<Lease> = Api::namespaced(self.client.clone(), &self.ns);
+        match leases.get_opt(&lease_name(group)).await.expect("get Lease") {
+            Some(lease) => state_from_lease(&lease)
+                .expect("readable Lease")
+                .node_names(),
+            None => Vec::new(),
+        }
+    }
+
+    /// FleetLock with the admin client as `serve` would get it: kube's default retries on.
+    async fn server(&self, drain_wait: Duration) -> Server {
+        Server::start(self.client.clone(), None, &self.ns, drain_wait).await
+    }
+
+    /// FleetLock whose evictions go through a client without kube's default retries, so a
+    /// PodDisruptionBudget's 429 comes back at once.
+    async fn server_with_exact_evictions(&self, drain_wait: Duration) -> Server {
+        let kubeconfig =
+            Kubeconfig::read_from(&ControlPlane::shared().kubeconfig).expect("admin kubeconfig");
+        let mut config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .expect("admin config");
+        config.default_retry = false;
+        let evictions = Client::try_from(config).expect("eviction client");
+        Server::start(self.client.clone(), Some(evictions), &self.ns, drain_wait).await
+    }
+
+    async fn set_slots(&self, group: &str, slots: &str) {
+        let config_maps: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.ns);
+        let config_map = ConfigMap {
+            metadata: named("dkron-ha-fleetlock"),
+            data: Some(to_map(&[(group, slots)])),
+            ..ConfigMap::default()
+        };
+        config_maps
+            .patch(
+                "dkron-ha-fleetlock",
+                &PatchParams::apply("e2e-fleetlock").force(),
+                &Patch::Apply(&config_map),
+            )
+            .await
+            .expect("apply slots ConfigMap");
+    }
+}
+
+fn ready_condition(ready: bool) -> NodeCondition {
+    NodeCondition {
+        type_: "Ready".into(),
+        status: if ready { "True" } else { "False" }.into(),
+        reason: Some(
+            if ready {
+                "KubeletReady"
+            } else {
+                "KubeletNotReady"
+            }
+            .into(),
+        ),
+        ..NodeCondition::default()
+    }
+}
+
+fn cordoned(node: &Node) -> (bool, Option<&str>) {
+    let unschedulable = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.unschedulable)
+        .unwrap_or(false);
+    let mark = node
+        .annotations()
+        .get(CORDONED_ANNOTATION)
+        .map(String::as_str);
+    (unschedulable, mark)
+}
+
+fn to_map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn named(name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        ..ObjectMeta::default()
+    }
+}
+
+/// Polls `check` until it returns `Some`, panicking after a minute.
+async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn lock_and_unlock_are_idempotent() {
+    let fx = Fixture::new("fl-idem").await;
+    fx.create_node(0, true, false).await;
+    fx.create_running_pod("web", 0, &[("app", "web")], None, &[])
+        .await;
+    let server = fx.server(Duration::ZERO).await;
+    let id = fx.zincati_id(0);
+
+    // The first request cordons and evicts; the evicted pod terminates until the kubelet ends it.
+    let first = server.pre_reboot(&id).await;
+    assert_eq!(
+        (first.status, first.kind()),
+        (409, "drain_in_progress"),
+        "{first:?}"
+    );
+    assert!(
+        first.value().contains("web (terminating)"),
+        "{}",
+        first.value()
+    );
+    assert_eq!(fx.kubelet_removes_terminating_pods(0).await, 1);
+    for _ in 0..2 {
+        let again = server.pre_reboot(&id).await;
+        assert_eq!(again.status, 200, "{again:?}");
+    }
+    assert_eq!(fx.holders(GROUP).await, [fx.node_name(0)]);
+    assert_eq!(cordoned(&fx.node(0).await), (true, Some("true")));
+    assert!(!fx.pod_exists("web").await);
+
+    for _ in 0..2 {
+        let unlock = server.steady_state(&id).await;
+        assert_eq!(unlock.status, 200, "{unlock:?}");
+    }
+    assert!(fx.holders(GROUP).await.is_empty());
+    assert_eq!(cordoned(&fx.node(0).await), (false, None));
+
+    // The Node's story is told in Events (cluster-scoped objects get them in `default`).
+    let events: Api<Event> = Api::namespaced(fx.client.clone(), "default");
+    let node_name = fx.node_name(0);
+    let reasons: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .expect("list Events")
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(&node_name))
+        .filter_map(|e| e.reason)
+        .collect();
+    for reason in [
+        "RebootSlotAcquired",
+        "Cordoned",
+        "Evicted",
+        "Drained",
+        "Uncordoned",
+        "RebootSlotReleased",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r == reason),
+            "no {reason} Event in {reasons:?}"
+        );
+    }
+    server.stop();
+}
+
+#[tokio::test]
+async fn one_slot_and_fifty_concurrent_requests_give_exactly_one_holder() {
+    let fx = Fixture::new("fl-race").await;
+    const NODES: usize = 50;
+    join_all((0..NODES).map(|i| fx.create_node(i, true, false))).await;
+    let server = fx.server(Duration::ZERO).await;
+    let ids: Vec<String> = (0..NODES).map(|i| fx.zincati_id(i)).collect();
+
+    let answers = join_all(ids.iter().map(|id| server.pre_reboot(id))).await;
+
+    let granted: Vec<usize> = (0..NODES).filter(|&i| answers[i].status == 200).collect();
+    assert_eq!(granted.len(), 1, "granted to {granted:?}");
+    for (i, answer) in answers.iter().enumerate() {
+        if answer.status != 200 {
+            assert_eq!(
+                (answer.status, answer.kind()),
+                (409, "failed_lock_semaphore_full"),
+                "node {i}: {answer:?}"
+            );
+        }
+    }
+    assert_eq!(fx.holders(GROUP).await, [fx.node_name(granted[0])]);
+    server.stop();
+}
+
+#[tokio::test]
+async fn a_pdb_blocked_pod_keeps_the_answer_non_200_until_the_pdb_allows_it() {
+    let fx = Fixture::new("fl-pdb").await;
+    fx.create_node(0, true, false).await;
+    fx.create_running_pod("guarded", 0, &[("app", "guarded")], None, &[])
+        .await;
+    fx.create_budget("guarded", 1, 0).await;
+    let server = fx.server_with_exact_evictions(Duration::from_secs(2)).await;
+    let id = fx.zincati_id(0);
+
+    for _ in 0..2 {
+        let started = Instant::now();
+        let blocked = server.pre_reboot(&id).await;
+        assert_eq!(
+            (blocked.status, blocked.kind()),
+            (409, "drain_in_progress"),
+            "{blocked:?}"
+        );
+        assert!(
+            blocked
+                .value()
+                .contains("guarded (eviction blocked by a PodDisruptionBudget)"),
+            "{}",
+            blocked.value()
+        );
+        // The drain waits --fleetlock-drain-wait (2s here), not for retries of the 429.
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    assert!(fx.pod_exists("guarded").await);
+    let status = server.status().await;
+    let group = status
+        .groups
+        .iter()
+        .find(|g| g.group == GROUP)
+        .expect("group in status");
+    assert_eq!(group.holders.len(), 1);
+    assert!(!group.holders[0].drained);
+    assert!(group.holders[0].cordoned_by_fleetlock);
+    assert_eq!(
+        group.holders[0].remaining_pods,
+        [format!("{}/guarded", fx.ns)]
+    );
+
+    fx.relax_budget("guarded").await;
+    let evicted = server.pre_reboot(&id).await;
+    assert_eq!(
+        (evicted.status, evicted.kind()),
+        (409, "drain_in_progress"),
+        "{evicted:?}"
+    );
+    assert!(
+        evicted.value().contains("guarded (terminating)"),
+        "{}",
+        evicted.value()
+    );
+    fx.kubelet_removes_terminating_pods(0).await;
+    let drained = server.pre_reboot(&id).await;
+    assert_eq!(drained.status, 200, "{drained:?}");
+    server.stop();
+}
+
+#[tokio::test]
+async fn daemonset_mirror_and_finished_pods_stay() {
+    let fx = Fixture::new("fl-stay").await;
+    fx.create_node(0, true, false).await;
+    let daemon_set = DaemonSet {
+        metadata: named("agent"),
+        spec: Some(DaemonSetSpec {
+            selector: LabelSelector {
+                match_labels: Some(to_map(&[("app", "agent")])),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(to_map(&[("app", "agent")])),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![Container {
+                        name: "agent".into(),
+                        image: Some(PAUSE_IMAGE.into()),
+                        ..Container::default()
+                    }],
+                    ..PodSpec::default()
+                }),
+            },
+            ..DaemonSetSpec::default()
+        }),
+        ..DaemonSet::default()
+    };
+    let daemon_set = Api::<DaemonSet>::namespaced(fx.client.clone(), &fx.ns)
+        .create(&PostParams::default(), &daemon_set)
+        .await
+        .expect("create DaemonSet");
+    let owner = OwnerReference {
+        api_version: "apps/v1".into(),
+        kind: "DaemonSet".into(),
+        name: "agent".into(),
+        uid: daemon_set.metadata.uid.clone().expect("uid"),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    };
+    fx.create_running_pod("agent-x7k2p", 0, &[("app", "agent")], Some(owner), &[])
+        .await;
+    fx.create_running_pod(
+        "static-web",
+        0,
+        &[("app", "static")],
+        None,
+        &[(
+            "kubernetes.io/config.mirror",
+            "0f1e2d3c4b5a69788796a5b4c3d2e1f0",
+        )],
+    )
+    .await;
+    fx.create_running_pod("job-done", 0, &[("app", "job")], None, &[])
+        .await;
+    fx.set_pod_phase("job-done", "Succeeded").await;
+    fx.create_running_pod("web", 0, &[("app", "web")], None, &[])
+        .await;
+    let server = fx.server(Duration::ZERO).await;
+    let id = fx.zincati_id(0);
+
+    let first = server.pre_reboot(&id).await;
+    assert_eq!(first.kind(), "drain_in_progress", "{first:?}");
+    // Only `web` has to leave: the DaemonSet, mirror and finished pods are not waited for.
+    let only_web = format!("1 pod remains: {}/web (terminating)", fx.ns);
+    assert!(first.value().ends_with(&only_web), "{}", first.value());
+    fx.kubelet_removes_terminating_pods(0).await;
+    let drained = server.pre_reboot(&id).await;
+    assert_eq!(drained.status, 200, "{drained:?}");
+
+    for stays in ["agent-x7k2p", "static-web", "job-done"] {
+        assert!(fx.pod_exists(stays).await, "{stays} was evicted");
+    }
+    assert!(!fx.pod_exists("web").await);
+    server.stop();
+}
+
+#[tokio::test]
+async fn a_node_cordoned_beforehand_stays_cordoned_after_steady_state() {
+    let fx = Fixture::new("fl-admin").await;
+    fx.create_node(0, true, true).await;
+    let server = fx.server(Duration::ZERO).await;
+    let id = fx.zincati_id(0);
+
+    assert_eq!(server.pre_reboot(&id).await.status, 200);
+    assert_eq!(cordoned(&fx.node(0).await), (true, None));
+    assert_eq!(server.steady_state(&id).await.status, 200);
+    assert_eq!(cordoned(&fx.node(0).await), (true, None));
+    assert!(fx.holders(GROUP).await.is_empty());
+    server.stop();
+}
+
+#[tokio::test]
+async fn a_serve_restart_in_the_middle_of_a_drain_resumes_it() {
+    let fx = Fixture::new("fl-restart").await;
+    fx.create_node(0, true, false).await;
+    fx.create_node(1, true, false).await;
+    fx.create_running_pod("free", 0, &[("app", "free")], None, &[])
+        .await;
+    fx.create_running_pod("guarded", 0, &[("app", "guarded")], None, &[])
+        .await;
+    fx.create_budget("guarded", 1, 0).await;
+    let id = fx.zincati_id(0);
+
+    let before = fx.server(Duration::ZERO).await;
+    let blocked = before.pre_reboot(&id).await;
+    assert_eq!(blocked.kind(), "drain_in_progress", "{blocked:?}");
+    assert!(
+        blocked.value().contains("free (terminating)"),
+        "{}",
+        blocked.value()
+    );
+    before.stop();
+
+    // While no replica runs: the kubelet finishes the evicted pod, the budget is relaxed.
+    fx.kubelet_removes_terminating_pods(0).await;
+    fx.relax_budget("guarded").await;
+
+    let after = fx.server(Duration::ZERO).await;
+    let other = after.pre_reboot(&fx.zincati_id(1)).await;
+    assert_eq!(
+        other.kind(),
+        "failed_lock_semaphore_full",
+        "the slot survived the restart: {other:?}"
+    );
+    let resumed = after.pre_reboot(&id).await;
+    assert_eq!(resumed.kind(), "drain_in_progress", "{resumed:?}");
+    assert!(
+        resumed.value().contains("guarded (terminating)"),
+        "{}",
+        resumed.value()
+    );
+    fx.kubelet_removes_terminating_pods(0).await;
+    assert_eq!(after.pre_reboot(&id).await.status, 200);
+    // The new replica knows the cordon was FleetLock's and undoes it.
+    assert_eq!(cordoned(&fx.node(0).await), (true, Some("true")));
+    assert_eq!(after.steady_state(&id).await.status, 200);
+    assert_eq!(cordoned(&fx.node(0).await), (false, None));
+    after.stop();
+}
+
+#[tokio::test]
+async fn bad_headers_and_bodies_get_400_with_a_kind() {
+    let fx = Fixture::new("fl-bad").await;
+    let server = fx.server(Duration::ZERO).await;
+    let body = r#"{"client_params":{"id":"abc","group":"default"}}"#.to_owned();
+
+    let no_header = server.post("v1/pre-reboot", None, body.clone()).await;
+    assert_eq!(
+        (no_header.status, no_header.kind()),
+        (400, "missing_fleet_lock_header")
+    );
+    let false_header = server.post("v1/steady-state", Some("false"), body).await;
+    assert_eq!(
+        (false_header.status, false_header.kind()),
+        (400, "missing_fleet_lock_header")
+    );
+    let not_json = server.post("v1/pre-reboot", Some("true"), "{".into()).await;
+    assert_eq!((not_json.status, not_json.kind()), (400, "invalid_body"));
+    let no_group = server
+        .post(
+            "v1/pre-reboot",
+            Some("true"),
+            r#"{"client_params":{"id":"abc"}}"#.into(),
+        )
+        .await;
+    assert_eq!((no_group.status, no_group.kind()), (400, "invalid_body"));
+    let bad_group = server.zincati("v1/pre-reboot", "abc", "no/slash").await;
+    assert_eq!((bad_group.status, bad_group.kind()), (400, "invalid_group"));
+    let huge = server
+        .post("v1/pre-reboot", Some("true"), " ".repeat(64 * 1024))
+        .await;
+    assert_eq!((huge.status, huge.kind()), (413, "body_too_large"));
+    server.stop();
+}
+
+#[tokio::test]
+async fn an_unknown_machine_id_gets_its_kind() {
+    let fx = Fixture::new("fl-unknown").await;
+    let server = fx.server(Duration::ZERO).await;
+    let stranger = app_specific_machine_id("00112233445566778899aabbccddeeff").expect("valid");
+    for answer in [
+        server.pre_reboot(&stranger).await,
+        server.steady_state(&stranger).await,
+    ] {
+        assert_eq!(
+            (answer.status, answer.kind()),
+            (404, "unknown_machine_id"),
+            "{answer:?}"
+        );
+    }
+    server.stop();
+}
+
+#[tokio::test]
+async fn steady_state_waits_until_the_node_is_ready() {
+    let fx = Fixture::new("fl-ready").await;
+    fx.create_node(0, true, false).await;
+    let server = fx.server(Duration::ZERO).await;
+    let id = fx.zincati_id(0);
+    assert_eq!(server.pre_reboot(&id).await.status, 200);
+
+    fx.set_node_ready(0, false).await;
+    let early = server.steady_state(&id).await;
+    assert_eq!(
+        (early.status, early.kind()),
+        (409, "node_not_ready"),
+        "{early:?}"
+    );
+    assert_eq!(fx.holders(GROUP).await, [fx.node_name(0)]);
+
+    fx.set_node_ready(0, true).await;
+    assert_eq!(server.steady_state(&id).await.status, 200);
+    assert!(fx.holders(GROUP).await.is_empty());
+    server.stop();
+}
+
+#[tokio::test]
+async fn a_slot_held_by_a_deleted_node_is_reclaimed() {
+    let fx = Fixture::new("fl-gone").await;
+    fx.create_node(0, true, false).await;
+    fx.create_node(1, true, false).await;
+    let server = fx.server(Duration::ZERO).await;
+    assert_eq!(server.pre_reboot(&fx.zincati_id(0)).await.status, 200);
+    assert_eq!(
+        server.pre_reboot(&fx.zincati_id(1)).await.kind(),
+        "failed_lock_semaphore_full"
+    );
+
+    fx.delete_node(0).await;
+    assert_eq!(server.pre_reboot(&fx.zincati_id(1)).await.status, 200);
+    assert_eq!(fx.holders(GROUP).await, [fx.node_name(1)]);
+    server.stop();
+}
+
+#[tokio::test]
+async fn slots_per_group_follow_the_config_map_live() {
+    let fx = Fixture::new("fl-slots").await;
+    for i in 0..3 {
+        fx.create_node(i, true, false).await;
+    }
+    fx.set_slots("workers", "2").await;
+    let server = fx.server(Duration::ZERO).await;
+    let ids: Vec<String> = (0..3).map(|i| fx.zincati_id(i)).collect();
+    let lock = |i: usize| server.zincati("v1/pre-reboot", &ids[i], "Workers");
+
+    assert_eq!(lock(0).await.status, 200);
+    assert_eq!(lock(1).await.status, 200);
+    let third = lock(2).await;
+    assert_eq!(third.kind(), "failed_lock_semaphore_full", "{third:?}");
+    assert!(
+        third
+            .value()
+            .contains("all 2 reboot slot(s) of group workers"),
+        "{}",
+        third.value()
+    );
+
+    fx.set_slots("workers", "3").await;
+    assert_eq!(lock(2).await.status, 200);
+    fx.set_slots("workers", "lots").await;
+    assert_eq!(lock(2).await.kind(), "invalid_configuration");
+    server.stop();
+}
+
+/// Not a pass/fail bound: prints how long refusals and a 100-pod drain take here.
+#[tokio::test]
+async fn measures_refusal_latency_and_a_100_pod_drain() {
+    let fx = Fixture::new("fl-bench").await;
+    fx.create_node(0, true, false).await;
+    fx.create_node(1, true, false).await;
+    let server = fx.server(Duration::from_secs(120)).await;
+    for i in 0..100 {
+        fx.create_running_pod(&format!("pod-{i:03}"), 0, &[("app", "bulk")], None, &[])
+            .await;
+    }
+
+    // A kubelet stand-in that ends evicted pods as they come.
+    let kubelet = {
+        let fx = Fixture {
+            client: fx.client.clone(),
+            ns: fx.ns.clone(),
+        };
+        tokio::spawn(async move {
+            loop {
+                fx.kubelet_removes_terminating_pods(0).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let started = Instant::now();
+    let drained = server.pre_reboot(&fx.zincati_id(0)).await;
+    let drain_time = started.elapsed();
+    kubelet.abort();
+    assert_eq!(drained.status, 200, "{drained:?}");
+    assert_eq!(
+        fx.pods()
+            .list(&ListParams::default())
+            .await
+            .expect("list")
+            .items
+            .len(),
+        0
+    );
+
+    let mut refusals = Vec::new();
+    for _ in 0..20 {
+        let started = Instant::now();
+        let refused = server.pre_reboot(&fx.zincati_id(1)).await;
+        refusals.push(started.elapsed());
+        assert_eq!(refused.kind(), "failed_lock_semaphore_full");
+    }
+    refusals.sort();
+    eprintln!(
+        "fleetlock: drained 100 pods (no PDBs) in {:.2}s; refusal while held elsewhere: median {:.1} ms, max {:.1} ms",
+        drain_time.as_secs_f64(),
+        refusals[refusals.len() / 2].as_secs_f64() * 1000.0,
+        refusals[refusals.len() - 1].as_secs_f64() * 1000.0,
+    );
+    server.stop();
+}
+
+#[tokio::test]
+async fn with_kubes_retrying_client_a_pdb_refusal_still_answers_in_time() {
+    let fx = Fixture::new("fl-retry").await;
+    fx.create_node(0, true, false).await;
+    fx.create_running_pod("guarded", 0, &[("app", "guarded")], None, &[])
+        .await;
+    fx.create_budget("guarded", 1, 0).await;
+    let server = fx.server(Duration::ZERO).await;
+
+    let started = Instant::now();
+    let blocked = server.pre_reboot(&fx.zincati_id(0)).await;
+    let took = started.elapsed();
+    assert_eq!(blocked.kind(), "drain_in_progress", "{blocked:?}");
+    assert!(
+        blocked
+            .value()
+            .contains("guarded (eviction not accepted within 5s"),
+        "{}",
+        blocked.value()
+    );
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    assert!(fx.pod_exists("guarded").await);
+    server.stop();
+}
+
+/// The permissions the Helm chart grants (see the `fleetlock` module docs) are enough for a
+/// whole reboot: lock, cordon, evict, Events, uncordon, release.
+#[tokio::test]
+async fn the_documented_rbac_is_enough_for_a_whole_reboot() {
+    use k8s_openapi::api::rbac::v1::{
+        ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
+    };
+    let fx = Fixture::new("fl-rbac").await;
+    let cluster = ControlPlane::shared();
+    let rule = |groups: &[&str], resources: &[&str], verbs: &[&str]| PolicyRule {
+        api_groups: Some(groups.iter().map(|g| (*g).to_owned()).collect()),
+        resources: Some(resources.iter().map(|r| (*r).to_owned()).collect()),
+        verbs: verbs.iter().map(|v| (*v).to_owned()).collect(),
+        ..PolicyRule::default()
+    };
+    let subject = Subject {
+        kind: "ServiceAccount".into(),
+        name: "fleetlock".into(),
+        namespace: Some(fx.ns.clone()),
+        ..Subject::default()
+    };
+    let role_ref = |kind: &str, name: &str| RoleRef {
+        api_group: Some("rbac.authorization.k8s.io".into()),
+        kind: kind.into(),
+        name: name.into(),
+    };
+    let cluster_wide = format!("{}-fleetlock", fx.ns);
+    Api::<ClusterRole>::all(fx.client.clone())
+        .create(
+            &PostParams::default(),
+            &ClusterRole {
+                metadata: named(&cluster_wide),
+                rules: Some(vec![
+                    rule(&[""], &["nodes"], &["get", "list", "patch"]),
+                    rule(&[""], &["pods"], &["list"]),
+                    rule(&[""], &["pods/eviction"], &["create"]),
+                ]),
+                ..ClusterRole::default()
+            },
+        )
+        .await
+        .expect("ClusterRole");
+    Api::<ClusterRoleBinding>::all(fx.client.clone())
+        .create(
+            &PostParams::default(),
+            &ClusterRoleBinding {
+                metadata: named(&cluster_wide),
+                role_ref: role_ref("ClusterRole", &cluster_wide),
+                subjects: Some(vec![subject.clone()]),
+            },
+        )
+        .await
+        .expect("ClusterRoleBinding");
+    for (namespace, rules) in [
+        (
+            fx.ns.clone(),
+            vec![
+                rule(
+                    &["coordination.k8s.io"],
+                    &["leases"],
+                    &["get", "list", "create", "update"],
+                ),
+                rule(&[""], &["configmaps"], &["get"]),
+            ],
+        ),
+        (
+            "default".to_owned(),
+            vec![rule(&["events.k8s.io"], &["events"], &["create", "patch"])],
+        ),
+    ] {
+        Api::<Role>::namespaced(fx.client.clone(), &namespace)
+            .create(
+                &PostParams::default(),
+                &Role {
+                    metadata: named(&cluster_wide),
+                    rules: Some(rules),
+                },
+            )
+            .await
+            .expect("Role");
+        Api::<RoleBinding>::namespaced(fx.client.clone(), &namespace)
+            .create(
+                &PostParams::default(),
+                &RoleBinding {
+                    metadata: named(&cluster_wide),
+                    role_ref: role_ref("Role", &cluster_wide),
+                    subjects: Some(vec![subject.clone()]),
+                },
+            )
+            .await
+            .expect("RoleBinding");
+    }
+    let account = cluster.service_account_client(&fx.ns, "fleetlock").await;
+    let account_nodes: Api<Node> = Api::all(account.clone());
+    eventually("the ServiceAccount's bindings are in force", async || {
+        account_nodes
+            .list(&ListParams::default().limit(1))
+            .await
+            .ok()
+    })
+    .await;
+
+    fx.create_node(0, true, false).await;
+    fx.create_running_pod("web", 0, &[("app", "web")], None, &[])
+        .await;
+    let server = Server::start(account, None, &fx.ns, Duration::ZERO).await;
+    let id = fx.zincati_id(0);
+    let first = server.pre_reboot(&id).await;
+    assert_eq!(first.kind(), "drain_in_progress", "{first:?}");
+    fx.kubelet_removes_terminating_pods(0).await;
+    assert_eq!(server.pre_reboot(&id).await.status, 200);
+    assert_eq!(server.steady_state(&id).await.status, 200);
+    assert_eq!(cordoned(&fx.node(0).await), (false, None));
+    let status = server.status().await;
+    assert!(
+        status.groups.iter().all(|g| g.holders.is_empty()),
+        "{status:?}"
+    );
+
+    // Nothing was refused on the way, Events included.
+    let events: Api<Event> = Api::namespaced(fx.client.clone(), "default");
+    let node_name = fx.node_name(0);
+    let drained = events
+        .list(&ListParams::default())
+        .await
+        .expect("list Events")
+        .items
+        .into_iter()
+        .any(|e| {
+            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(node_name.as_str())
+                && e.reason.as_deref() == Some("Drained")
+        });
+    assert!(
+        drained,
+        "no Drained Event published with the chart's permissions"
+    );
+    server.stop();
+}
