@@ -73,9 +73,7 @@ pub fn diff_values(before: &Value, after: &Value, path: &str, ops: &mut Vec<Patc
                 }
             }
         }
-        (Value::Array(b), Value::Array(a)) => {
-            diff_arrays(b, a, path, ops, |o, n, p, ops| diff_values(o, n, p, ops))
-        }
+        (Value::Array(b), Value::Array(a)) => diff_arrays(b, a, path, ops, diff_values),
         _ => ops.push(PatchOp::Replace {
             path: path.to_string(),
             value: raw(after),
