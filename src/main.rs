@@ -68,8 +68,22 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// FleetLock tooling.
+    Fleetlock {
+        #[command(subcommand)]
+        command: FleetlockCommand,
+    },
     /// Print version and git commit.
     Version,
+}
+
+#[derive(Subcommand)]
+enum FleetlockCommand {
+    /// Print the id Zincati sends for a machine (its /etc/machine-id, 32 hex digits).
+    NodeId {
+        #[arg(long, env = "DKRON_HA_MACHINE_ID")]
+        machine_id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -98,8 +112,18 @@ enum CertsCommand {
     },
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // The cause chain on one line; no backtrace for a user's mistake.
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     telemetry::init(cli.log_format, &cli.log_level).map_err(anyhow::Error::msg)?;
     match cli.command {
         Command::Serve {
@@ -149,6 +173,12 @@ fn main() -> anyhow::Result<()> {
             for path in generated.write_to(&out)? {
                 println!("wrote {}", path.display());
             }
+            Ok(())
+        }
+        Command::Fleetlock {
+            command: FleetlockCommand::NodeId { machine_id },
+        } => {
+            println!("{}", fleetlock::app_specific_machine_id(&machine_id)?);
             Ok(())
         }
         Command::Version => {

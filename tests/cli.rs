@@ -222,3 +222,36 @@ fn serve_answers_admission_with_no_kubernetes_api_reachable() {
     assert_eq!(answered["response"]["patchType"], "JSONPatch");
     assert!(status.success(), "serve exited with {status}");
 }
+
+#[test]
+fn fleetlock_node_id_prints_the_id_zincati_sends_and_rejects_bad_input() {
+    let (code, out, _) = run(
+        &[
+            "fleetlock",
+            "node-id",
+            "--machine-id",
+            "2e074e9b299c41a59923c51ae16f279b",
+        ],
+        None,
+    );
+    assert_eq!(code, 0);
+    let id = out.trim();
+    assert_eq!(id.len(), 32, "{id}");
+    assert!(
+        id.chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+    );
+    // Version 4 and RFC 4122 variant bits, as systemd sets them.
+    assert_eq!(&id[12..13], "4");
+    assert!(matches!(&id[16..17], "8" | "9" | "a" | "b"), "{id}");
+    assert_eq!(
+        id,
+        dkron_ha::fleetlock::app_specific_machine_id("2e074e9b299c41a59923c51ae16f279b").unwrap()
+    );
+    let (code, _, stderr) = run(&["fleetlock", "node-id", "--machine-id", "not-hex"], None);
+    assert_ne!(code, 0);
+    assert!(
+        !stderr.contains("panicked") && !stderr.is_empty(),
+        "{stderr}"
+    );
+}
