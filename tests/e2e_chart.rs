@@ -14,6 +14,8 @@
 
 mod support;
 
+use support::eventually;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -1401,15 +1403,3 @@ fn webhook_config_is_what_the_render_script_writes_from_the_chart() {
 }
 
 // ---------------------------------------------------------------------------------------------
-
-/// Polls `check` every 250 ms for up to 60 s.
-async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}

@@ -4,8 +4,9 @@
 
 mod support;
 
+use support::{eventually, named};
+
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
@@ -318,25 +319,6 @@ async fn garbage_collector_deletes_dependents_of_a_deleted_owner() {
         },
     )
     .await;
-}
-
-/// Polls `check` until it returns `Some`, panicking after a minute.
-async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-fn named(name: &str) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name.into()),
-        ..ObjectMeta::default()
-    }
 }
 
 fn pod_template(labels: &BTreeMap<String, String>) -> PodTemplateSpec {

@@ -4,6 +4,8 @@
 
 mod support;
 
+use support::eventually;
+
 use dkron_ha::controller::{self, ControllerArgs, ControllerMetrics};
 use dkron_ha::inject::{self, InjectorConfig, Operation};
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -16,8 +18,6 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use std::time::Duration;
 use support::ControlPlane;
-
-const WAIT: Duration = Duration::from_secs(60);
 
 struct RunningController {
     leading: tokio::sync::watch::Receiver<bool>,
@@ -56,24 +56,6 @@ fn start_controller(client: Client, ns: &str, lease: &str, identity: &str) -> Ru
         leading,
         stop: Some(stop),
         task,
-    }
-}
-
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

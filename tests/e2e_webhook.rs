@@ -9,8 +9,10 @@
 
 mod support;
 
+use support::{eventually, named};
+
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::http;
 use dkron_ha::certs::{CertRequest, generate};
@@ -21,7 +23,7 @@ use k8s_openapi::api::admissionregistration::v1::{
 };
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, ServiceAccount};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde::Deserialize as _;
 use serde_json::{Value, json};
@@ -776,23 +778,4 @@ fn env_value<'a>(container: &'a Container, name: &str) -> Option<&'a str> {
         .find(|e| e.name == name)?
         .value
         .as_deref()
-}
-
-fn named(name: &str) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name.into()),
-        ..ObjectMeta::default()
-    }
-}
-
-/// Polls `check` until it returns `Some`, panicking after a minute.
-async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
