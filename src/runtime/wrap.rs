@@ -17,6 +17,10 @@ use tokio::signal::unix::{SignalKind, signal};
 const LEADER_QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause between two rounds of DNS look-ups.
 const DNS_RETRY: Duration = Duration::from_millis(500);
+/// Once its own name resolves, how long a pod still waits for peers that do not. A peer whose
+/// pod is gone (a lost node) never resolves, and must not hold a restarting server for the
+/// whole DNS bound; on a cold start all peers appear within seconds of each other.
+const PEER_GRACE: Duration = Duration::from_secs(15);
 /// Bound of one DNS look-up.
 const DNS_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -254,9 +258,13 @@ pub async fn wait_for_names(settings: &ClusterSettings) -> bool {
     let peers = settings.other_peers();
     let started = Instant::now();
     let mut last_log: Option<Instant> = None;
+    let mut own_ok_since: Option<Instant> = None;
     loop {
         let own_ips = resolve(&own).await;
         let own_ok = own_ips.contains(&settings.pod_ip);
+        if own_ok {
+            own_ok_since.get_or_insert_with(Instant::now);
+        }
         let lookups = futures::future::join_all(peers.iter().map(|p| resolve(p))).await;
         let unresolved: Vec<&str> = peers
             .iter()
@@ -268,6 +276,11 @@ pub async fn wait_for_names(settings: &ClusterSettings) -> bool {
         if own_ok && unresolved.is_empty() {
             tracing::info!(own = %own, pod_ip = %settings.pod_ip, peers = peers.len(), waited_ms = waited.as_millis() as u64, "DNS names resolve");
             return true;
+        }
+        if own_ok_since.is_some_and(|t| t.elapsed() >= PEER_GRACE.min(settings.dns_timeout)) {
+            tracing::warn!(own = %own, ?unresolved, grace_s = PEER_GRACE.as_secs(),
+                "own name resolves but some peers do not (their pods may be gone); proceeding");
+            return false;
         }
         if waited >= settings.dns_timeout {
             tracing::warn!(own = %own, pod_ip = %settings.pod_ip, own_resolves_to = ?own_ips, ?unresolved, waited_s = waited.as_secs(),
