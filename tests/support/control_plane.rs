@@ -157,6 +157,21 @@ impl ControlPlane {
 
     /// kube::Config for the same service account token (for code under test that takes a Config).
     pub async fn service_account_config(&self, ns: &str, sa: &str) -> kube::Config {
+        let kubeconfig = self.service_account_kubeconfig_json(ns, sa).await;
+        let kubeconfig: Kubeconfig = serde_json::from_value(kubeconfig).expect("valid kubeconfig");
+        config_from(kubeconfig).await
+    }
+
+    /// A kubeconfig file for the same service account token, for processes under test.
+    pub async fn service_account_kubeconfig(&self, ns: &str, sa: &str) -> PathBuf {
+        let kubeconfig = self.service_account_kubeconfig_json(ns, sa).await;
+        let path = self.dir.join(format!("kubeconfig-{ns}-{sa}.json"));
+        std::fs::write(&path, serde_json::to_vec_pretty(&kubeconfig).unwrap())
+            .unwrap_or_else(|error| panic!("write {}: {error}", path.display()));
+        path
+    }
+
+    async fn service_account_kubeconfig_json(&self, ns: &str, sa: &str) -> serde_json::Value {
         let service_accounts = Api::<ServiceAccount>::namespaced(self.client().await, ns);
         let exists = service_accounts
             .get_opt(sa)
@@ -195,10 +210,7 @@ impl ControlPlane {
             .and_then(|status| status.token)
             .unwrap_or_else(|| panic!("no token in the TokenRequest status for {ns}/{sa}"));
         let user = serde_json::json!({ "token": token });
-        let kubeconfig =
-            kubeconfig_json(&self.server, &self.ca_pem, &format!("{ns}-{sa}"), user, ns);
-        let kubeconfig: Kubeconfig = serde_json::from_value(kubeconfig).expect("valid kubeconfig");
-        config_from(kubeconfig).await
+        kubeconfig_json(&self.server, &self.ca_pem, &format!("{ns}-{sa}"), user, ns)
     }
 
     /// The path to a binary from the tools cache (~/.cache/dkron-ha/tools/bin) (e.g. "kube-apiserver").
