@@ -10,8 +10,8 @@
 ARG RUST_VERSION=1.95
 
 FROM docker.io/library/rust:${RUST_VERSION}-alpine AS build
-# ring compiles a little C and assembly.
-RUN apk add --no-cache musl-dev
+# ring and mimalloc compile C (and ring some assembly).
+RUN apk add --no-cache musl-dev gcc
 WORKDIR /src
 # .git is not in the build context: build.rs reads the commit from here instead.
 ARG DKRON_HA_GIT_COMMIT=unknown
