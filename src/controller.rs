@@ -151,25 +151,12 @@ where
 {
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
     let name = object.meta().name.clone().unwrap_or_default();
-    let mut object = object.clone();
-    // Server-side apply needs apiVersion and kind in the body.
-    let body = serde_json::json!({
-        "apiVersion": K::api_version(&()),
-        "kind": K::kind(&()),
-    });
-    let mut body = body;
-    if let (Some(target), Ok(serde_json::Value::Object(fields))) =
-        (body.as_object_mut(), serde_json::to_value(&mut object))
-    {
-        for (k, v) in fields {
-            target.entry(k).or_insert(v);
-        }
-    }
+    // k8s-openapi serializes apiVersion and kind, which server-side apply requires.
     Ok(api
         .patch(
             &name,
             &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&body),
+            &Patch::Apply(object),
         )
         .await?)
 }
@@ -416,7 +403,9 @@ pub async fn run(
             .with_namespace(&args.lease_namespace)
             .with_identity(&identity)
             .with_duration(lease_seconds)
-            .with_grace((lease_seconds / 3).max(1))
+            // Renew halfway: a holder slowed down by a busy API server keeps the Lease instead
+            // of overlapping with the next holder until it notices.
+            .with_grace((lease_seconds / 2).max(1))
             .with_field_manager(FIELD_MANAGER)
             .build()
             .await;

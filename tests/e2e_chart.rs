@@ -736,8 +736,13 @@ fn is_injected(sts: &StatefulSet, inject_image: &str) -> bool {
     install.is_some_and(|c| c.image.as_deref() == Some(inject_image)) && label_updater
 }
 
+/// The chart's webhook admits every namespace but its own, so while one test has it registered,
+/// another test's opted-in StatefulSet would reach it too: those tests take turns.
+static OPTED_IN_STATEFULSETS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_charts_webhook_injects_opted_in_statefulsets_and_is_called_for_nothing_else() {
+    let _turn = OPTED_IN_STATEFULSETS.lock().await;
     let cluster = ControlPlane::shared();
     let client = cluster.client().await;
     let release_namespace = cluster.namespace("chart-release").await;
@@ -915,6 +920,7 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_charts_rbac_lets_the_controller_create_and_remove_supporting_objects() {
+    let _turn = OPTED_IN_STATEFULSETS.lock().await;
     let cluster = ControlPlane::shared();
     let admin = cluster.client().await;
     let release_namespace = cluster.namespace("chart-rbac-controller").await;

@@ -38,7 +38,7 @@ fn start_controller(client: Client, ns: &str, lease: &str, identity: &str) -> Ru
         lease_name: lease.into(),
         lease_namespace: ns.into(),
         identity: Some(identity.into()),
-        lease_seconds: 4,
+        lease_seconds: 6,
         resync_seconds: 2,
     };
     let mut registry = prometheus_client::registry::Registry::default();
