@@ -22,6 +22,7 @@ use anyhow::{Context as _, bail};
 use clap::Parser;
 use control_plane::ControlPlane;
 use dkron_ha::certs::{self, CertRequest};
+use dkron_ha::controller;
 use dkron_ha::serve::{self, InjectorArgs, ServeArgs, Server};
 use dkron_ha::telemetry::{self, LogFormat};
 use k8s_openapi::ByteString;
@@ -71,7 +72,7 @@ async fn run(cluster: &ControlPlane, injector: &InjectorArgs, out: &Path) -> any
         valid_days: 30,
     })?;
     certs.write_to(&certs_dir)?;
-    let server = Server::bind(&ServeArgs {
+    let mut server = Server::bind(&ServeArgs {
         https_addr: "127.0.0.1:0".parse()?,
         http_addr: "127.0.0.1:0".parse()?,
         tls_cert: certs_dir.join("tls.crt"),
@@ -80,6 +81,27 @@ async fn run(cluster: &ControlPlane, injector: &InjectorArgs, out: &Path) -> any
         injector: injector.clone(),
     })
     .await?;
+    // The companion controller too, as `serve` runs it: Lease-elected, in namespace default.
+    let controller_client = cluster.client().await;
+    let metrics = controller::ControllerMetrics::register(server.registry_mut());
+    server.add_task(Box::new(move |shutdown| {
+        Box::pin(async move {
+            let args = controller::ControllerArgs {
+                enabled: true,
+                lease_name: "dkron-ha-controller".into(),
+                lease_namespace: "default".into(),
+                identity: Some("dev-cluster".into()),
+                lease_seconds: 15,
+                resync_seconds: 300,
+            };
+            let (leading, _) = tokio::sync::watch::channel(false);
+            if let Err(error) =
+                controller::run(controller_client, args, metrics, leading, shutdown).await
+            {
+                tracing::error!(%error, "controller stopped");
+            }
+        })
+    }));
     let webhook_url = format!("https://127.0.0.1:{}/mutate", server.https_addr()?.port());
     let metrics_url = format!("http://127.0.0.1:{}/metrics", server.http_addr()?.port());
     let mut serving = tokio::spawn(server.run(serve::shutdown_signal()));
@@ -118,8 +140,8 @@ Try it (with your own kubectl):
   kubectl apply -f examples/dkron.yaml
   kubectl get sts dkron -o yaml
 
-The pods need the ServiceAccount the webhook sets, which the companion controller will create:
-  kubectl create serviceaccount dkron-dkron-ha
+The companion controller runs too: it creates the ServiceAccount, Role, RoleBinding, the
+dkron-leader Service and the PodDisruptionBudget (kubectl get sa,role,rolebinding,svc,pdb).
 There is no kubelet: Pods are created from the injected template but stay Pending.
 
 Ctrl-C stops everything."#,
