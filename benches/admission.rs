@@ -153,7 +153,7 @@ fn main() {
     // reads the request body like any real handler, so the difference is the admission work.
     let constant = {
         let answer = admission::review(REVIEW.as_bytes(), &InjectorConfig::default()).unwrap();
-        serde_json::to_vec(&answer.body).unwrap()
+        answer.body
     };
     let bare = Router::new().route(
         "/mutate",

@@ -100,7 +100,8 @@ impl Verdict {
 /// The answer to a well-formed review.
 #[derive(Debug)]
 pub struct ReviewAnswer {
-    pub body: Value,
+    /// The AdmissionReview to send back, serialized JSON.
+    pub body: Vec<u8>,
     pub verdict: Verdict,
     /// `CREATE`, `UPDATE`, ... as the API server sent it (bounded by the API).
     pub operation: String,
@@ -171,6 +172,9 @@ fn mutate_raw(
 
 /// Answers one AdmissionReview body. `Err` means the body itself is malformed (HTTP 400).
 pub fn review(body: &[u8], config: &InjectorConfig) -> Result<ReviewAnswer, ReviewError> {
+    if let Some(answer) = review_statefulset_fast(body, config) {
+        return Ok(answer);
+    }
     let review: ReviewIn<'_> = serde_json::from_slice(body).map_err(ReviewError::NotAReview)?;
     if review.api_version != "admission.k8s.io/v1" {
         return Err(ReviewError::UnsupportedVersion(review.api_version));
@@ -191,65 +195,182 @@ pub fn review(body: &[u8], config: &InjectorConfig) -> Result<ReviewAnswer, Revi
         "UPDATE" => Some(Operation::Update),
         _ => None,
     };
-    let answer = |verdict, response: Value| ReviewAnswer {
-        body: json!({
-            "apiVersion": review.api_version,
-            "kind": review.kind,
-            "response": response,
-        }),
-        verdict,
-        operation: request.operation.clone(),
-    };
 
     let (Some(operation), true, Some(object)) = (operation, is_statefulset, request.object) else {
         tracing::debug!(uid = %request.uid, kind = ?request.kind, operation = %request.operation, "not ours, allowed unchanged");
-        return Ok(answer(
-            Verdict::Unchanged,
-            json!({"uid": request.uid, "allowed": true}),
-        ));
+        return Ok(ReviewAnswer {
+            body: review_json(
+                &review.api_version,
+                &review.kind,
+                json!({"uid": request.uid, "allowed": true}),
+                None,
+            ),
+            verdict: Verdict::Unchanged,
+            operation: request.operation.clone(),
+        });
     };
 
-    let namespace = request.namespace.as_deref().unwrap_or_default();
-    let name = request.name.as_deref().unwrap_or_default();
-    match mutate_raw(object, operation, request.old_object, config) {
+    let result = mutate_raw(object, operation, request.old_object, config);
+    Ok(answer_mutation(
+        &ReviewIds {
+            api_version: &review.api_version,
+            kind: &review.kind,
+            uid: &request.uid,
+            operation: &request.operation,
+            namespace: request.namespace.as_deref().unwrap_or_default(),
+            name: request.name.as_deref().unwrap_or_default(),
+        },
+        result,
+    ))
+}
+
+/// What identifies a review and its object in the answer and the logs.
+struct ReviewIds<'a> {
+    api_version: &'a str,
+    kind: &'a str,
+    uid: &'a str,
+    operation: &'a str,
+    namespace: &'a str,
+    name: &'a str,
+}
+
+/// A review of a StatefulSet parsed in one pass, objects straight into typed values.
+#[derive(Deserialize)]
+struct TypedReview {
+    #[serde(rename = "apiVersion")]
+    api_version: String,
+    kind: String,
+    request: TypedRequest,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TypedRequest {
+    uid: String,
+    kind: GroupVersionKind,
+    operation: String,
+    object: StatefulSet,
+    #[serde(default)]
+    old_object: Option<StatefulSet>,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+/// The common case in one parse: a well-formed v1 review of a StatefulSet CREATE or UPDATE.
+/// `None` sends everything else (and every malformed body) down the careful path.
+fn review_statefulset_fast(body: &[u8], config: &InjectorConfig) -> Option<ReviewAnswer> {
+    let review: TypedReview = serde_json::from_slice(body).ok()?;
+    let request = &review.request;
+    let operation = match request.operation.as_str() {
+        "CREATE" => Operation::Create,
+        "UPDATE" => Operation::Update,
+        _ => return None,
+    };
+    let well_formed = review.api_version == "admission.k8s.io/v1"
+        && review.kind == "AdmissionReview"
+        && !request.uid.is_empty()
+        && request.kind.group == "apps"
+        && request.kind.version == "v1"
+        && request.kind.kind == "StatefulSet";
+    if !well_formed {
+        return None;
+    }
+    let result = if inject::is_opted_in(&request.object) {
+        mutate(
+            &request.object,
+            operation,
+            request.old_object.as_ref(),
+            config,
+        )
+        .map_err(MutateError::from)
+    } else {
+        Ok(None)
+    };
+    Some(answer_mutation(
+        &ReviewIds {
+            api_version: &review.api_version,
+            kind: &review.kind,
+            uid: &request.uid,
+            operation: &request.operation,
+            namespace: request.namespace.as_deref().unwrap_or_default(),
+            name: request.name.as_deref().unwrap_or_default(),
+        },
+        result,
+    ))
+}
+
+/// Turns the engine's result into the answering review: a patch, an unchanged allow, or a
+/// denial carrying the engine's message.
+fn answer_mutation(
+    ids: &ReviewIds<'_>,
+    result: Result<Option<Mutation>, MutateError>,
+) -> ReviewAnswer {
+    let (namespace, name, uid) = (ids.namespace, ids.name, ids.uid);
+    let answer = |verdict, response: Value, patch: Option<&[u8]>| ReviewAnswer {
+        body: review_json(ids.api_version, ids.kind, response, patch),
+        verdict,
+        operation: ids.operation.to_string(),
+    };
+    match result {
         Ok(Some(mutation)) if !mutation.patch.is_empty() => {
             let patch = serde_json::to_vec(&mutation.patch).unwrap_or_default();
-            tracing::info!(%namespace, %name, uid = %request.uid, operation = %request.operation, ops = mutation.patch.len(), warnings = mutation.warnings.len(), "injected");
+            tracing::info!(%namespace, %name, %uid, operation = %ids.operation, ops = mutation.patch.len(), warnings = mutation.warnings.len(), "injected");
             let mut response = json!({
-                "uid": request.uid,
+                "uid": uid,
                 "allowed": true,
                 "patchType": "JSONPatch",
-                "patch": base64::engine::general_purpose::STANDARD.encode(patch),
             });
             if !mutation.warnings.is_empty() {
                 response["warnings"] = json!(mutation.warnings);
             }
-            Ok(answer(Verdict::Patched, response))
+            answer(Verdict::Patched, response, Some(&patch))
         }
         Ok(mutation) => {
             let warnings = mutation.map(|m| m.warnings).unwrap_or_default();
-            let mut response = json!({"uid": request.uid, "allowed": true});
+            let mut response = json!({"uid": uid, "allowed": true});
             if !warnings.is_empty() {
                 response["warnings"] = json!(warnings);
             }
-            Ok(answer(Verdict::Unchanged, response))
+            answer(Verdict::Unchanged, response, None)
         }
         Err(error) => {
-            tracing::warn!(%namespace, %name, uid = %request.uid, %error, "denied");
-            Ok(answer(
-                Verdict::Denied,
-                json!({
-                    "uid": request.uid,
-                    "allowed": false,
-                    "status": {
-                        "code": 400,
-                        "reason": "BadRequest",
-                        "message": format!("dkron-ha: {error}"),
-                    },
-                }),
-            ))
+            tracing::warn!(%namespace, %name, %uid, %error, "denied");
+            let response = json!({
+                "uid": uid,
+                "allowed": false,
+                "status": {
+                    "code": 400,
+                    "reason": "BadRequest",
+                    "message": format!("dkron-ha: {error}"),
+                },
+            });
+            answer(Verdict::Denied, response, None)
         }
     }
+}
+
+/// Serializes the answering AdmissionReview. The patch goes in as standard base64 written
+/// straight into the output: its alphabet never needs JSON escaping, and the escape scan over
+/// this, the largest field, was a tenth of the whole review's cost.
+fn review_json(api_version: &str, kind: &str, response: Value, patch: Option<&[u8]>) -> Vec<u8> {
+    let mut review = json!({"apiVersion": api_version, "kind": kind, "response": response});
+    // Serializing a `Value` of strings, bools and arrays cannot fail.
+    let mut out = serde_json::to_string(&review).unwrap_or_default();
+    let Some(patch) = patch else {
+        return out.into_bytes();
+    };
+    // `response` is the last member (insertion order is kept), so the text ends in `}}`.
+    if out.ends_with("}}") {
+        out.truncate(out.len() - 2);
+        out.push_str(r#","patch":""#);
+        base64::engine::general_purpose::STANDARD.encode_string(patch, &mut out);
+        out.push_str(r#""}}"#);
+        return out.into_bytes();
+    }
+    review["response"]["patch"] = json!(base64::engine::general_purpose::STANDARD.encode(patch));
+    serde_json::to_vec(&review).unwrap_or_default()
 }
 
 /// Body of an HTTP 400 for a malformed review: a Kubernetes-style Status.
@@ -274,5 +395,30 @@ impl From<&ReviewError> for BadReview {
             reason: "BadRequest",
             code: 400,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_spliced_patch_is_valid_json_with_a_plain_base64_string() {
+        let body = review_json(
+            "admission.k8s.io/v1",
+            "AdmissionReview",
+            json!({"uid": "u\"1", "allowed": true, "patchType": "JSONPatch", "warnings": ["w"]}),
+            Some(br#"[{"op":"add","path":"/a","value":"\u00e9\n"}]"#),
+        );
+        let parsed: Value = serde_json::from_slice(&body).expect("valid JSON");
+        let response = &parsed["response"];
+        assert_eq!(response["uid"], "u\"1");
+        assert_eq!(response["warnings"], json!(["w"]));
+        let patch = response["patch"].as_str().expect("patch is a string");
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(patch)
+            .unwrap();
+        assert_eq!(decoded, br#"[{"op":"add","path":"/a","value":"\u00e9\n"}]"#);
+        assert_eq!(parsed.as_object().unwrap().len(), 3);
     }
 }

@@ -132,7 +132,7 @@ async fn mutate(State(state): State<AdmissionState>, body: Bytes) -> Response {
                 answer.verdict.as_label(),
                 started.elapsed(),
             );
-            axum::Json(answer.body).into_response()
+            ([(header::CONTENT_TYPE, "application/json")], answer.body).into_response()
         }
         Err(error) => {
             tracing::warn!(%error, bytes = body.len(), "malformed admission review");
