@@ -510,7 +510,7 @@ fn every_values_case_renders_what_its_values_ask_for() {
                 );
             }
             "cluster-ip" => {
-                assert_eq!(rendered.one("Service")["spec"]["clusterIP"], "10.0.0.200");
+                assert_eq!(rendered.one("Service")["spec"]["clusterIP"], "10.0.0.10");
                 assert_eq!(
                     rendered.one("ConfigMap")["data"],
                     json!({"default": "1", "frozen": "0", "workers": "2"})
@@ -1307,7 +1307,7 @@ fn install_notes_show_the_zincati_configuration() {
     for (values, base_url) in [
         (
             "chart/ci/cluster-ip-values.yaml",
-            "base_url = \"http://10.0.0.200/fleetlock/\"",
+            "base_url = \"http://10.0.0.10/fleetlock/\"",
         ),
         (
             "chart/ci/defaults-values.yaml",
