@@ -66,6 +66,15 @@ struct RequestIn<'a> {
     name: Option<String>,
 }
 
+/// The operations the webhook mutates; everything else is allowed unchanged.
+fn mutating_operation(operation: &str) -> Option<Operation> {
+    match operation {
+        "CREATE" => Some(Operation::Create),
+        "UPDATE" => Some(Operation::Update),
+        _ => None,
+    }
+}
+
 #[derive(Deserialize, Debug)]
 struct GroupVersionKind {
     #[serde(default)]
@@ -74,6 +83,12 @@ struct GroupVersionKind {
     version: String,
     #[serde(default)]
     kind: String,
+}
+
+impl GroupVersionKind {
+    fn is_statefulset(&self) -> bool {
+        self.group == "apps" && self.version == "v1" && self.kind == "StatefulSet"
+    }
 }
 
 /// The outcome of one review, for metrics and logs.
@@ -187,41 +202,23 @@ pub fn review(body: &[u8], config: &InjectorConfig) -> Result<ReviewAnswer, Revi
         return Err(ReviewError::MissingUid);
     }
 
-    let is_statefulset = request.kind.group == "apps"
-        && request.kind.version == "v1"
-        && request.kind.kind == "StatefulSet";
-    let operation = match request.operation.as_str() {
-        "CREATE" => Some(Operation::Create),
-        "UPDATE" => Some(Operation::Update),
-        _ => None,
+    let ids = ReviewIds {
+        api_version: &review.api_version,
+        kind: &review.kind,
+        uid: &request.uid,
+        operation: &request.operation,
+        namespace: request.namespace.as_deref().unwrap_or_default(),
+        name: request.name.as_deref().unwrap_or_default(),
     };
-
-    let (Some(operation), true, Some(object)) = (operation, is_statefulset, request.object) else {
+    let operation = mutating_operation(&request.operation);
+    let (Some(operation), true, Some(object)) =
+        (operation, request.kind.is_statefulset(), request.object)
+    else {
         tracing::debug!(uid = %request.uid, kind = ?request.kind, operation = %request.operation, "not ours, allowed unchanged");
-        return Ok(ReviewAnswer {
-            body: review_json(
-                &review.api_version,
-                &review.kind,
-                json!({"uid": request.uid, "allowed": true}),
-                None,
-            ),
-            verdict: Verdict::Unchanged,
-            operation: request.operation.clone(),
-        });
+        return Ok(answer_mutation(&ids, Ok(None)));
     };
-
     let result = mutate_raw(object, operation, request.old_object, config);
-    Ok(answer_mutation(
-        &ReviewIds {
-            api_version: &review.api_version,
-            kind: &review.kind,
-            uid: &request.uid,
-            operation: &request.operation,
-            namespace: request.namespace.as_deref().unwrap_or_default(),
-            name: request.name.as_deref().unwrap_or_default(),
-        },
-        result,
-    ))
+    Ok(answer_mutation(&ids, result))
 }
 
 /// What identifies a review and its object in the answer and the logs.
@@ -263,31 +260,22 @@ struct TypedRequest {
 fn review_statefulset_fast(body: &[u8], config: &InjectorConfig) -> Option<ReviewAnswer> {
     let review: TypedReview = serde_json::from_slice(body).ok()?;
     let request = &review.request;
-    let operation = match request.operation.as_str() {
-        "CREATE" => Operation::Create,
-        "UPDATE" => Operation::Update,
-        _ => return None,
-    };
+    let operation = mutating_operation(&request.operation)?;
     let well_formed = review.api_version == "admission.k8s.io/v1"
         && review.kind == "AdmissionReview"
         && !request.uid.is_empty()
-        && request.kind.group == "apps"
-        && request.kind.version == "v1"
-        && request.kind.kind == "StatefulSet";
+        && request.kind.is_statefulset();
     if !well_formed {
         return None;
     }
-    let result = if inject::is_opted_in(&request.object) {
-        mutate(
-            &request.object,
-            operation,
-            request.old_object.as_ref(),
-            config,
-        )
-        .map_err(MutateError::from)
-    } else {
-        Ok(None)
-    };
+    // `mutate` leaves objects that do not opt in alone (`Ok(None)`).
+    let result = mutate(
+        &request.object,
+        operation,
+        request.old_object.as_ref(),
+        config,
+    )
+    .map_err(MutateError::from);
     Some(answer_mutation(
         &ReviewIds {
             api_version: &review.api_version,

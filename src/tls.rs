@@ -52,12 +52,6 @@ pub struct ReloadingCert {
     current: RwLock<(Arc<CertifiedKey>, [u8; 32])>,
 }
 
-impl std::fmt::Debug for Loaded {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Loaded").finish_non_exhaustive()
-    }
-}
-
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read {
         path: path.to_path_buf(),
@@ -66,14 +60,22 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
 }
 
 fn load(cert_path: &Path, key_path: &Path) -> Result<Loaded, TlsError> {
-    let cert_pem = read(cert_path)?;
-    let key_pem = read(key_path)?;
-    let fingerprint = fingerprint(&cert_pem, &key_pem);
+    parse_pair(cert_path, &read(cert_path)?, key_path, &read(key_path)?)
+}
+
+/// Parses a pair already read from `cert_path` and `key_path` (named in errors).
+fn parse_pair(
+    cert_path: &Path,
+    cert_pem: &[u8],
+    key_path: &Path,
+    key_pem: &[u8],
+) -> Result<Loaded, TlsError> {
+    let fingerprint = fingerprint(cert_pem, key_pem);
     let bad = |path: &Path, e: std::io::Error| TlsError::BadPem {
         path: path.to_path_buf(),
         message: e.to_string(),
     };
-    let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
+    let certs = rustls_pemfile::certs(&mut &cert_pem[..])
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| bad(cert_path, e))?;
     if certs.is_empty() {
@@ -81,7 +83,7 @@ fn load(cert_path: &Path, key_path: &Path) -> Result<Loaded, TlsError> {
             path: cert_path.to_path_buf(),
         });
     }
-    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+    let key = rustls_pemfile::private_key(&mut &key_pem[..])
         .map_err(|e| bad(key_path, e))?
         .ok_or_else(|| TlsError::NoKey {
             path: key_path.to_path_buf(),
@@ -131,7 +133,7 @@ impl ReloadingCert {
         if self.current.read().map(|c| c.1 == seen).unwrap_or(false) {
             return Ok(false);
         }
-        let loaded = load(&self.cert_path, &self.key_path)?;
+        let loaded = parse_pair(&self.cert_path, &cert_pem, &self.key_path, &key_pem)?;
         if let Ok(mut current) = self.current.write() {
             *current = (loaded.key, loaded.fingerprint);
         }
