@@ -7,11 +7,13 @@
 
 use crate::inject::{self, InjectError, InjectorConfig, Operation};
 use crate::patch::{PatchOp, statefulset_patch};
-use base64::Engine as _;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use serde_json::value::RawValue;
-use serde_json::{Value, json};
+use view::StatefulSetView;
+
+mod view;
 
 /// A review the server cannot answer: HTTP 400 with this message.
 #[derive(Debug, thiserror::Error)]
@@ -163,10 +165,13 @@ pub fn mutate_statefulset(
     old: Option<&Value>,
     config: &InjectorConfig,
 ) -> Result<Option<Mutation>, MutateError> {
-    let sts: StatefulSet =
-        serde_json::from_value(object.clone()).map_err(MutateError::NotAStatefulSet)?;
+    let sts: StatefulSet = StatefulSetView::deserialize(object)
+        .map_err(MutateError::NotAStatefulSet)?
+        .into();
     // The stored object only informs defaults; one we cannot read is treated as absent.
-    let old: Option<StatefulSet> = old.and_then(|o| serde_json::from_value(o.clone()).ok());
+    let old: Option<StatefulSet> = old
+        .and_then(|o| StatefulSetView::deserialize(o).ok())
+        .map(Into::into);
     Ok(mutate(&sts, operation, old.as_ref(), config)?)
 }
 
@@ -176,18 +181,24 @@ fn mutate_raw(
     old: Option<&RawValue>,
     config: &InjectorConfig,
 ) -> Result<Option<Mutation>, MutateError> {
-    let sts: StatefulSet =
-        serde_json::from_str(object.get()).map_err(MutateError::NotAStatefulSet)?;
+    let sts: StatefulSet = serde_json::from_str::<StatefulSetView>(object.get())
+        .map_err(MutateError::NotAStatefulSet)?
+        .into();
     if !inject::is_opted_in(&sts) {
         return Ok(None);
     }
-    let old: Option<StatefulSet> = old.and_then(|o| serde_json::from_str(o.get()).ok());
+    let old: Option<StatefulSet> = old
+        .and_then(|o| serde_json::from_str::<StatefulSetView>(o.get()).ok())
+        .map(Into::into);
     Ok(mutate(&sts, operation, old.as_ref(), config)?)
 }
 
 /// Answers one AdmissionReview body. `Err` means the body itself is malformed (HTTP 400).
 pub fn review(body: &[u8], config: &InjectorConfig) -> Result<ReviewAnswer, ReviewError> {
-    if let Some(answer) = review_statefulset_fast(body, config) {
+    // One UTF-8 check of the whole body is cheaper than one per string while parsing.
+    if let Ok(text) = std::str::from_utf8(body)
+        && let Some(answer) = review_statefulset_fast(text, config)
+    {
         return Ok(answer);
     }
     let review: ReviewIn<'_> = serde_json::from_slice(body).map_err(ReviewError::NotAReview)?;
@@ -246,9 +257,9 @@ struct TypedRequest {
     uid: String,
     kind: GroupVersionKind,
     operation: String,
-    object: StatefulSet,
+    object: StatefulSetView,
     #[serde(default)]
-    old_object: Option<StatefulSet>,
+    old_object: Option<StatefulSetView>,
     #[serde(default)]
     namespace: Option<String>,
     #[serde(default)]
@@ -257,9 +268,9 @@ struct TypedRequest {
 
 /// The common case in one parse: a well-formed v1 review of a StatefulSet CREATE or UPDATE.
 /// `None` sends everything else (and every malformed body) down the careful path.
-fn review_statefulset_fast(body: &[u8], config: &InjectorConfig) -> Option<ReviewAnswer> {
-    let review: TypedReview = serde_json::from_slice(body).ok()?;
-    let request = &review.request;
+fn review_statefulset_fast(body: &str, config: &InjectorConfig) -> Option<ReviewAnswer> {
+    let review: TypedReview = serde_json::from_str(body).ok()?;
+    let request = review.request;
     let operation = mutating_operation(&request.operation)?;
     let well_formed = review.api_version == "admission.k8s.io/v1"
         && review.kind == "AdmissionReview"
@@ -268,14 +279,10 @@ fn review_statefulset_fast(body: &[u8], config: &InjectorConfig) -> Option<Revie
     if !well_formed {
         return None;
     }
+    let object = StatefulSet::from(request.object);
+    let old_object = request.old_object.map(StatefulSet::from);
     // `mutate` leaves objects that do not opt in alone (`Ok(None)`).
-    let result = mutate(
-        &request.object,
-        operation,
-        request.old_object.as_ref(),
-        config,
-    )
-    .map_err(MutateError::from);
+    let result = mutate(&object, operation, old_object.as_ref(), config).map_err(MutateError::from);
     Some(answer_mutation(
         &ReviewIds {
             api_version: &review.api_version,
@@ -296,69 +303,98 @@ fn answer_mutation(
     result: Result<Option<Mutation>, MutateError>,
 ) -> ReviewAnswer {
     let (namespace, name, uid) = (ids.namespace, ids.name, ids.uid);
-    let answer = |verdict, response: Value, patch: Option<&[u8]>| ReviewAnswer {
-        body: review_json(ids.api_version, ids.kind, response, patch),
-        verdict,
-        operation: ids.operation.to_string(),
+    let mut response = ResponseOut {
+        uid,
+        allowed: true,
+        status: None,
+        warnings: &[],
+        patch_type: None,
     };
-    match result {
+    let (verdict, body) = match &result {
         Ok(Some(mutation)) if !mutation.patch.is_empty() => {
-            let patch = serde_json::to_vec(&mutation.patch).unwrap_or_default();
             tracing::info!(%namespace, %name, %uid, operation = %ids.operation, ops = mutation.patch.len(), warnings = mutation.warnings.len(), "injected");
-            let mut response = json!({
-                "uid": uid,
-                "allowed": true,
-                "patchType": "JSONPatch",
-            });
-            if !mutation.warnings.is_empty() {
-                response["warnings"] = json!(mutation.warnings);
-            }
-            answer(Verdict::Patched, response, Some(&patch))
+            response.warnings = &mutation.warnings;
+            response.patch_type = Some("JSONPatch");
+            let patch = crate::patch::to_json(&mutation.patch);
+            (Verdict::Patched, review_json(ids, &response, Some(&patch)))
         }
         Ok(mutation) => {
-            let warnings = mutation.map(|m| m.warnings).unwrap_or_default();
-            let mut response = json!({"uid": uid, "allowed": true});
-            if !warnings.is_empty() {
-                response["warnings"] = json!(warnings);
+            if let Some(mutation) = mutation {
+                response.warnings = &mutation.warnings;
             }
-            answer(Verdict::Unchanged, response, None)
+            (Verdict::Unchanged, review_json(ids, &response, None))
         }
         Err(error) => {
             tracing::warn!(%namespace, %name, %uid, %error, "denied");
-            let response = json!({
-                "uid": uid,
-                "allowed": false,
-                "status": {
-                    "code": 400,
-                    "reason": "BadRequest",
-                    "message": format!("dkron-ha: {error}"),
-                },
+            response.allowed = false;
+            response.status = Some(StatusOut {
+                code: 400,
+                reason: "BadRequest",
+                message: format!("dkron-ha: {error}"),
             });
-            answer(Verdict::Denied, response, None)
+            (Verdict::Denied, review_json(ids, &response, None))
         }
+    };
+    ReviewAnswer {
+        body,
+        verdict,
+        operation: ids.operation.to_string(),
     }
 }
 
+/// The answering AdmissionReview, borrowed from the review and the engine's result.
+#[derive(Serialize)]
+struct ReviewOut<'a> {
+    #[serde(rename = "apiVersion")]
+    api_version: &'a str,
+    kind: &'a str,
+    response: &'a ResponseOut<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ResponseOut<'a> {
+    uid: &'a str,
+    allowed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<StatusOut>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    warnings: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch_type: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct StatusOut {
+    code: u16,
+    reason: &'static str,
+    message: String,
+}
+
 /// Serializes the answering AdmissionReview. The patch goes in as standard base64 written
-/// straight into the output: its alphabet never needs JSON escaping, and the escape scan over
-/// this, the largest field, was a tenth of the whole review's cost.
-fn review_json(api_version: &str, kind: &str, response: Value, patch: Option<&[u8]>) -> Vec<u8> {
-    let mut review = json!({"apiVersion": api_version, "kind": kind, "response": response});
-    // Serializing a `Value` of strings, bools and arrays cannot fail.
-    let mut out = serde_json::to_string(&review).unwrap_or_default();
-    let Some(patch) = patch else {
-        return out.into_bytes();
+/// straight into the output after the other members: its alphabet never needs JSON escaping,
+/// and the escape scan over this, the largest field, was a tenth of the whole review's cost.
+fn review_json(ids: &ReviewIds<'_>, response: &ResponseOut<'_>, patch: Option<&[u8]>) -> Vec<u8> {
+    let review = ReviewOut {
+        api_version: ids.api_version,
+        kind: ids.kind,
+        response,
     };
-    // `response` is the last member (insertion order is kept), so the text ends in `}}`.
-    if out.ends_with("}}") {
-        out.truncate(out.len() - 2);
-        out.push_str(r#","patch":""#);
-        base64::engine::general_purpose::STANDARD.encode_string(patch, &mut out);
-        out.push_str(r#""}}"#);
-        return out.into_bytes();
-    }
-    review["response"]["patch"] = json!(base64::engine::general_purpose::STANDARD.encode(patch));
-    serde_json::to_vec(&review).unwrap_or_default()
+    let base64_len = patch.map_or(0, |p| p.len().div_ceil(3) * 4);
+    let mut out = Vec::with_capacity(256 + base64_len);
+    // Borrowed strings, bools and numbers into a Vec: serializing cannot fail.
+    let _ = serde_json::to_writer(&mut out, &review);
+    let Some(patch) = patch else {
+        return out;
+    };
+    // `response` is the last member of the review and `patch` goes last in it: the text ends
+    // in `}}` and the patch is spliced before that.
+    debug_assert!(out.ends_with(b"}}"));
+    out.truncate(out.len() - 2);
+    out.extend_from_slice(br#","patch":""#);
+    base64_simd::STANDARD.encode_append(patch, &mut out);
+    out.extend_from_slice(br#""}}"#);
+    out
 }
 
 /// Body of an HTTP 400 for a malformed review: a Kubernetes-style Status.
@@ -389,24 +425,39 @@ impl From<&ReviewError> for BadReview {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
+    use serde_json::json;
 
     #[test]
     fn the_spliced_patch_is_valid_json_with_a_plain_base64_string() {
-        let body = review_json(
-            "admission.k8s.io/v1",
-            "AdmissionReview",
-            json!({"uid": "u\"1", "allowed": true, "patchType": "JSONPatch", "warnings": ["w"]}),
-            Some(br#"[{"op":"add","path":"/a","value":"\u00e9\n"}]"#),
-        );
+        let ids = ReviewIds {
+            api_version: "admission.k8s.io/v1",
+            kind: "AdmissionReview",
+            uid: "u\"1",
+            operation: "CREATE",
+            namespace: "ns",
+            name: "n",
+        };
+        let warnings = vec!["w".to_string()];
+        let response = ResponseOut {
+            uid: ids.uid,
+            allowed: true,
+            status: None,
+            warnings: &warnings,
+            patch_type: Some("JSONPatch"),
+        };
+        let patch = br#"[{"op":"add","path":"/a","value":"\u00e9\n"}]"#;
+        let body = review_json(&ids, &response, Some(patch));
         let parsed: Value = serde_json::from_slice(&body).expect("valid JSON");
         let response = &parsed["response"];
         assert_eq!(response["uid"], "u\"1");
         assert_eq!(response["warnings"], json!(["w"]));
-        let patch = response["patch"].as_str().expect("patch is a string");
+        assert_eq!(response["patchType"], "JSONPatch");
+        let encoded = response["patch"].as_str().expect("patch is a string");
         let decoded = base64::engine::general_purpose::STANDARD
-            .decode(patch)
+            .decode(encoded)
             .unwrap();
-        assert_eq!(decoded, br#"[{"op":"add","path":"/a","value":"\u00e9\n"}]"#);
+        assert_eq!(decoded, patch);
         assert_eq!(parsed.as_object().unwrap().len(), 3);
     }
 }

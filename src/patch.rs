@@ -9,11 +9,13 @@
 //! equals the engine's output.
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::PodSpec;
+use k8s_openapi::api::core::v1::{Container, PodSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
 
 /// One RFC 6902 operation (only the kinds we emit). Values are kept as serialized JSON:
 /// serializing straight to text is several times cheaper than building `Value` trees.
@@ -36,6 +38,44 @@ impl PartialEq for PatchOp {
             _ => false,
         }
     }
+}
+
+/// The patch as JSON text. Written directly: only the paths need escaping, the values are JSON
+/// already, and the derived serializer spent most of its time scanning the fixed keys.
+pub fn to_json(ops: &[PatchOp]) -> Vec<u8> {
+    let size: usize = ops
+        .iter()
+        .map(|op| match op {
+            PatchOp::Add { path, value } | PatchOp::Replace { path, value } => {
+                path.len() + value.get().len() + 40
+            }
+            PatchOp::Remove { path } => path.len() + 30,
+        })
+        .sum();
+    let mut out = Vec::with_capacity(size + 2);
+    out.push(b'[');
+    for (i, op) in ops.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let (name, path, value) = match op {
+            PatchOp::Add { path, value } => ("add", path, Some(value)),
+            PatchOp::Replace { path, value } => ("replace", path, Some(value)),
+            PatchOp::Remove { path } => ("remove", path, None),
+        };
+        out.extend_from_slice(br#"{"op":""#);
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(br#"","path":"#);
+        // Writing a string into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut out, path);
+        if let Some(value) = value {
+            out.extend_from_slice(br#","value":"#);
+            out.extend_from_slice(value.get().as_bytes());
+        }
+        out.push(b'}');
+    }
+    out.push(b']');
+    out
 }
 
 /// Escapes one JSON-pointer token (RFC 6901).
@@ -73,7 +113,7 @@ pub fn diff_values(before: &Value, after: &Value, path: &str, ops: &mut Vec<Patc
                 }
             }
         }
-        (Value::Array(b), Value::Array(a)) => diff_arrays(b, a, path, ops, diff_values),
+        (Value::Array(b), Value::Array(a)) => diff_arrays(b, a, path, ops, diff_values, raw),
         _ => ops.push(PatchOp::Replace {
             path: path.to_string(),
             value: raw(after),
@@ -89,8 +129,9 @@ fn diff_arrays<T>(
     path: &str,
     ops: &mut Vec<PatchOp>,
     mut diff_item: impl FnMut(&T, &T, &str, &mut Vec<PatchOp>),
+    render: impl Fn(&T) -> Box<RawValue>,
 ) where
-    T: PartialEq + Serialize,
+    T: PartialEq,
 {
     for (i, (old, new)) in before.iter().zip(after).enumerate() {
         if old != new {
@@ -100,7 +141,7 @@ fn diff_arrays<T>(
     for (i, new) in after.iter().enumerate().skip(before.len()) {
         ops.push(PatchOp::Add {
             path: format!("{path}/{i}"),
-            value: raw(new),
+            value: render(new),
         });
     }
     for i in (after.len()..before.len()).rev() {
@@ -181,37 +222,183 @@ fn diff_list<T: PartialEq + Serialize>(
     ops: &mut Vec<PatchOp>,
 ) {
     match (before, after) {
-        (Some(b), Some(a)) => diff_arrays(b, a, path, ops, diff_fields),
+        (Some(b), Some(a)) => diff_arrays(b, a, path, ops, diff_fields, raw),
         _ => diff_field(before, after, path, ops),
     }
 }
 
+/// A struct field as the patch sees it: absent (`None`, omitted when serialized) or present.
+trait Member {
+    type Value: PartialEq + Serialize;
+    fn present(&self) -> Option<&Self::Value>;
+}
+
+impl<T: PartialEq + Serialize> Member for Option<T> {
+    type Value = T;
+    fn present(&self) -> Option<&T> {
+        self.as_ref()
+    }
+}
+
+impl Member for String {
+    type Value = String;
+    fn present(&self) -> Option<&String> {
+        Some(self)
+    }
+}
+
+/// Diffs one member of a struct at `path/key`; the value is serialized only when it differs.
+fn diff_member<M: Member>(before: &M, after: &M, path: &str, key: &str, ops: &mut Vec<PatchOp>) {
+    match (before.present(), after.present()) {
+        (Some(b), Some(a)) if b == a => {}
+        (None, None) => {}
+        (Some(_), Some(a)) => ops.push(PatchOp::Replace {
+            path: format!("{path}/{key}"),
+            value: raw(a),
+        }),
+        (None, Some(a)) => ops.push(PatchOp::Add {
+            path: format!("{path}/{key}"),
+            value: raw(a),
+        }),
+        (Some(_), None) => ops.push(PatchOp::Remove {
+            path: format!("{path}/{key}"),
+        }),
+    }
+}
+
+/// Field-by-field diff of two values of a k8s-openapi struct, comparing typed values so that
+/// unchanged fields are never serialized. The pattern names every field without `..`: a field
+/// added to the type by a k8s-openapi upgrade fails to compile here instead of slipping past
+/// the patch.
+macro_rules! diff_struct {
+    ($ty:ident, $before:expr, $after:expr, $path:expr, $ops:expr, { $($field:ident: $key:literal),* $(,)? }) => {{
+        let (before, after): (&$ty, &$ty) = ($before, $after);
+        let $ty { $($field: _),* } = before;
+        $( diff_member(&before.$field, &after.$field, $path, $key, $ops); )*
+    }};
+}
+
+fn diff_container(before: &Container, after: &Container, path: &str, ops: &mut Vec<PatchOp>) {
+    diff_struct!(Container, before, after, path, ops, {
+        args: "args",
+        command: "command",
+        env: "env",
+        env_from: "envFrom",
+        image: "image",
+        image_pull_policy: "imagePullPolicy",
+        lifecycle: "lifecycle",
+        liveness_probe: "livenessProbe",
+        name: "name",
+        ports: "ports",
+        readiness_probe: "readinessProbe",
+        resize_policy: "resizePolicy",
+        resources: "resources",
+        restart_policy: "restartPolicy",
+        restart_policy_rules: "restartPolicyRules",
+        security_context: "securityContext",
+        startup_probe: "startupProbe",
+        stdin: "stdin",
+        stdin_once: "stdinOnce",
+        termination_message_path: "terminationMessagePath",
+        termination_message_policy: "terminationMessagePolicy",
+        tty: "tty",
+        volume_devices: "volumeDevices",
+        volume_mounts: "volumeMounts",
+        working_dir: "workingDir",
+    });
+}
+
+fn diff_object_meta(before: &ObjectMeta, after: &ObjectMeta, path: &str, ops: &mut Vec<PatchOp>) {
+    diff_struct!(ObjectMeta, before, after, path, ops, {
+        annotations: "annotations",
+        creation_timestamp: "creationTimestamp",
+        deletion_grace_period_seconds: "deletionGracePeriodSeconds",
+        deletion_timestamp: "deletionTimestamp",
+        finalizers: "finalizers",
+        generate_name: "generateName",
+        generation: "generation",
+        labels: "labels",
+        managed_fields: "managedFields",
+        name: "name",
+        namespace: "namespace",
+        owner_references: "ownerReferences",
+        resource_version: "resourceVersion",
+        self_link: "selfLink",
+        uid: "uid",
+    });
+}
+
+/// JSON of containers a patch added lately, per thread. The containers the webhook adds (the
+/// install container and the label-updater) are the same in every review under one
+/// configuration, so each is serialized once and found again by comparing values; a container
+/// that differs in anything is a different entry.
+const RENDERED_CONTAINERS: usize = 4;
+
+thread_local! {
+    static RENDERED: RefCell<VecDeque<(Container, Box<RawValue>)>> =
+        const { RefCell::new(VecDeque::new()) };
+}
+
+fn render_container(container: &Container) -> Box<RawValue> {
+    RENDERED.with_borrow_mut(|rendered| {
+        if let Some((_, json)) = rendered.iter().find(|(c, _)| c == container) {
+            // Cloning copies the text; it is not parsed again.
+            return json.clone();
+        }
+        let json = raw(container);
+        if rendered.len() == RENDERED_CONTAINERS {
+            rendered.pop_back();
+        }
+        rendered.push_front((container.clone(), json.clone()));
+        json
+    })
+}
+
+fn render_containers(containers: &[Container]) -> Box<RawValue> {
+    let items: Vec<Box<RawValue>> = containers.iter().map(render_container).collect();
+    raw(&items)
+}
+
+/// Diffs two lists of containers item by item.
+fn diff_containers(before: &[Container], after: &[Container], path: &str, ops: &mut Vec<PatchOp>) {
+    diff_arrays(before, after, path, ops, diff_container, render_container);
+}
+
 fn diff_pod_spec(before: &PodSpec, after: &PodSpec, path: &str, ops: &mut Vec<PatchOp>) {
-    diff_field(
+    diff_member(
         &before.service_account_name,
         &after.service_account_name,
-        &format!("{path}/serviceAccountName"),
+        path,
+        "serviceAccountName",
         ops,
     );
-    diff_list(
-        &before.volumes,
-        &after.volumes,
-        &format!("{path}/volumes"),
-        ops,
-    );
-    diff_list(
-        &before.init_containers,
-        &after.init_containers,
-        &format!("{path}/initContainers"),
-        ops,
-    );
-    diff_arrays(
-        &before.containers,
-        &after.containers,
-        &format!("{path}/containers"),
-        ops,
-        diff_fields,
-    );
+    if before.volumes != after.volumes {
+        diff_list(
+            &before.volumes,
+            &after.volumes,
+            &format!("{path}/volumes"),
+            ops,
+        );
+    }
+    if before.init_containers != after.init_containers {
+        let path = format!("{path}/initContainers");
+        match (&before.init_containers, &after.init_containers) {
+            (Some(b), Some(a)) => diff_containers(b, a, &path, ops),
+            (None, Some(a)) => ops.push(PatchOp::Add {
+                path,
+                value: render_containers(a),
+            }),
+            (b, a) => diff_field(b, a, &path, ops),
+        }
+    }
+    if before.containers != after.containers {
+        diff_containers(
+            &before.containers,
+            &after.containers,
+            &format!("{path}/containers"),
+            ops,
+        );
+    }
 }
 
 /// The patch turning `before` into `after`, for the fields the injection engine changes.
@@ -221,18 +408,17 @@ pub fn statefulset_patch(before: &StatefulSet, after: &StatefulSet) -> Vec<Patch
         diff_field(&before.spec, &after.spec, "/spec", &mut ops);
         return ops;
     };
-    diff_field(
+    diff_member(
         &b.pod_management_policy,
         &a.pod_management_policy,
-        "/spec/podManagementPolicy",
+        "/spec",
+        "podManagementPolicy",
         &mut ops,
     );
-    diff_field(
-        &b.template.metadata,
-        &a.template.metadata,
-        "/spec/template/metadata",
-        &mut ops,
-    );
+    match (&b.template.metadata, &a.template.metadata) {
+        (Some(bm), Some(am)) => diff_object_meta(bm, am, "/spec/template/metadata", &mut ops),
+        (bm, am) => diff_field(bm, am, "/spec/template/metadata", &mut ops),
+    }
     match (&b.template.spec, &a.template.spec) {
         (Some(bp), Some(ap)) => diff_pod_spec(bp, ap, "/spec/template/spec", &mut ops),
         (bp, ap) => diff_field(bp, ap, "/spec/template/spec", &mut ops),
@@ -263,6 +449,26 @@ mod tests {
             path: "/c~1d/x~0y".into(),
             value: raw(&json!(false))
         }));
+    }
+
+    #[test]
+    fn the_written_patch_is_the_serialized_patch() {
+        let ops = vec![
+            PatchOp::Add {
+                path: "/a\"b/~0".into(),
+                value: raw(&json!({"k": ["v", 1]})),
+            },
+            PatchOp::Replace {
+                path: "/x".into(),
+                value: raw(&json!("é\n")),
+            },
+            PatchOp::Remove { path: "/y".into() },
+        ];
+        let written: Value = serde_json::from_slice(&to_json(&ops)).unwrap();
+        let derived: Value = serde_json::from_str(&serde_json::to_string(&ops).unwrap()).unwrap();
+        assert_eq!(written, derived);
+        assert_eq!(written[0]["path"], "/a\"b/~0");
+        assert_eq!(to_json(&[]), b"[]");
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The injection engine's rules: UPDATE semantics, denials, idempotency as a property, and
 //! "the patch applied to the input equals the engine's output".
 
-use dkron_ha::admission::mutate_statefulset;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use dkron_ha::admission::{mutate_statefulset, review};
 use dkron_ha::inject::{self, InjectError, InjectorConfig, Operation};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use proptest::prelude::*;
@@ -340,9 +342,10 @@ fn arb_statefulset() -> impl Strategy<Value = Value> {
         proptest::option::of(1u32..10),
         any::<bool>(),
         any::<bool>(),
+        any::<bool>(),
     )
         .prop_map(
-            |(replicas, dkron, sidecar, sa, policy, size, init, volume)| {
+            |(replicas, dkron, sidecar, sa, policy, size, init, volume, stored)| {
                 let mut annotations = json!({"dkron-ha/enabled": "true"});
                 if let Some(size) = size {
                     annotations["dkron-ha/initial-cluster-size"] = json!(size.to_string());
@@ -364,6 +367,17 @@ fn arb_statefulset() -> impl Strategy<Value = Value> {
                 }
                 if let Some(policy) = policy {
                     value["spec"]["podManagementPolicy"] = json!(policy);
+                }
+                if stored {
+                    // What the API server sends of a stored object: fields the webhook's
+                    // parse skips, which the patch must leave as they are.
+                    value["metadata"]["managedFields"] = json!([{"manager": "kubectl", "operation": "Update", "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {}}}]);
+                    value["metadata"]["labels"] = json!({"app": "dkron"});
+                    value["metadata"]["uid"] = json!("0d9c5bb4-4a0e-4b0c-a0e7-9d1f0f0f0f0f");
+                    value["spec"]["updateStrategy"] = json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 0}});
+                    value["spec"]["volumeClaimTemplates"] = json!([{"metadata": {"name": "data"}, "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}]);
+                    value["spec"]["template"]["metadata"]["annotations"] = json!({"prometheus.io/scrape": "true"});
+                    value["status"] = json!({"replicas": 3, "readyReplicas": 2, "availableReplicas": 2});
                 }
                 value
             },
@@ -391,6 +405,55 @@ proptest! {
         let mut patched = value.clone();
         json_patch::patch(&mut patched, &mutation.json_patch()).unwrap();
         prop_assert_eq!(sts(patched), expected.statefulset);
+    }
+
+    #[test]
+    fn the_webhook_patch_applied_to_the_input_equals_the_engine_output(
+        value in arb_statefulset(),
+        native in any::<bool>(),
+        update in any::<bool>(),
+    ) {
+        let config = InjectorConfig { native_sidecar: native, ..config() };
+        // On UPDATE the stored object is an earlier injection of the same StatefulSet.
+        let old = update.then(|| {
+            let mut stored = value.clone();
+            let once = mutate_statefulset(&value, Operation::Create, None, &config).unwrap().unwrap();
+            json_patch::patch(&mut stored, &once.json_patch()).unwrap();
+            stored
+        });
+        let operation = if update { Operation::Update } else { Operation::Create };
+        let expected = inject::inject(&sts(value.clone()), operation, old.clone().map(sts).as_ref(), &config)
+            .unwrap()
+            .unwrap();
+
+        let body = json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "u-1",
+                "kind": {"group": "apps", "version": "v1", "kind": "StatefulSet"},
+                "resource": {"group": "apps", "version": "v1", "resource": "statefulsets"},
+                "operation": if update { "UPDATE" } else { "CREATE" },
+                "userInfo": {"username": "admin", "groups": ["system:masters"]},
+                "object": value,
+                "oldObject": old,
+            }
+        });
+        let answer = review(&serde_json::to_vec(&body).unwrap(), &config).unwrap();
+        let response: Value = serde_json::from_slice(&answer.body).unwrap();
+        prop_assert_eq!(&response["response"]["uid"], "u-1");
+        prop_assert_eq!(&response["response"]["allowed"], true);
+        let mut patched = value.clone();
+        if let Some(patch) = response["response"]["patch"].as_str() {
+            let patch: json_patch::Patch =
+                serde_json::from_slice(&STANDARD.decode(patch).unwrap()).unwrap();
+            json_patch::patch(&mut patched, &patch).unwrap();
+        }
+        prop_assert_eq!(sts(patched.clone()), expected.statefulset);
+        // What the engine does not touch is left exactly as sent.
+        prop_assert_eq!(&patched["status"], &value["status"]);
+        prop_assert_eq!(&patched["metadata"], &value["metadata"]);
+        prop_assert_eq!(&patched["spec"]["volumeClaimTemplates"], &value["spec"]["volumeClaimTemplates"]);
     }
 
     #[test]

@@ -1,0 +1,67 @@
+//! The parts of a StatefulSet the injection engine reads and its patch compares, parsed from a
+//! review without the rest.
+//!
+//! A review carries the whole object (`managedFields`, `status`, the selector, the
+//! volume-claim templates, ...), and parsing all of it into typed values was the largest single
+//! cost of answering. The engine reads only the name and annotations, four fields of the spec
+//! and the pod template, and the patch only touches fields under those, so the skipped parts
+//! are scanned, never built. The API server has decoded and defaulted the object before it
+//! calls a webhook, and validates it again after the mutation; fields we skip are its concern.
+//!
+//! `tests/inject_engine.rs` checks as a property that the patch computed from this view,
+//! applied to the whole object, equals the engine's output for the whole typed object.
+
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Deserialize)]
+pub(super) struct StatefulSetView {
+    #[serde(default)]
+    metadata: MetadataView,
+    #[serde(default)]
+    spec: Option<SpecView>,
+}
+
+#[derive(Deserialize, Default)]
+struct MetadataView {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    annotations: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SpecView {
+    #[serde(default)]
+    replicas: Option<i32>,
+    #[serde(default)]
+    service_name: Option<String>,
+    #[serde(default)]
+    pod_management_policy: Option<String>,
+    #[serde(default)]
+    template: PodTemplateSpec,
+}
+
+impl From<StatefulSetView> for StatefulSet {
+    fn from(view: StatefulSetView) -> Self {
+        StatefulSet {
+            metadata: ObjectMeta {
+                name: view.metadata.name,
+                annotations: view.metadata.annotations,
+                ..Default::default()
+            },
+            spec: view.spec.map(|spec| StatefulSetSpec {
+                replicas: spec.replicas,
+                service_name: spec.service_name,
+                pod_management_policy: spec.pod_management_policy,
+                template: spec.template,
+                ..Default::default()
+            }),
+            status: None,
+        }
+    }
+}
