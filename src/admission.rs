@@ -13,6 +13,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 use view::StatefulSetView;
 
+mod lean;
 mod view;
 
 /// A review the server cannot answer: HTTP 400 with this message.
@@ -244,22 +245,24 @@ struct ReviewIds<'a> {
 
 /// A review of a StatefulSet parsed in one pass, objects straight into typed values.
 #[derive(Deserialize)]
-struct TypedReview {
+struct TypedReview<'a> {
     #[serde(rename = "apiVersion")]
     api_version: String,
     kind: String,
-    request: TypedRequest,
+    #[serde(borrow)]
+    request: TypedRequest<'a>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct TypedRequest {
+struct TypedRequest<'a> {
     uid: String,
     kind: GroupVersionKind,
     operation: String,
-    object: StatefulSetView,
-    #[serde(default)]
-    old_object: Option<StatefulSetView>,
+    #[serde(borrow)]
+    object: lean::LeanStatefulSet<'a>,
+    #[serde(default, borrow)]
+    old_object: Option<lean::LeanStatefulSet<'a>>,
     #[serde(default)]
     namespace: Option<String>,
     #[serde(default)]
@@ -269,7 +272,7 @@ struct TypedRequest {
 /// The common case in one parse: a well-formed v1 review of a StatefulSet CREATE or UPDATE.
 /// `None` sends everything else (and every malformed body) down the careful path.
 fn review_statefulset_fast(body: &str, config: &InjectorConfig) -> Option<ReviewAnswer> {
-    let review: TypedReview = serde_json::from_str(body).ok()?;
+    let review: TypedReview<'_> = serde_json::from_str(body).ok()?;
     let request = review.request;
     let operation = mutating_operation(&request.operation)?;
     let well_formed = review.api_version == "admission.k8s.io/v1"
@@ -279,10 +282,13 @@ fn review_statefulset_fast(body: &str, config: &InjectorConfig) -> Option<Review
     if !well_formed {
         return None;
     }
-    let object = StatefulSet::from(request.object);
-    let old_object = request.old_object.map(StatefulSet::from);
-    // `mutate` leaves objects that do not opt in alone (`Ok(None)`).
-    let result = mutate(&object, operation, old_object.as_ref(), config).map_err(MutateError::from);
+    // Objects that do not opt in are left alone (`Ok(None)`).
+    let result = lean::mutate(
+        &request.object,
+        operation,
+        request.old_object.as_ref(),
+        config,
+    );
     Some(answer_mutation(
         &ReviewIds {
             api_version: &review.api_version,

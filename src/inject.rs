@@ -318,27 +318,15 @@ fn apply_plan(
         unreachable!("plan() checked spec")
     };
 
-    match operation {
-        Operation::Create => spec.pod_management_policy = Some("Parallel".into()),
-        Operation::Update => {
-            // Immutable after creation: keep what is stored.
-            let stored = old
-                .and_then(|o| o.spec.as_ref())
-                .map(|s| s.pod_management_policy.clone())
-                .unwrap_or_else(|| spec.pod_management_policy.clone());
-            spec.pod_management_policy = stored;
-            if spec
-                .pod_management_policy
-                .as_deref()
-                .unwrap_or("OrderedReady")
-                == "OrderedReady"
-            {
-                warnings.push(format!(
-                    "StatefulSet {} uses podManagementPolicy OrderedReady, which dkron-ha cannot change on an existing StatefulSet: after a full outage the pods start one at a time and a cold start waits for all {} servers. Recreate it with `kubectl delete statefulset {} --cascade=orphan` and apply it again to get Parallel.",
-                    plan.name, plan.initial_cluster_size, plan.name
-                ));
-            }
-        }
+    let stored = old
+        .and_then(|o| o.spec.as_ref())
+        .map(|s| s.pod_management_policy.as_deref());
+    spec.pod_management_policy =
+        pod_management_policy(operation, spec.pod_management_policy.as_deref(), stored);
+    if let Some(warning) =
+        ordered_ready_warning(operation, spec.pod_management_policy.as_deref(), plan)
+    {
+        warnings.push(warning);
     }
 
     let template = &mut spec.template;
@@ -353,13 +341,11 @@ fn apply_plan(
         unreachable!("plan() checked the pod spec")
     };
 
-    if pod.automount_service_account_token == Some(false) {
-        warnings.push(format!(
-            "the pod template sets automountServiceAccountToken: false, so the {LABEL_UPDATER_CONTAINER} sidecar cannot label the Dkron leader; remove that setting or set it to true"
-        ));
+    if let Some(warning) = automount_warning(pod.automount_service_account_token) {
+        warnings.push(warning);
     }
-    if plan.service_account.is_none() {
-        pod.service_account_name = Some(format!("{}-dkron-ha", plan.name));
+    if let Some(account) = injected_service_account(plan) {
+        pod.service_account_name = Some(account);
     }
 
     upsert_by_name(
@@ -376,17 +362,7 @@ fn apply_plan(
         |c| &c.name,
     );
 
-    let dkron = &mut pod.containers[plan.container_index];
-    wrap_command(dkron, &plan.dkron_command);
-    upsert_by_name(
-        dkron.volume_mounts.get_or_insert_with(Vec::new),
-        bin_mount(),
-        |m| &m.name,
-    );
-    let env = dkron.env.get_or_insert_with(Vec::new);
-    for var in dkron_env(plan, config) {
-        upsert_by_name(env, var, |e| &e.name);
-    }
+    inject_dkron_container(&mut pod.containers[plan.container_index], plan, config);
 
     // The sidecar lives in exactly one of the two lists, depending on the mode.
     let sidecar = label_updater_container(config);
@@ -402,6 +378,66 @@ fn apply_plan(
     Injection {
         statefulset: out,
         warnings,
+    }
+}
+
+/// The pod-management policy after injection: `Parallel` at CREATE; at UPDATE it is
+/// immutable, so what is stored stays (`stored` is the stored object's, when there is one).
+pub(crate) fn pod_management_policy(
+    operation: Operation,
+    current: Option<&str>,
+    stored: Option<Option<&str>>,
+) -> Option<String> {
+    match operation {
+        Operation::Create => Some("Parallel".into()),
+        Operation::Update => stored.unwrap_or(current).map(str::to_string),
+    }
+}
+
+/// The warning for an UPDATE of a StatefulSet that keeps `OrderedReady` (the default).
+pub(crate) fn ordered_ready_warning(
+    operation: Operation,
+    policy: Option<&str>,
+    plan: &InjectionPlan,
+) -> Option<String> {
+    (operation == Operation::Update && policy.unwrap_or("OrderedReady") == "OrderedReady").then(|| {
+        format!(
+            "StatefulSet {} uses podManagementPolicy OrderedReady, which dkron-ha cannot change on an existing StatefulSet: after a full outage the pods start one at a time and a cold start waits for all {} servers. Recreate it with `kubectl delete statefulset {} --cascade=orphan` and apply it again to get Parallel.",
+            plan.name, plan.initial_cluster_size, plan.name
+        )
+    })
+}
+
+pub(crate) fn automount_warning(automount: Option<bool>) -> Option<String> {
+    (automount == Some(false)).then(|| {
+        format!(
+            "the pod template sets automountServiceAccountToken: false, so the {LABEL_UPDATER_CONTAINER} sidecar cannot label the Dkron leader; remove that setting or set it to true"
+        )
+    })
+}
+
+/// The service account the pods get when the template names none.
+pub(crate) fn injected_service_account(plan: &InjectionPlan) -> Option<String> {
+    plan.service_account
+        .is_none()
+        .then(|| format!("{}-dkron-ha", plan.name))
+}
+
+/// Wraps the Dkron container's command and gives it the wrapper's volume and environment.
+pub(crate) fn inject_dkron_container(
+    dkron: &mut Container,
+    plan: &InjectionPlan,
+    config: &InjectorConfig,
+) {
+    wrap_command(dkron, &plan.dkron_command);
+    upsert_by_name(
+        dkron.volume_mounts.get_or_insert_with(Vec::new),
+        bin_mount(),
+        |m| &m.name,
+    );
+    let env = dkron.env.get_or_insert_with(Vec::new);
+    for var in dkron_env(plan, config) {
+        upsert_by_name(env, var, |e| &e.name);
     }
 }
 
@@ -435,7 +471,7 @@ fn wrap_command(dkron: &mut Container, dkron_command: &[String]) {
     );
 }
 
-fn bin_volume() -> Volume {
+pub(crate) fn bin_volume() -> Volume {
     Volume {
         name: BIN_VOLUME.into(),
         empty_dir: Some(EmptyDirVolumeSource {
@@ -530,7 +566,7 @@ fn small_resources(cpu_limit: &str, memory: &str) -> ResourceRequirements {
     }
 }
 
-fn install_container(config: &InjectorConfig) -> Container {
+pub(crate) fn install_container(config: &InjectorConfig) -> Container {
     Container {
         name: INSTALL_CONTAINER.into(),
         image: Some(config.image.clone()),
@@ -545,7 +581,7 @@ fn install_container(config: &InjectorConfig) -> Container {
     }
 }
 
-fn label_updater_container(config: &InjectorConfig) -> Container {
+pub(crate) fn label_updater_container(config: &InjectorConfig) -> Container {
     let mut env = vec![
         field_env("POD_NAME", "metadata.name"),
         field_env("POD_NAMESPACE", "metadata.namespace"),

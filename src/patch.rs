@@ -79,7 +79,7 @@ pub fn to_json(ops: &[PatchOp]) -> Vec<u8> {
 }
 
 /// Escapes one JSON-pointer token (RFC 6901).
-fn token(key: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn token(key: &str) -> std::borrow::Cow<'_, str> {
     if key.contains(['~', '/']) {
         key.replace('~', "~0").replace('/', "~1").into()
     } else {
@@ -151,7 +151,7 @@ fn diff_arrays<T>(
     }
 }
 
-fn raw<T: Serialize + ?Sized>(value: &T) -> Box<RawValue> {
+pub(crate) fn raw<T: Serialize + ?Sized>(value: &T) -> Box<RawValue> {
     // k8s-openapi types always serialize (no maps with non-string keys); `null` is unreachable.
     serde_json::value::to_raw_value(value)
         .unwrap_or_else(|_| RawValue::from_string("null".into()).expect("null is JSON"))
@@ -278,7 +278,12 @@ macro_rules! diff_struct {
     }};
 }
 
-fn diff_container(before: &Container, after: &Container, path: &str, ops: &mut Vec<PatchOp>) {
+pub(crate) fn diff_container(
+    before: &Container,
+    after: &Container,
+    path: &str,
+    ops: &mut Vec<PatchOp>,
+) {
     diff_struct!(Container, before, after, path, ops, {
         args: "args",
         command: "command",

@@ -411,18 +411,30 @@ proptest! {
     fn the_webhook_patch_applied_to_the_input_equals_the_engine_output(
         value in arb_statefulset(),
         native in any::<bool>(),
+        native_before in any::<bool>(),
         update in any::<bool>(),
+        reinject in any::<bool>(),
+        upgraded in any::<bool>(),
     ) {
         let config = InjectorConfig { native_sidecar: native, ..config() };
-        // On UPDATE the stored object is an earlier injection of the same StatefulSet.
-        let old = update.then(|| {
-            let mut stored = value.clone();
-            let once = mutate_statefulset(&value, Operation::Create, None, &config).unwrap().unwrap();
-            json_patch::patch(&mut stored, &once.json_patch()).unwrap();
-            stored
-        });
+        // An earlier injection, possibly in the other sidecar mode or by an older dkron-ha: the
+        // stored object on UPDATE, and the object itself when the API server reinvokes the
+        // webhook.
+        let injected = {
+            let mut before = InjectorConfig { native_sidecar: native_before, ..config.clone() };
+            if upgraded {
+                before.image = "dkron-ha:old".into();
+                before.version = "old".into();
+            }
+            let mut injected = value.clone();
+            let once = mutate_statefulset(&value, Operation::Create, None, &before).unwrap().unwrap();
+            json_patch::patch(&mut injected, &once.json_patch()).unwrap();
+            injected
+        };
+        let object = if reinject { injected.clone() } else { value.clone() };
+        let old = update.then(|| injected.clone());
         let operation = if update { Operation::Update } else { Operation::Create };
-        let expected = inject::inject(&sts(value.clone()), operation, old.clone().map(sts).as_ref(), &config)
+        let expected = inject::inject(&sts(object.clone()), operation, old.clone().map(sts).as_ref(), &config)
             .unwrap()
             .unwrap();
 
@@ -435,7 +447,7 @@ proptest! {
                 "resource": {"group": "apps", "version": "v1", "resource": "statefulsets"},
                 "operation": if update { "UPDATE" } else { "CREATE" },
                 "userInfo": {"username": "admin", "groups": ["system:masters"]},
-                "object": value,
+                "object": object,
                 "oldObject": old,
             }
         });
@@ -443,17 +455,23 @@ proptest! {
         let response: Value = serde_json::from_slice(&answer.body).unwrap();
         prop_assert_eq!(&response["response"]["uid"], "u-1");
         prop_assert_eq!(&response["response"]["allowed"], true);
-        let mut patched = value.clone();
+        let warnings: Vec<String> = serde_json::from_value(response["response"]["warnings"].clone()).unwrap_or_default();
+        prop_assert_eq!(warnings, expected.warnings);
+        let mut patched = object.clone();
         if let Some(patch) = response["response"]["patch"].as_str() {
             let patch: json_patch::Patch =
                 serde_json::from_slice(&STANDARD.decode(patch).unwrap()).unwrap();
             json_patch::patch(&mut patched, &patch).unwrap();
         }
         prop_assert_eq!(sts(patched.clone()), expected.statefulset);
+        // Reinvoked on its own output (same mode, CREATE), the webhook sends no patch at all.
+        if reinject && native == native_before && !upgraded && !update {
+            prop_assert!(response["response"].get("patch").is_none(), "{}", response);
+        }
         // What the engine does not touch is left exactly as sent.
-        prop_assert_eq!(&patched["status"], &value["status"]);
-        prop_assert_eq!(&patched["metadata"], &value["metadata"]);
-        prop_assert_eq!(&patched["spec"]["volumeClaimTemplates"], &value["spec"]["volumeClaimTemplates"]);
+        prop_assert_eq!(&patched["status"], &object["status"]);
+        prop_assert_eq!(&patched["metadata"], &object["metadata"]);
+        prop_assert_eq!(&patched["spec"]["volumeClaimTemplates"], &object["spec"]["volumeClaimTemplates"]);
     }
 
     #[test]
