@@ -2,11 +2,12 @@
 //!
 //! Built from what the engine can change (pod-management policy, pod-template annotations,
 //! the service account, containers, init containers, volumes), comparing typed values first and
-//! serializing only the parts that differ. This keeps the webhook's hot path small (a generic
-//! diff of two whole serialized objects costs several times the injection itself), and the
-//! operations address single fields, so fields this build does not know survive in the raw
-//! object. `tests/inject_engine.rs` checks as a property that the patch applied to the input
-//! equals the engine's output.
+//! serializing only the parts that differ (a generic diff of two whole serialized objects costs
+//! several times the injection itself). The operations address single fields, so fields this
+//! build does not know survive in the raw object. `inject` and reviews off the webhook's hot
+//! path use it; the hot path (`admission::lean`) writes its patch from the plan and shares
+//! `diff_container`. `tests/inject_engine.rs` checks as a property that the patch applied to
+//! the input equals the engine's output.
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Container, PodSpec};
@@ -14,8 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
-use std::cell::RefCell;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 
 /// One RFC 6902 operation (only the kinds we emit). Values are kept as serialized JSON:
 /// serializing straight to text is several times cheaper than building `Value` trees.
@@ -333,40 +333,9 @@ fn diff_object_meta(before: &ObjectMeta, after: &ObjectMeta, path: &str, ops: &m
     });
 }
 
-/// JSON of containers a patch added lately, per thread. The containers the webhook adds (the
-/// install container and the label-updater) are the same in every review under one
-/// configuration, so each is serialized once and found again by comparing values; a container
-/// that differs in anything is a different entry.
-const RENDERED_CONTAINERS: usize = 4;
-
-thread_local! {
-    static RENDERED: RefCell<VecDeque<(Container, Box<RawValue>)>> =
-        const { RefCell::new(VecDeque::new()) };
-}
-
-fn render_container(container: &Container) -> Box<RawValue> {
-    RENDERED.with_borrow_mut(|rendered| {
-        if let Some((_, json)) = rendered.iter().find(|(c, _)| c == container) {
-            // Cloning copies the text; it is not parsed again.
-            return json.clone();
-        }
-        let json = raw(container);
-        if rendered.len() == RENDERED_CONTAINERS {
-            rendered.pop_back();
-        }
-        rendered.push_front((container.clone(), json.clone()));
-        json
-    })
-}
-
-fn render_containers(containers: &[Container]) -> Box<RawValue> {
-    let items: Vec<Box<RawValue>> = containers.iter().map(render_container).collect();
-    raw(&items)
-}
-
 /// Diffs two lists of containers item by item.
 fn diff_containers(before: &[Container], after: &[Container], path: &str, ops: &mut Vec<PatchOp>) {
-    diff_arrays(before, after, path, ops, diff_container, render_container);
+    diff_arrays(before, after, path, ops, diff_container, raw);
 }
 
 fn diff_pod_spec(before: &PodSpec, after: &PodSpec, path: &str, ops: &mut Vec<PatchOp>) {
@@ -389,10 +358,6 @@ fn diff_pod_spec(before: &PodSpec, after: &PodSpec, path: &str, ops: &mut Vec<Pa
         let path = format!("{path}/initContainers");
         match (&before.init_containers, &after.init_containers) {
             (Some(b), Some(a)) => diff_containers(b, a, &path, ops),
-            (None, Some(a)) => ops.push(PatchOp::Add {
-                path,
-                value: render_containers(a),
-            }),
             (b, a) => diff_field(b, a, &path, ops),
         }
     }
