@@ -11,6 +11,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
+use std::borrow::Cow;
 use view::StatefulSetView;
 
 mod lean;
@@ -57,7 +58,8 @@ struct ReviewIn<'a> {
 struct RequestIn<'a> {
     #[serde(default)]
     uid: String,
-    kind: GroupVersionKind,
+    #[serde(borrow)]
+    kind: GroupVersionKind<'a>,
     operation: String,
     #[serde(default, borrow)]
     object: Option<&'a RawValue>,
@@ -79,16 +81,16 @@ fn mutating_operation(operation: &str) -> Option<Operation> {
 }
 
 #[derive(Deserialize, Debug)]
-struct GroupVersionKind {
-    #[serde(default)]
-    group: String,
-    #[serde(default)]
-    version: String,
-    #[serde(default)]
-    kind: String,
+struct GroupVersionKind<'a> {
+    #[serde(default, borrow)]
+    group: Cow<'a, str>,
+    #[serde(default, borrow)]
+    version: Cow<'a, str>,
+    #[serde(default, borrow)]
+    kind: Cow<'a, str>,
 }
 
-impl GroupVersionKind {
+impl GroupVersionKind<'_> {
     fn is_statefulset(&self) -> bool {
         self.group == "apps" && self.version == "v1" && self.kind == "StatefulSet"
     }
@@ -246,9 +248,10 @@ struct ReviewIds<'a> {
 /// A review of a StatefulSet parsed in one pass, objects straight into typed values.
 #[derive(Deserialize)]
 struct TypedReview<'a> {
-    #[serde(rename = "apiVersion")]
-    api_version: String,
-    kind: String,
+    #[serde(rename = "apiVersion", borrow)]
+    api_version: Cow<'a, str>,
+    #[serde(borrow)]
+    kind: Cow<'a, str>,
     #[serde(borrow)]
     request: TypedRequest<'a>,
 }
@@ -256,17 +259,20 @@ struct TypedReview<'a> {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct TypedRequest<'a> {
-    uid: String,
-    kind: GroupVersionKind,
-    operation: String,
+    #[serde(borrow)]
+    uid: Cow<'a, str>,
+    #[serde(borrow)]
+    kind: GroupVersionKind<'a>,
+    #[serde(borrow)]
+    operation: Cow<'a, str>,
     #[serde(borrow)]
     object: lean::LeanStatefulSet<'a>,
     #[serde(default, borrow)]
     old_object: Option<lean::LeanStatefulSet<'a>>,
-    #[serde(default)]
-    namespace: Option<String>,
-    #[serde(default)]
-    name: Option<String>,
+    #[serde(default, borrow)]
+    namespace: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    name: Option<Cow<'a, str>>,
 }
 
 /// The common case in one parse: a well-formed v1 review of a StatefulSet CREATE or UPDATE.
