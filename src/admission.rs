@@ -440,6 +440,44 @@ mod tests {
     use base64::Engine as _;
     use serde_json::json;
 
+    fn statefulset_review(annotations: Value, containers: Value) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "u-2",
+                "kind": {"group": "apps", "version": "v1", "kind": "StatefulSet"},
+                "operation": "CREATE",
+                "object": {
+                    "metadata": {"name": "other", "annotations": annotations},
+                    "spec": {"serviceName": "other", "template": {"spec": {"containers": containers}}}
+                }
+            }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_statefulset_that_does_not_opt_in_is_never_denied() {
+        // Containers the hot path cannot read: not ours to judge without the annotation.
+        let body = statefulset_review(json!({"team": "x"}), json!([5, "x"]));
+        let answer = review(&body, &InjectorConfig::default()).unwrap();
+        assert_eq!(answer.verdict, Verdict::Unchanged);
+        let parsed: Value = serde_json::from_slice(&answer.body).unwrap();
+        assert_eq!(parsed["response"], json!({"uid": "u-2", "allowed": true}));
+
+        // Opted in, the same object is denied with a message saying what is wrong.
+        let body = statefulset_review(json!({"dkron-ha/enabled": "true"}), json!([5, "x"]));
+        let answer = review(&body, &InjectorConfig::default()).unwrap();
+        assert_eq!(answer.verdict, Verdict::Denied);
+        let parsed: Value = serde_json::from_slice(&answer.body).unwrap();
+        let message = parsed["response"]["status"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("not a valid apps/v1 StatefulSet"),
+            "{message}"
+        );
+    }
+
     #[test]
     fn the_spliced_patch_is_valid_json_with_a_plain_base64_string() {
         let ids = ReviewIds {

@@ -113,7 +113,14 @@ pub struct Injection {
 
 /// Whether the StatefulSet opts in (`dkron-ha/enabled: "true"`).
 pub fn is_opted_in(sts: &StatefulSet) -> bool {
-    annotation(sts, ANNOTATION_ENABLED) == Some("true")
+    opts_in(sts.metadata.annotations.as_ref())
+}
+
+/// Whether a StatefulSet with these annotations opts in.
+pub(crate) fn opts_in(annotations: Option<&BTreeMap<String, String>>) -> bool {
+    annotations
+        .and_then(|a| a.get(ANNOTATION_ENABLED))
+        .is_some_and(|v| v == "true")
 }
 
 fn annotation<'a>(sts: &'a StatefulSet, key: &str) -> Option<&'a str> {

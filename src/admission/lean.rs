@@ -303,10 +303,11 @@ pub(super) fn mutate(
     old: Option<&LeanStatefulSet<'_>>,
     config: &InjectorConfig,
 ) -> Result<Option<super::Mutation>, MutateError> {
-    let typed = plan_input(sts)?;
-    if !inject::is_opted_in(&typed) {
+    // Decided before anything else is read: an object that does not opt in is never denied.
+    if !inject::opts_in(sts.metadata.annotations.as_ref()) {
         return Ok(None);
     }
+    let typed = plan_input(sts)?;
     let old_typed = old.map(plan_input).transpose().ok().flatten();
     let plan = inject::plan(&typed, operation, old_typed.as_ref())?;
     // plan() has refused objects without either.
