@@ -90,3 +90,61 @@ fn docs(yaml: &str) -> Vec<serde_json::Value> {
         .map(|d| serde_json::Value::deserialize(d).unwrap())
         .collect()
 }
+
+#[test]
+fn the_webhook_patches_every_fixture_as_inject_does() {
+    use base64::Engine as _;
+    use dkron_ha::admission::{mutate_statefulset, review};
+    use dkron_ha::inject::Operation;
+    use serde_json::{Value, json};
+
+    let mut checked = 0;
+    for (case, input_path) in cases() {
+        let config = config_for(&case);
+        let input = std::fs::read_to_string(&input_path).unwrap();
+        for doc in docs(&input) {
+            let objects = match doc["kind"].as_str() {
+                Some("List") => doc["items"].as_array().cloned().unwrap_or_default(),
+                _ => vec![doc],
+            };
+            for object in objects.into_iter().filter(|o| o["kind"] == "StatefulSet") {
+                let body = json!({
+                    "apiVersion": "admission.k8s.io/v1",
+                    "kind": "AdmissionReview",
+                    "request": {
+                        "uid": "golden",
+                        "kind": {"group": "apps", "version": "v1", "kind": "StatefulSet"},
+                        "operation": "CREATE",
+                        "object": object,
+                    }
+                });
+                let answer = review(&serde_json::to_vec(&body).unwrap(), &config).unwrap();
+                let response: Value = serde_json::from_slice(&answer.body).unwrap();
+                let mut patched = object.clone();
+                if let Some(patch) = response["response"]["patch"].as_str() {
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(patch)
+                        .unwrap();
+                    let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
+                    json_patch::patch(&mut patched, &patch).unwrap();
+                }
+                // What `inject` writes for this object (pinned by the golden files above).
+                let mut expected = object.clone();
+                let mut warnings = Vec::new();
+                if let Some(mutation) =
+                    mutate_statefulset(&object, Operation::Create, None, &config).unwrap()
+                {
+                    json_patch::patch(&mut expected, &mutation.json_patch()).unwrap();
+                    warnings = mutation.warnings;
+                }
+                assert_eq!(patched, expected, "{case}: webhook and inject differ");
+                let sent: Vec<String> =
+                    serde_json::from_value(response["response"]["warnings"].clone())
+                        .unwrap_or_default();
+                assert_eq!(sent, warnings, "{case}: warnings differ");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 7, "only {checked} StatefulSets checked");
+}
