@@ -245,7 +245,8 @@ struct ReviewIds<'a> {
     name: &'a str,
 }
 
-/// A review of a StatefulSet parsed in one pass, objects straight into typed values.
+/// A review of a StatefulSet parsed in one pass, borrowing from the body; the objects are read
+/// only as far as the hot path needs them (`lean`).
 #[derive(Deserialize)]
 struct TypedReview<'a> {
     #[serde(rename = "apiVersion", borrow)]

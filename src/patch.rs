@@ -13,7 +13,6 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Container, PodSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use serde_json::value::RawValue;
 use std::collections::BTreeMap;
 
@@ -84,40 +83,6 @@ pub(crate) fn token(key: &str) -> std::borrow::Cow<'_, str> {
         key.replace('~', "~0").replace('/', "~1").into()
     } else {
         key.into()
-    }
-}
-
-/// Generic structural diff of two JSON values at `path`: objects by key, arrays by index.
-pub fn diff_values(before: &Value, after: &Value, path: &str, ops: &mut Vec<PatchOp>) {
-    if before == after {
-        return;
-    }
-    match (before, after) {
-        (Value::Object(b), Value::Object(a)) => {
-            for (key, old) in b {
-                if !a.contains_key(key) {
-                    let _ = old;
-                    ops.push(PatchOp::Remove {
-                        path: format!("{path}/{}", token(key)),
-                    });
-                }
-            }
-            for (key, new) in a {
-                let child = format!("{path}/{}", token(key));
-                match b.get(key) {
-                    Some(old) => diff_values(old, new, &child, ops),
-                    None => ops.push(PatchOp::Add {
-                        path: child,
-                        value: raw(new),
-                    }),
-                }
-            }
-        }
-        (Value::Array(b), Value::Array(a)) => diff_arrays(b, a, path, ops, diff_values, raw),
-        _ => ops.push(PatchOp::Replace {
-            path: path.to_string(),
-            value: raw(after),
-        }),
     }
 }
 
@@ -399,26 +364,20 @@ pub fn statefulset_patch(before: &StatefulSet, after: &StatefulSet) -> Vec<Patch
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
-
-    fn apply(mut doc: Value, ops: &[PatchOp]) -> Value {
-        let patch: json_patch::Patch =
-            serde_json::from_str(&serde_json::to_string(ops).unwrap()).unwrap();
-        json_patch::patch(&mut doc, &patch).unwrap();
-        doc
-    }
+    use serde_json::{Value, json};
 
     #[test]
-    fn generic_diff_round_trips_objects_arrays_and_escaped_keys() {
-        let before = json!({"a": 1, "b": [1, 2, 3], "c/d": {"x~y": true}, "gone": 0});
-        let after = json!({"a": 2, "b": [1, 5], "c/d": {"x~y": false, "new": []}, "e": "s"});
-        let mut ops = Vec::new();
-        diff_values(&before, &after, "", &mut ops);
-        assert_eq!(apply(before, &ops), after);
-        assert!(ops.contains(&PatchOp::Replace {
-            path: "/c~1d/x~0y".into(),
-            value: raw(&json!(false))
-        }));
+    fn pointer_tokens_escape_tilde_before_slash() {
+        assert_eq!(token("dkron-ha/injected"), "dkron-ha~1injected");
+        assert_eq!(token("a~/b"), "a~0~1b");
+        assert_eq!(token("plain"), "plain");
+        let mut doc = json!({"a~/b": 1});
+        let patch: json_patch::Patch = serde_json::from_value(
+            json!([{"op": "replace", "path": format!("/{}", token("a~/b")), "value": 2}]),
+        )
+        .unwrap();
+        json_patch::patch(&mut doc, &patch).unwrap();
+        assert_eq!(doc, json!({"a~/b": 2}));
     }
 
     #[test]
@@ -439,12 +398,5 @@ mod tests {
         assert_eq!(written, derived);
         assert_eq!(written[0]["path"], "/a\"b/~0");
         assert_eq!(to_json(&[]), b"[]");
-    }
-
-    #[test]
-    fn equal_values_give_no_operations() {
-        let mut ops = Vec::new();
-        diff_values(&json!({"a": [1]}), &json!({"a": [1]}), "", &mut ops);
-        assert!(ops.is_empty());
     }
 }
