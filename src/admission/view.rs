@@ -1,5 +1,5 @@
-//! The parts of a StatefulSet the injection engine reads and its patch compares, parsed from a
-//! review without the rest.
+//! The parts of a StatefulSet the injection engine reads and its patch compares, as typed
+//! values, without the rest. `inject` and reviews off the hot path (see `lean`) use it.
 //!
 //! A review carries the whole object (`managedFields`, `status`, the selector, the
 //! volume-claim templates, ...), and parsing all of it into typed values was the largest single
@@ -9,7 +9,8 @@
 //! calls a webhook, and validates it again after the mutation; fields we skip are its concern.
 //!
 //! `tests/inject_engine.rs` checks as a property that the patch computed from this view,
-//! applied to the whole object, equals the engine's output for the whole typed object.
+//! applied to the whole object, equals the engine's output for the whole typed object, and
+//! `tests/inject_golden.rs` pins what `inject` writes.
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::PodTemplateSpec;
