@@ -138,9 +138,7 @@ pub struct Mutation {
 impl Mutation {
     /// The patch as a `json_patch::Patch`, to apply it locally (`inject`, tests).
     pub fn json_patch(&self) -> json_patch::Patch {
-        serde_json::to_string(&self.patch)
-            .ok()
-            .and_then(|s| serde_json::from_str(&s).ok())
+        serde_json::from_slice(&crate::patch::to_json(&self.patch))
             .unwrap_or(json_patch::Patch(Vec::new()))
     }
 }
@@ -168,14 +166,12 @@ pub fn mutate_statefulset(
     old: Option<&Value>,
     config: &InjectorConfig,
 ) -> Result<Option<Mutation>, MutateError> {
-    let sts: StatefulSet = StatefulSetView::deserialize(object)
-        .map_err(MutateError::NotAStatefulSet)?
-        .into();
-    // The stored object only informs defaults; one we cannot read is treated as absent.
-    let old: Option<StatefulSet> = old
-        .and_then(|o| StatefulSetView::deserialize(o).ok())
-        .map(Into::into);
-    Ok(mutate(&sts, operation, old.as_ref(), config)?)
+    mutate_view(
+        StatefulSetView::deserialize(object),
+        operation,
+        old.and_then(|o| StatefulSetView::deserialize(o).ok()),
+        config,
+    )
 }
 
 fn mutate_raw(
@@ -184,15 +180,24 @@ fn mutate_raw(
     old: Option<&RawValue>,
     config: &InjectorConfig,
 ) -> Result<Option<Mutation>, MutateError> {
-    let sts: StatefulSet = serde_json::from_str::<StatefulSetView>(object.get())
-        .map_err(MutateError::NotAStatefulSet)?
-        .into();
-    if !inject::is_opted_in(&sts) {
-        return Ok(None);
-    }
-    let old: Option<StatefulSet> = old
-        .and_then(|o| serde_json::from_str::<StatefulSetView>(o.get()).ok())
-        .map(Into::into);
+    mutate_view(
+        serde_json::from_str(object.get()),
+        operation,
+        old.and_then(|o| serde_json::from_str(o.get()).ok()),
+        config,
+    )
+}
+
+/// Mutates a parsed view; the stored object only informs defaults, so one we could not read
+/// comes in as absent.
+fn mutate_view(
+    object: Result<StatefulSetView, serde_json::Error>,
+    operation: Operation,
+    old: Option<StatefulSetView>,
+    config: &InjectorConfig,
+) -> Result<Option<Mutation>, MutateError> {
+    let sts: StatefulSet = object.map_err(MutateError::NotAStatefulSet)?.into();
+    let old: Option<StatefulSet> = old.map(Into::into);
     Ok(mutate(&sts, operation, old.as_ref(), config)?)
 }
 

@@ -13,6 +13,7 @@
 //! equals the typed engine's output, on CREATE and UPDATE.
 
 use super::MutateError;
+use super::view::StatefulSetView;
 use crate::inject::{
     self, ANNOTATION_INJECTED, INSTALL_CONTAINER, InjectError, InjectorConfig,
     LABEL_UPDATER_CONTAINER, Operation,
@@ -29,38 +30,11 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
-/// A StatefulSet as the hot path reads it.
-#[derive(Deserialize)]
-pub(super) struct LeanStatefulSet<'a> {
-    #[serde(default)]
-    metadata: LeanMetadata,
-    #[serde(default, borrow)]
-    spec: Option<LeanSpec<'a>>,
-}
+/// A StatefulSet as the hot path reads it: the shared view, its pod template in borrowed parts.
+pub(super) type LeanStatefulSet<'a> = StatefulSetView<LeanTemplate<'a>>;
 
 #[derive(Deserialize, Default)]
-struct LeanMetadata {
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    annotations: Option<BTreeMap<String, String>>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct LeanSpec<'a> {
-    #[serde(default)]
-    replicas: Option<i32>,
-    #[serde(default)]
-    service_name: Option<String>,
-    #[serde(default)]
-    pod_management_policy: Option<String>,
-    #[serde(default, borrow)]
-    template: LeanTemplate<'a>,
-}
-
-#[derive(Deserialize, Default)]
-struct LeanTemplate<'a> {
+pub(super) struct LeanTemplate<'a> {
     #[serde(default, borrow)]
     metadata: Option<LeanTemplateMetadata<'a>>,
     #[serde(default, borrow)]
@@ -412,7 +386,22 @@ pub(super) fn mutate(
         &mut ops,
     );
 
-    let mut containers = List::new(format!("{POD}/containers"), pod.containers.as_deref())?;
+    // The names were read for the plan already; pair them with the raw items again.
+    let named = typed
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .map(|p| p.containers.as_slice())
+        .unwrap_or_default();
+    let mut containers = List {
+        path: format!("{POD}/containers"),
+        items: pod.containers.as_deref().map(|raws| {
+            raws.iter()
+                .zip(named)
+                .map(|(raw, c)| (Cow::Borrowed(c.name.as_str()), Some(*raw)))
+                .collect()
+        }),
+    };
     if config.native_sidecar {
         containers.remove_all(LABEL_UPDATER_CONTAINER, &mut ops);
         init.upsert(

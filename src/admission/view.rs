@@ -18,33 +18,39 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
+/// A StatefulSet with its pod template read as `T`: a typed `PodTemplateSpec` here, borrowed
+/// parts on the hot path (`lean`).
 #[derive(Deserialize)]
-pub(super) struct StatefulSetView {
+#[serde(bound(deserialize = "T: Deserialize<'de> + Default"))]
+pub(super) struct StatefulSetView<T = PodTemplateSpec> {
     #[serde(default)]
-    metadata: MetadataView,
+    pub(super) metadata: MetadataView,
     #[serde(default)]
-    spec: Option<SpecView>,
+    pub(super) spec: Option<SpecView<T>>,
 }
 
 #[derive(Deserialize, Default)]
-struct MetadataView {
+pub(super) struct MetadataView {
     #[serde(default)]
-    name: Option<String>,
+    pub(super) name: Option<String>,
     #[serde(default)]
-    annotations: Option<BTreeMap<String, String>>,
+    pub(super) annotations: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct SpecView {
+#[serde(
+    rename_all = "camelCase",
+    bound(deserialize = "T: Deserialize<'de> + Default")
+)]
+pub(super) struct SpecView<T> {
     #[serde(default)]
-    replicas: Option<i32>,
+    pub(super) replicas: Option<i32>,
     #[serde(default)]
-    service_name: Option<String>,
+    pub(super) service_name: Option<String>,
     #[serde(default)]
-    pod_management_policy: Option<String>,
+    pub(super) pod_management_policy: Option<String>,
     #[serde(default)]
-    template: PodTemplateSpec,
+    pub(super) template: T,
 }
 
 impl From<StatefulSetView> for StatefulSet {
