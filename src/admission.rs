@@ -143,6 +143,23 @@ impl Mutation {
     }
 }
 
+/// What a review changes: the JSON patch as text (`None` when nothing changes) and the warnings.
+struct Changes {
+    /// The patch and its number of operations.
+    patch: Option<(Vec<u8>, usize)>,
+    warnings: Vec<String>,
+}
+
+impl From<Mutation> for Changes {
+    fn from(mutation: Mutation) -> Self {
+        let ops = mutation.patch.len();
+        Changes {
+            patch: (ops > 0).then(|| (crate::patch::to_json(&mutation.patch), ops)),
+            warnings: mutation.warnings,
+        }
+    }
+}
+
 /// Mutates a typed StatefulSet the way the webhook does. `None` when it does not opt in.
 pub fn mutate(
     sts: &StatefulSet,
@@ -237,7 +254,7 @@ pub fn review(body: &[u8], config: &InjectorConfig) -> Result<ReviewAnswer, Revi
         return Ok(answer_mutation(&ids, Ok(None)));
     };
     let result = mutate_raw(object, operation, request.old_object, config);
-    Ok(answer_mutation(&ids, result))
+    Ok(answer_mutation(&ids, result.map(|m| m.map(Changes::from))))
 }
 
 /// What identifies a review and its object in the answer and the logs.
@@ -318,7 +335,7 @@ fn review_statefulset_fast(body: &str, config: &InjectorConfig) -> Option<Review
 /// denial carrying the engine's message.
 fn answer_mutation(
     ids: &ReviewIds<'_>,
-    result: Result<Option<Mutation>, MutateError>,
+    result: Result<Option<Changes>, MutateError>,
 ) -> ReviewAnswer {
     let (namespace, name, uid) = (ids.namespace, ids.name, ids.uid);
     let mut response = ResponseOut {
@@ -329,16 +346,18 @@ fn answer_mutation(
         patch_type: None,
     };
     let (verdict, body) = match &result {
-        Ok(Some(mutation)) if !mutation.patch.is_empty() => {
-            tracing::info!(%namespace, %name, %uid, operation = %ids.operation, ops = mutation.patch.len(), warnings = mutation.warnings.len(), "injected");
-            response.warnings = &mutation.warnings;
+        Ok(Some(Changes {
+            patch: Some((patch, ops)),
+            warnings,
+        })) => {
+            tracing::info!(%namespace, %name, %uid, operation = %ids.operation, ops, warnings = warnings.len(), "injected");
+            response.warnings = warnings;
             response.patch_type = Some("JSONPatch");
-            let patch = crate::patch::to_json(&mutation.patch);
-            (Verdict::Patched, review_json(ids, &response, Some(&patch)))
+            (Verdict::Patched, review_json(ids, &response, Some(patch)))
         }
-        Ok(mutation) => {
-            if let Some(mutation) = mutation {
-                response.warnings = &mutation.warnings;
+        Ok(changes) => {
+            if let Some(changes) = changes {
+                response.warnings = &changes.warnings;
             }
             (Verdict::Unchanged, review_json(ids, &response, None))
         }

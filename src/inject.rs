@@ -431,20 +431,22 @@ pub(crate) fn injected_service_account(plan: &InjectionPlan) -> Option<String> {
 }
 
 /// Wraps the Dkron container's command and gives it the wrapper's volume and environment.
-pub(crate) fn inject_dkron_container(
-    dkron: &mut Container,
-    plan: &InjectionPlan,
-    config: &InjectorConfig,
-) {
-    wrap_command(dkron, &plan.dkron_command);
+fn inject_dkron_container(dkron: &mut Container, plan: &InjectionPlan, config: &InjectorConfig) {
+    let current = dkron.command.as_deref().unwrap_or_default();
+    if !is_wrapped(current) {
+        let command = wrapped_command(current, &plan.dkron_command)
+            .map(str::to_string)
+            .collect();
+        dkron.command = Some(command);
+    }
     upsert_by_name(
         dkron.volume_mounts.get_or_insert_with(Vec::new),
         bin_mount(),
         |m| &m.name,
     );
     let env = dkron.env.get_or_insert_with(Vec::new);
-    for var in dkron_env(plan, config) {
-        upsert_by_name(env, var, |e| &e.name);
+    for (name, source) in dkron_env(plan, config) {
+        upsert_by_name(env, source.env_var(name), |e| &e.name);
     }
 }
 
@@ -456,26 +458,31 @@ fn upsert_by_name<T>(items: &mut Vec<T>, item: T, name: impl Fn(&T) -> &String) 
     }
 }
 
-fn wrap_command(dkron: &mut Container, dkron_command: &[String]) {
-    let wrapper_prefix = [WRAPPER_PATH, "wrap", "--"];
-    let current = dkron.command.clone().unwrap_or_default();
-    let already_wrapped = current.len() >= wrapper_prefix.len()
-        && current.iter().zip(wrapper_prefix).all(|(a, b)| a == b);
-    if already_wrapped {
-        return;
-    }
-    let original = if current.is_empty() {
-        dkron_command.to_vec()
-    } else {
-        current
-    };
-    dkron.command = Some(
-        wrapper_prefix
+/// What the Dkron container's command starts with once wrapped.
+const WRAPPER_PREFIX: [&str; 3] = [WRAPPER_PATH, "wrap", "--"];
+
+/// Whether a Dkron container's command is wrapped already (then it stays as it is).
+pub(crate) fn is_wrapped(command: &[impl AsRef<str>]) -> bool {
+    command.len() >= WRAPPER_PREFIX.len()
+        && command
             .iter()
-            .map(|s| s.to_string())
-            .chain(original)
-            .collect(),
-    );
+            .zip(WRAPPER_PREFIX)
+            .all(|(a, b)| a.as_ref() == b)
+}
+
+/// The wrapped command of a Dkron container whose command is `current` (not wrapped yet): the
+/// wrapper, then the original command, or the Dkron executable when the image's entrypoint runs
+/// it (no command).
+pub(crate) fn wrapped_command<'a>(
+    current: &'a [impl AsRef<str>],
+    dkron_command: &'a [String],
+) -> impl Iterator<Item = &'a str> {
+    let original: Box<dyn Iterator<Item = &'a str>> = if current.is_empty() {
+        Box::new(dkron_command.iter().map(String::as_str))
+    } else {
+        Box::new(current.iter().map(AsRef::as_ref))
+    };
+    WRAPPER_PREFIX.into_iter().chain(original)
 }
 
 pub(crate) fn bin_volume() -> Volume {
@@ -489,7 +496,7 @@ pub(crate) fn bin_volume() -> Volume {
     }
 }
 
-fn bin_mount() -> VolumeMount {
+pub(crate) fn bin_mount() -> VolumeMount {
     VolumeMount {
         name: BIN_VOLUME.into(),
         mount_path: BIN_DIR.into(),
@@ -498,7 +505,7 @@ fn bin_mount() -> VolumeMount {
     }
 }
 
-fn field_env(name: &str, path: &str) -> EnvVar {
+pub(crate) fn field_env(name: &str, path: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
         value_from: Some(EnvVarSource {
@@ -520,27 +527,42 @@ fn value_env(name: &str, value: impl Into<String>) -> EnvVar {
     }
 }
 
-fn downward_env() -> [EnvVar; 3] {
-    [
-        field_env("POD_NAME", "metadata.name"),
-        field_env("POD_NAMESPACE", "metadata.namespace"),
-        field_env("POD_IP", "status.podIP"),
-    ]
+/// Where an injected environment variable's value comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum EnvSource {
+    Value(String),
+    /// A downward-API field of the pod (`fieldRef`, API version v1).
+    Field(&'static str),
 }
 
-fn dkron_env(plan: &InjectionPlan, config: &InjectorConfig) -> Vec<EnvVar> {
-    let mut env = vec![
-        value_env(ENV_STATEFULSET, &plan.name),
-        value_env(ENV_SERVICE, &plan.service),
-        value_env(
+impl EnvSource {
+    fn env_var(self, name: &str) -> EnvVar {
+        match self {
+            EnvSource::Value(value) => value_env(name, value),
+            EnvSource::Field(path) => field_env(name, path),
+        }
+    }
+}
+
+/// The environment the Dkron container gets, in order.
+pub(crate) fn dkron_env(
+    plan: &InjectionPlan,
+    config: &InjectorConfig,
+) -> [(&'static str, EnvSource); 8] {
+    use EnvSource::{Field, Value};
+    [
+        (ENV_STATEFULSET, Value(plan.name.clone())),
+        (ENV_SERVICE, Value(plan.service.clone())),
+        (
             ENV_INITIAL_CLUSTER_SIZE,
-            plan.initial_cluster_size.to_string(),
+            Value(plan.initial_cluster_size.to_string()),
         ),
-        value_env(ENV_CLUSTER_DOMAIN, &config.cluster_domain),
-        value_env(ENV_LEADER_SERVICE, format!("{}-leader", plan.name)),
-    ];
-    env.extend(downward_env());
-    env
+        (ENV_CLUSTER_DOMAIN, Value(config.cluster_domain.clone())),
+        (ENV_LEADER_SERVICE, Value(format!("{}-leader", plan.name))),
+        ("POD_NAME", Field("metadata.name")),
+        ("POD_NAMESPACE", Field("metadata.namespace")),
+        ("POD_IP", Field("status.podIP")),
+    ]
 }
 
 fn restricted_security_context() -> SecurityContext {

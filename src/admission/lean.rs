@@ -1,26 +1,29 @@
 //! The webhook's hot path: a review of a StatefulSet parsed into borrowed parts, and the JSON
-//! patch written from the engine's plan without building the whole object.
+//! patch written as text while the injection is decided, without building the object.
 //!
-//! The typed path (parse every field into k8s-openapi structs, clone the object, inject, diff)
-//! spends most of a review moving and allocating structs of several KiB. Here the decisions
-//! still come from the engine ([`inject::plan`] on a small typed object carrying what it reads)
-//! and the Dkron container is still changed by the engine's own code
-//! ([`inject::inject_dkron_container`]); only the list edits (upsert by name, move the sidecar)
-//! are written as patch operations directly, comparing typed values only for items that carry
-//! our names. Items of the pod template stay raw JSON otherwise.
+//! The typed path (parse every field into k8s-openapi structs, clone the object, inject, diff,
+//! serialize) spends most of a review allocating, copying and serializing structs. Here the
+//! decisions still come from the engine: [`inject::plan`] runs on a small typed object carrying
+//! what it reads, and what the Dkron container gets (the wrapped command, the environment, the
+//! mount) comes from the engine's own descriptions ([`inject::wrapped_command`],
+//! [`inject::dkron_env`], [`inject::bin_mount`]). What is written here is how those land in a
+//! patch: "upsert by name" and "move the sidecar" as operations on lists whose items stay raw
+//! JSON, compared with ours only when they carry our names.
 //!
 //! `tests/inject_engine.rs` checks as a property that this patch, applied to the whole object,
-//! equals the typed engine's output, on CREATE and UPDATE.
+//! equals the typed engine's output, on CREATE and UPDATE, and that a reinvocation gets none.
 
-use super::MutateError;
 use super::view::StatefulSetView;
+use super::{Changes, MutateError};
 use crate::inject::{
-    self, ANNOTATION_INJECTED, INSTALL_CONTAINER, InjectError, InjectorConfig,
-    LABEL_UPDATER_CONTAINER, Operation,
+    self, ANNOTATION_INJECTED, BIN_VOLUME, EnvSource, INSTALL_CONTAINER, InjectError,
+    InjectorConfig, LABEL_UPDATER_CONTAINER, Operation,
 };
-use crate::patch::{PatchOp, diff_container, raw, token};
+use crate::patch::{raw, token};
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
-use k8s_openapi::api::core::v1::{Container, EnvVar, PodSpec, PodTemplateSpec, Volume};
+use k8s_openapi::api::core::v1::{
+    Container, EnvVar, EnvVarSource, PodSpec, PodTemplateSpec, Volume, VolumeMount,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -28,10 +31,22 @@ use serde_json::value::RawValue;
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::rc::Rc;
 
 /// A StatefulSet as the hot path reads it: the shared view, its pod template in borrowed parts.
 pub(super) type LeanStatefulSet<'a> = StatefulSetView<LeanTemplate<'a>>;
+
+/// A JSON string, borrowed from the review unless it carries escapes. (serde borrows a
+/// `Cow<str>` only as a field of its own, never inside an `Option` or a `Vec`.)
+#[derive(Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+impl AsRef<str> for Text<'_> {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
 
 #[derive(Deserialize, Default)]
 pub(super) struct LeanTemplate<'a> {
@@ -44,7 +59,7 @@ pub(super) struct LeanTemplate<'a> {
 #[derive(Deserialize)]
 struct LeanTemplateMetadata<'a> {
     #[serde(default, borrow)]
-    annotations: Option<BTreeMap<Cow<'a, str>, Cow<'a, str>>>,
+    annotations: Option<BTreeMap<Text<'a>, Text<'a>>>,
 }
 
 #[derive(Deserialize)]
@@ -64,21 +79,30 @@ struct LeanPod<'a> {
     containers: Option<Vec<&'a RawValue>>,
 }
 
-/// What the engine's plan reads of a container: its name, and the recorded cluster size.
+/// What the engine reads and the patch changes of a container.
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct LeanContainer<'a> {
     #[serde(default, borrow)]
     name: Cow<'a, str>,
     #[serde(default, borrow)]
+    command: Option<Vec<Text<'a>>>,
+    #[serde(default, borrow)]
     env: Option<Vec<LeanEnvVar<'a>>>,
+    #[serde(default, borrow)]
+    volume_mounts: Option<Vec<&'a RawValue>>,
 }
 
+/// An environment variable: every field of `EnvVar`, its source left raw.
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct LeanEnvVar<'a> {
     #[serde(default, borrow)]
     name: Cow<'a, str>,
     #[serde(default, borrow)]
-    value: Option<Cow<'a, str>>,
+    value: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    value_from: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -91,56 +115,52 @@ fn parse<'a, T: Deserialize<'a>>(item: &'a RawValue) -> Result<T, MutateError> {
     serde_json::from_str(item.get()).map_err(MutateError::NotAStatefulSet)
 }
 
+/// The pod template's containers, read as far as the engine and the patch need them.
+fn containers<'a>(sts: &LeanStatefulSet<'a>) -> Result<Vec<LeanContainer<'a>>, MutateError> {
+    let items = sts.spec.as_ref().and_then(|s| s.template.spec.as_ref());
+    let items = items
+        .and_then(|p| p.containers.as_deref())
+        .unwrap_or_default();
+    items.iter().map(|item| parse(item)).collect()
+}
+
 /// The engine's view: the fields [`inject::plan`] reads, typed, with containers reduced to
 /// their names and the recorded cluster size.
-fn plan_input(sts: &LeanStatefulSet<'_>) -> Result<StatefulSet, MutateError> {
-    let spec = match &sts.spec {
-        None => None,
-        Some(spec) => {
-            let pod = match &spec.template.spec {
-                None => None,
-                Some(pod) => {
-                    let mut containers = Vec::new();
-                    for item in pod.containers.iter().flatten() {
-                        let lean: LeanContainer<'_> = parse(item)?;
-                        let recorded = lean
-                            .env
-                            .iter()
-                            .flatten()
-                            .find(|e| e.name == inject::ENV_INITIAL_CLUSTER_SIZE);
-                        containers.push(Container {
-                            name: lean.name.into_owned(),
-                            env: recorded.map(|e| {
-                                vec![EnvVar {
-                                    name: e.name.to_string(),
-                                    value: e.value.as_deref().map(str::to_string),
-                                    ..Default::default()
-                                }]
-                            }),
-                            ..Default::default()
-                        });
-                    }
-                    Some(PodSpec {
-                        service_account_name: pod.service_account_name.clone(),
-                        service_account: pod.service_account.clone(),
-                        containers,
-                        ..Default::default()
-                    })
-                }
-            };
-            Some(StatefulSetSpec {
-                replicas: spec.replicas,
-                service_name: spec.service_name.clone(),
-                pod_management_policy: spec.pod_management_policy.clone(),
-                template: PodTemplateSpec {
-                    metadata: None,
-                    spec: pod,
-                },
-                ..Default::default()
-            })
+fn plan_input(sts: &LeanStatefulSet<'_>, containers: &[LeanContainer<'_>]) -> StatefulSet {
+    let spec = sts.spec.as_ref().map(|spec| {
+        let pod = spec.template.spec.as_ref().map(|pod| PodSpec {
+            service_account_name: pod.service_account_name.clone(),
+            service_account: pod.service_account.clone(),
+            containers: containers
+                .iter()
+                .map(|c| Container {
+                    name: c.name.to_string(),
+                    env: c.env.iter().flatten().find_map(|e| {
+                        (e.name == inject::ENV_INITIAL_CLUSTER_SIZE).then(|| {
+                            vec![EnvVar {
+                                name: e.name.to_string(),
+                                value: e.value.as_ref().map(|v| v.0.to_string()),
+                                ..Default::default()
+                            }]
+                        })
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        });
+        StatefulSetSpec {
+            replicas: spec.replicas,
+            service_name: spec.service_name.clone(),
+            pod_management_policy: spec.pod_management_policy.clone(),
+            template: PodTemplateSpec {
+                metadata: None,
+                spec: pod,
+            },
+            ..Default::default()
         }
-    };
-    Ok(StatefulSet {
+    });
+    StatefulSet {
         metadata: ObjectMeta {
             name: sts.metadata.name.clone(),
             annotations: sts.metadata.annotations.clone(),
@@ -148,15 +168,17 @@ fn plan_input(sts: &LeanStatefulSet<'_>) -> Result<StatefulSet, MutateError> {
         },
         spec,
         status: None,
-    })
+    }
 }
 
-/// The parts the webhook adds, typed (to compare with what an object already has) and
-/// serialized (to write into patches), for one configuration.
+/// The parts the webhook adds that depend only on its configuration, typed (to compare with
+/// what an object already has) and serialized (to write into patches).
 struct Parts {
     config: InjectorConfig,
     volume: Volume,
     volume_json: Box<RawValue>,
+    mount: VolumeMount,
+    mount_json: Box<RawValue>,
     install: Container,
     install_json: Box<RawValue>,
     sidecar: Container,
@@ -174,12 +196,15 @@ fn parts(config: &InjectorConfig) -> Rc<Parts> {
             return parts.clone();
         }
         let volume = inject::bin_volume();
+        let mount = inject::bin_mount();
         let install = inject::install_container(config);
         let sidecar = inject::label_updater_container(config);
         let parts = Rc::new(Parts {
             config: config.clone(),
             volume_json: raw(&volume),
             volume,
+            mount_json: raw(&mount),
+            mount,
             install_json: raw(&install),
             install,
             sidecar_json: raw(&sidecar),
@@ -190,16 +215,107 @@ fn parts(config: &InjectorConfig) -> Rc<Parts> {
     })
 }
 
-/// A list of the pod template (volumes, init containers, containers) as patch operations
-/// change it: its items' names in their current order, and the raw items still unchanged.
-struct List<'a> {
-    path: String,
-    /// `None` while the list is absent from the object.
-    items: Option<Vec<(Cow<'a, str>, Option<&'a RawValue>)>>,
+/// Where in a list an operation applies.
+#[derive(Clone, Copy)]
+enum At {
+    /// The list itself.
+    Whole,
+    Index(usize),
+    /// After the last item (`-`).
+    End,
 }
 
-impl<'a> List<'a> {
-    fn new(path: String, items: Option<&[&'a RawValue]>) -> Result<Self, MutateError> {
+/// A JSON patch written as text, one operation at a time. Paths are ours: constants and
+/// indices, which never need JSON escaping.
+struct PatchText {
+    out: Vec<u8>,
+    ops: usize,
+}
+
+impl PatchText {
+    fn new() -> Self {
+        let mut out = Vec::with_capacity(4096);
+        out.push(b'[');
+        PatchText { out, ops: 0 }
+    }
+
+    fn begin(&mut self, op: &str, path: &str, at: At) {
+        debug_assert!(!path.contains(['"', '\\']), "{path}");
+        if self.ops > 0 {
+            self.out.push(b',');
+        }
+        self.ops += 1;
+        self.out.extend_from_slice(br#"{"op":""#);
+        self.out.extend_from_slice(op.as_bytes());
+        self.out.extend_from_slice(br#"","path":""#);
+        self.out.extend_from_slice(path.as_bytes());
+        match at {
+            At::Whole => {}
+            // Writing into a Vec cannot fail.
+            At::Index(i) => drop(write!(self.out, "/{i}")),
+            At::End => self.out.extend_from_slice(b"/-"),
+        }
+        self.out.push(b'"');
+    }
+
+    fn with_value(&mut self, op: &str, path: &str, at: At, value: impl FnOnce(&mut Vec<u8>)) {
+        self.begin(op, path, at);
+        self.out.extend_from_slice(br#","value":"#);
+        value(&mut self.out);
+        self.out.push(b'}');
+    }
+
+    fn add(&mut self, path: &str, at: At, value: impl FnOnce(&mut Vec<u8>)) {
+        self.with_value("add", path, at, value);
+    }
+
+    fn replace(&mut self, path: &str, at: At, value: impl FnOnce(&mut Vec<u8>)) {
+        self.with_value("replace", path, at, value);
+    }
+
+    fn remove(&mut self, path: &str, at: At) {
+        self.begin("remove", path, at);
+        self.out.push(b'}');
+    }
+
+    /// The patch, `None` when it has no operation.
+    fn finish(mut self) -> Option<(Vec<u8>, usize)> {
+        (self.ops > 0).then(|| {
+            self.out.push(b']');
+            (self.out, self.ops)
+        })
+    }
+}
+
+/// Writes `s` as a JSON string.
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    // Writing a string into a Vec cannot fail.
+    let _ = serde_json::to_writer(out, s);
+}
+
+/// Writes a JSON array of strings.
+fn json_strs<'s>(out: &mut Vec<u8>, items: impl IntoIterator<Item = &'s str>) {
+    out.push(b'[');
+    for (i, item) in items.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        json_str(out, item);
+    }
+    out.push(b']');
+}
+
+/// A list of the object (volumes, containers, a container's env, ...) as the patch changes it:
+/// its items' names in their current order, with the items still as the review sent them.
+struct List<'a, I> {
+    path: String,
+    /// `None` while the list is absent from the object; an item `None` once the patch wrote it.
+    items: Option<Vec<(Cow<'a, str>, Option<I>)>>,
+}
+
+impl<'a> List<'a, &'a RawValue> {
+    /// A list of raw named items.
+    fn raw(path: String, items: Option<&[&'a RawValue]>) -> Result<Self, MutateError> {
         let items = match items {
             None => None,
             Some(items) => Some(
@@ -212,55 +328,63 @@ impl<'a> List<'a> {
         Ok(List { path, items })
     }
 
-    /// Replaces the first item named like `item` when it differs, or appends `item`.
-    fn upsert<T: DeserializeOwned + PartialEq>(
+    /// [`List::upsert`] of a typed part, compared as a typed value, written as its JSON.
+    fn upsert_part<T: DeserializeOwned + PartialEq>(
         &mut self,
         name: &'static str,
-        item: &T,
+        part: &T,
         json: &RawValue,
-        ops: &mut Vec<PatchOp>,
+        patch: &mut PatchText,
+    ) {
+        self.upsert(
+            name,
+            |item| serde_json::from_str::<T>(item.get()).ok().as_ref() == Some(part),
+            |out| out.extend_from_slice(json.get().as_bytes()),
+            patch,
+        );
+    }
+}
+
+impl<'a, I> List<'a, I> {
+    /// Replaces the first item named `name` unless it is `same` already, or appends one.
+    fn upsert(
+        &mut self,
+        name: &'static str,
+        same: impl Fn(&I) -> bool,
+        write: impl FnOnce(&mut Vec<u8>),
+        patch: &mut PatchText,
     ) {
         let Some(items) = self.items.as_mut() else {
-            ops.push(PatchOp::Add {
-                path: self.path.clone(),
-                value: raw(&[json]),
+            patch.add(&self.path, At::Whole, |out| {
+                out.push(b'[');
+                write(out);
+                out.push(b']');
             });
             self.items = Some(vec![(Cow::Borrowed(name), None)]);
             return;
         };
         match items.iter().position(|(n, _)| n == name) {
             Some(i) => {
-                let existing = items[i]
-                    .1
-                    .and_then(|r| serde_json::from_str::<T>(r.get()).ok());
-                if existing.as_ref() != Some(item) {
-                    ops.push(PatchOp::Replace {
-                        path: format!("{}/{i}", self.path),
-                        value: json.to_owned(),
-                    });
+                if !items[i].1.as_ref().is_some_and(same) {
+                    patch.replace(&self.path, At::Index(i), write);
                     items[i].1 = None;
                 }
             }
             None => {
-                ops.push(PatchOp::Add {
-                    path: format!("{}/-", self.path),
-                    value: json.to_owned(),
-                });
+                patch.add(&self.path, At::End, write);
                 items.push((Cow::Borrowed(name), None));
             }
         }
     }
 
     /// Removes every item named `name`, from the last, so indices stay valid as it applies.
-    fn remove_all(&mut self, name: &str, ops: &mut Vec<PatchOp>) {
+    fn remove_all(&mut self, name: &str, patch: &mut PatchText) {
         let Some(items) = self.items.as_mut() else {
             return;
         };
         for i in (0..items.len()).rev() {
             if items[i].0 == name {
-                ops.push(PatchOp::Remove {
-                    path: format!("{}/{i}", self.path),
-                });
+                patch.remove(&self.path, At::Index(i));
                 items.remove(i);
             }
         }
@@ -276,13 +400,15 @@ pub(super) fn mutate(
     operation: Operation,
     old: Option<&LeanStatefulSet<'_>>,
     config: &InjectorConfig,
-) -> Result<Option<super::Mutation>, MutateError> {
+) -> Result<Option<Changes>, MutateError> {
     // Decided before anything else is read: an object that does not opt in is never denied.
     if !inject::opts_in(sts.metadata.annotations.as_ref()) {
         return Ok(None);
     }
-    let typed = plan_input(sts)?;
-    let old_typed = old.map(plan_input).transpose().ok().flatten();
+    let containers = containers(sts)?;
+    let typed = plan_input(sts, &containers);
+    // The stored object only informs defaults: one we cannot read counts as absent.
+    let old_typed = old.and_then(|old| Some(plan_input(old, &self::containers(old).ok()?)));
     let plan = inject::plan(&typed, operation, old_typed.as_ref())?;
     // plan() has refused objects without either.
     let Some(spec) = sts.spec.as_ref() else {
@@ -291,7 +417,7 @@ pub(super) fn mutate(
     let Some(pod) = spec.template.spec.as_ref() else {
         return Err(InjectError::MissingPodSpec.into());
     };
-    let mut ops = Vec::new();
+    let mut patch = PatchText::new();
     let mut warnings = Vec::new();
 
     let stored = old
@@ -303,7 +429,7 @@ pub(super) fn mutate(
         "/spec/podManagementPolicy",
         current,
         policy.as_deref(),
-        &mut ops,
+        &mut patch,
     );
     warnings.extend(inject::ordered_ready_warning(
         operation,
@@ -311,31 +437,29 @@ pub(super) fn mutate(
         &plan,
     ));
 
-    let annotations = spec
-        .template
-        .metadata
-        .as_ref()
-        .map(|m| m.annotations.as_ref());
-    let injected = BTreeMap::from([(ANNOTATION_INJECTED, config.version.as_str())]);
-    match annotations {
-        None => ops.push(PatchOp::Add {
-            path: "/spec/template/metadata".into(),
-            value: raw(&BTreeMap::from([("annotations", &injected)])),
+    let version = config.version.as_str();
+    let injected = |out: &mut Vec<u8>| {
+        out.push(b'{');
+        json_str(out, ANNOTATION_INJECTED);
+        out.push(b':');
+        json_str(out, version);
+        out.push(b'}');
+    };
+    match spec.template.metadata.as_ref().map(|m| &m.annotations) {
+        None => patch.add("/spec/template/metadata", At::Whole, |out| {
+            out.extend_from_slice(br#"{"annotations":"#);
+            injected(out);
+            out.push(b'}');
         }),
-        Some(None) => ops.push(PatchOp::Add {
-            path: "/spec/template/metadata/annotations".into(),
-            value: raw(&injected),
-        }),
+        Some(None) => patch.add("/spec/template/metadata/annotations", At::Whole, injected),
         Some(Some(present)) => {
-            if present.get(ANNOTATION_INJECTED).map(|v| v.as_ref()) != Some(config.version.as_str())
-            {
-                ops.push(PatchOp::Add {
-                    path: format!(
-                        "/spec/template/metadata/annotations/{}",
-                        token(ANNOTATION_INJECTED)
-                    ),
-                    value: raw(&config.version),
-                });
+            let key = Text(Cow::Borrowed(ANNOTATION_INJECTED));
+            if present.get(&key).map(AsRef::as_ref) != Some(version) {
+                let path = format!(
+                    "/spec/template/metadata/annotations/{}",
+                    token(ANNOTATION_INJECTED)
+                );
+                patch.add(&path, At::Whole, |out| json_str(out, version));
             }
         }
     }
@@ -349,96 +473,216 @@ pub(super) fn mutate(
             "/spec/template/spec/serviceAccountName",
             current,
             Some(&account),
-            &mut ops,
+            &mut patch,
         );
     }
 
     let parts = parts(config);
-    let mut volumes = List::new(format!("{POD}/volumes"), pod.volumes.as_deref())?;
-    volumes.upsert(
-        inject::BIN_VOLUME,
-        &parts.volume,
-        &parts.volume_json,
-        &mut ops,
-    );
-    let mut init = List::new(
+    let mut volumes = List::raw(format!("{POD}/volumes"), pod.volumes.as_deref())?;
+    volumes.upsert_part(BIN_VOLUME, &parts.volume, &parts.volume_json, &mut patch);
+    let mut init = List::raw(
         format!("{POD}/initContainers"),
         pod.init_containers.as_deref(),
     )?;
-    init.upsert(
+    init.upsert_part(
         INSTALL_CONTAINER,
         &parts.install,
         &parts.install_json,
-        &mut ops,
+        &mut patch,
     );
 
-    let items = pod.containers.as_deref().unwrap_or_default();
-    let Some(item) = items.get(plan.container_index) else {
+    // The Dkron container's edits go before any container is removed below, while its index
+    // still holds.
+    let Some(dkron) = containers.get(plan.container_index) else {
         return Err(InjectError::MissingPodSpec.into());
     };
-    let before: Container = parse(item)?;
-    let mut after = before.clone();
-    inject::inject_dkron_container(&mut after, &plan, config);
-    diff_container(
-        &before,
-        &after,
-        &format!("{POD}/containers/{}", plan.container_index),
-        &mut ops,
-    );
+    let path = format!("{POD}/containers/{}", plan.container_index);
+    dkron_container(dkron, &path, &plan, config, &parts, &mut patch)?;
 
-    // The names were read for the plan already; pair them with the raw items again.
-    let named = typed
-        .spec
-        .as_ref()
-        .and_then(|s| s.template.spec.as_ref())
-        .map(|p| p.containers.as_slice())
-        .unwrap_or_default();
     let mut containers = List {
         path: format!("{POD}/containers"),
         items: pod.containers.as_deref().map(|raws| {
             raws.iter()
-                .zip(named)
-                .map(|(raw, c)| (Cow::Borrowed(c.name.as_str()), Some(*raw)))
+                .zip(&containers)
+                .map(|(raw, c)| (Cow::Borrowed(c.name.as_ref()), Some(*raw)))
                 .collect()
         }),
     };
     if config.native_sidecar {
-        containers.remove_all(LABEL_UPDATER_CONTAINER, &mut ops);
-        init.upsert(
+        containers.remove_all(LABEL_UPDATER_CONTAINER, &mut patch);
+        init.upsert_part(
             LABEL_UPDATER_CONTAINER,
             &parts.sidecar,
             &parts.sidecar_json,
-            &mut ops,
+            &mut patch,
         );
     } else {
-        init.remove_all(LABEL_UPDATER_CONTAINER, &mut ops);
-        containers.upsert(
+        init.remove_all(LABEL_UPDATER_CONTAINER, &mut patch);
+        containers.upsert_part(
             LABEL_UPDATER_CONTAINER,
             &parts.sidecar,
             &parts.sidecar_json,
-            &mut ops,
+            &mut patch,
         );
     }
 
-    Ok(Some(super::Mutation {
-        patch: ops,
+    Ok(Some(Changes {
+        patch: patch.finish(),
         warnings,
     }))
 }
 
+/// The Dkron container's edits at `path`: what `inject::inject_dkron_container` does to the
+/// typed container (wrap the command, upsert the mount and each variable), as operations.
+fn dkron_container(
+    dkron: &LeanContainer<'_>,
+    path: &str,
+    plan: &inject::InjectionPlan,
+    config: &InjectorConfig,
+    parts: &Parts,
+    patch: &mut PatchText,
+) -> Result<(), MutateError> {
+    let command = dkron.command.as_deref().unwrap_or_default();
+    if !inject::is_wrapped(command) {
+        let write = |out: &mut Vec<u8>| {
+            json_strs(out, inject::wrapped_command(command, &plan.dkron_command));
+        };
+        let path = format!("{path}/command");
+        match dkron.command {
+            Some(_) => patch.replace(&path, At::Whole, write),
+            None => patch.add(&path, At::Whole, write),
+        }
+    }
+
+    let mut mounts = List::raw(
+        format!("{path}/volumeMounts"),
+        dkron.volume_mounts.as_deref(),
+    )?;
+    mounts.upsert_part(BIN_VOLUME, &parts.mount, &parts.mount_json, patch);
+
+    let env = inject::dkron_env(plan, config);
+    let path = format!("{path}/env");
+    match &dkron.env {
+        // One operation for the whole list rather than one per variable.
+        None => patch.add(&path, At::Whole, |out| {
+            out.push(b'[');
+            for (i, (name, source)) in env.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                env_var(out, name, source);
+            }
+            out.push(b']');
+        }),
+        Some(vars) => {
+            let mut list = List {
+                path,
+                items: Some(vars.iter().map(|v| (v.name.clone(), Some(v))).collect()),
+            };
+            for (name, source) in &env {
+                list.upsert(
+                    name,
+                    |var| same_env(var, source),
+                    |out| env_var(out, name, source),
+                    patch,
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes the environment variable the engine builds from `name` and `source`.
+fn env_var(out: &mut Vec<u8>, name: &str, source: &EnvSource) {
+    out.extend_from_slice(br#"{"name":"#);
+    json_str(out, name);
+    match source {
+        EnvSource::Value(value) => {
+            out.extend_from_slice(br#","value":"#);
+            json_str(out, value);
+        }
+        EnvSource::Field(field) => {
+            out.extend_from_slice(br#","valueFrom":{"fieldRef":{"apiVersion":"v1","fieldPath":"#);
+            json_str(out, field);
+            out.push(b'}');
+            out.push(b'}');
+        }
+    }
+    out.push(b'}');
+}
+
+/// Whether `var` equals the variable the engine builds from `source` (the names match already).
+fn same_env(var: &LeanEnvVar<'_>, source: &EnvSource) -> bool {
+    match source {
+        EnvSource::Value(value) => {
+            var.value_from.is_none() && var.value.as_ref().map(AsRef::as_ref) == Some(value)
+        }
+        EnvSource::Field(field) => {
+            let Some(from) = var.value_from.filter(|_| var.value.is_none()) else {
+                return false;
+            };
+            // What the API server sends (Go's field order, compact); anything else is compared
+            // as a typed value.
+            let sent = from
+                .get()
+                .strip_prefix(r#"{"fieldRef":{"apiVersion":"v1","fieldPath":""#)
+                .and_then(|rest| rest.strip_suffix(r#""}}"#));
+            sent == Some(field)
+                || serde_json::from_str::<EnvVarSource>(from.get()).ok()
+                    == inject::field_env("", field).value_from
+        }
+    }
+}
+
 /// Sets an optional string member at `path` from `current` to `desired`.
-fn set_scalar(path: &str, current: Option<&str>, desired: Option<&str>, ops: &mut Vec<PatchOp>) {
+fn set_scalar(path: &str, current: Option<&str>, desired: Option<&str>, patch: &mut PatchText) {
     match (current, desired) {
         (c, d) if c == d => {}
-        (None, Some(d)) => ops.push(PatchOp::Add {
-            path: path.into(),
-            value: raw(d),
-        }),
-        (Some(_), Some(d)) => ops.push(PatchOp::Replace {
-            path: path.into(),
-            value: raw(d),
-        }),
-        (Some(_), None) => ops.push(PatchOp::Remove { path: path.into() }),
+        (None, Some(d)) => patch.add(path, At::Whole, |out| json_str(out, d)),
+        (Some(_), Some(d)) => patch.replace(path, At::Whole, |out| json_str(out, d)),
+        (Some(_), None) => patch.remove(path, At::Whole),
         (None, None) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn var(json: &str) -> LeanEnvVar<'_> {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn an_injected_variable_is_the_same_however_its_source_is_written() {
+        let pod_name = EnvSource::Field("metadata.name");
+        let same = |json| same_env(&var(json), &pod_name);
+        // As the API server sends it, and with the members in another order or spaced out.
+        assert!(same(
+            r#"{"name":"POD_NAME","valueFrom":{"fieldRef":{"apiVersion":"v1","fieldPath":"metadata.name"}}}"#
+        ));
+        assert!(same(
+            r#"{"name":"POD_NAME","valueFrom":{ "fieldRef": {"fieldPath":"metadata.name","apiVersion":"v1"}}}"#
+        ));
+        // Not what the engine writes: another field, no API version, a value besides.
+        assert!(!same(
+            r#"{"name":"POD_NAME","valueFrom":{"fieldRef":{"apiVersion":"v1","fieldPath":"metadata.uid"}}}"#
+        ));
+        assert!(!same(
+            r#"{"name":"POD_NAME","valueFrom":{"fieldRef":{"fieldPath":"metadata.name"}}}"#
+        ));
+        assert!(!same(
+            r#"{"name":"POD_NAME","value":"x","valueFrom":{"fieldRef":{"apiVersion":"v1","fieldPath":"metadata.name"}}}"#
+        ));
+        assert!(!same(r#"{"name":"POD_NAME","value":"metadata.name"}"#));
+
+        let service = EnvSource::Value("dkron".into());
+        assert!(same_env(&var(r#"{"name":"S","value":"dkron"}"#), &service));
+        assert!(same_env(
+            &var(r#"{"name":"S","value":"dk\u0072on"}"#),
+            &service
+        ));
+        assert!(!same_env(&var(r#"{"name":"S","value":"other"}"#), &service));
+        assert!(!same_env(&var(r#"{"name":"S"}"#), &service));
     }
 }
