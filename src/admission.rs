@@ -504,6 +504,62 @@ mod tests {
     }
 
     #[test]
+    fn other_annotations_are_skipped_unread_and_left_as_they_are() {
+        // kubectl's client-side apply records the whole object, escaped, in an annotation; the
+        // pod template carries annotations of its own (and may say `null`).
+        let mut object = json!({
+            "metadata": {"name": "dkron", "annotations": {"dkron-ha/enabled": "true", "team": "jobs"}},
+            "spec": {
+                "replicas": 3,
+                "serviceName": "dkron",
+                "template": {
+                    "metadata": {"annotations": {"prometheus.io/scrape": "true", "n": 5}},
+                    "spec": {"containers": [{"name": "dkron", "image": "dkron/dkron:4.1.1"}]}
+                }
+            }
+        });
+        let applied = serde_json::to_string(&object).unwrap();
+        object["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"] =
+            json!(applied);
+        for template_annotations in [None, Some(Value::Null)] {
+            let mut object = object.clone();
+            if let Some(value) = template_annotations.clone() {
+                object["spec"]["template"]["metadata"]["annotations"] = value;
+            }
+            let body = serde_json::to_vec(&json!({
+                "apiVersion": "admission.k8s.io/v1",
+                "kind": "AdmissionReview",
+                "request": {
+                    "uid": "u-3",
+                    "kind": {"group": "apps", "version": "v1", "kind": "StatefulSet"},
+                    "operation": "CREATE",
+                    "object": object,
+                }
+            }))
+            .unwrap();
+            let answer = review(&body, &InjectorConfig::default()).unwrap();
+            assert_eq!(answer.verdict, Verdict::Patched);
+            let response: Value = serde_json::from_slice(&answer.body).unwrap();
+            let patch = base64::engine::general_purpose::STANDARD
+                .decode(response["response"]["patch"].as_str().unwrap())
+                .unwrap();
+            let patch: json_patch::Patch = serde_json::from_slice(&patch).unwrap();
+            let mut patched = object.clone();
+            json_patch::patch(&mut patched, &patch).unwrap();
+            assert_eq!(patched["metadata"], object["metadata"]);
+            let mut expected = match template_annotations {
+                None => json!({"prometheus.io/scrape": "true", "n": 5}),
+                Some(_) => json!({}),
+            };
+            expected["dkron-ha/injected"] = json!(crate::VERSION);
+            assert_eq!(
+                patched["spec"]["template"]["metadata"]["annotations"],
+                expected
+            );
+        }
+    }
+
+    #[test]
     fn the_spliced_patch_is_valid_json_with_a_plain_base64_string() {
         let ids = ReviewIds {
             api_version: "admission.k8s.io/v1",

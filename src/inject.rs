@@ -14,6 +14,8 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use std::collections::BTreeMap;
 
+/// What every annotation of dkron-ha starts with.
+pub const ANNOTATION_PREFIX: &str = "dkron-ha/";
 pub const ANNOTATION_ENABLED: &str = "dkron-ha/enabled";
 pub const ANNOTATION_INITIAL_CLUSTER_SIZE: &str = "dkron-ha/initial-cluster-size";
 pub const ANNOTATION_CONTAINER: &str = "dkron-ha/container";

@@ -39,7 +39,7 @@ pub(super) type LeanStatefulSet<'a> = StatefulSetView<LeanTemplate<'a>>;
 
 /// A JSON string, borrowed from the review unless it carries escapes. (serde borrows a
 /// `Cow<str>` only as a field of its own, never inside an `Option` or a `Vec`.)
-#[derive(Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Deserialize)]
 struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
 
 impl AsRef<str> for Text<'_> {
@@ -50,16 +50,16 @@ impl AsRef<str> for Text<'_> {
 
 #[derive(Deserialize, Default)]
 pub(super) struct LeanTemplate<'a> {
-    #[serde(default, borrow)]
-    metadata: Option<LeanTemplateMetadata<'a>>,
+    #[serde(default)]
+    metadata: Option<LeanTemplateMetadata>,
     #[serde(default, borrow)]
     spec: Option<LeanPod<'a>>,
 }
 
 #[derive(Deserialize)]
-struct LeanTemplateMetadata<'a> {
-    #[serde(default, borrow)]
-    annotations: Option<BTreeMap<Text<'a>, Text<'a>>>,
+struct LeanTemplateMetadata {
+    #[serde(default, deserialize_with = "super::view::our_annotations")]
+    annotations: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Deserialize)]
@@ -453,8 +453,7 @@ pub(super) fn mutate(
         }),
         Some(None) => patch.add("/spec/template/metadata/annotations", At::Whole, injected),
         Some(Some(present)) => {
-            let key = Text(Cow::Borrowed(ANNOTATION_INJECTED));
-            if present.get(&key).map(AsRef::as_ref) != Some(version) {
+            if present.get(ANNOTATION_INJECTED).map(String::as_str) != Some(version) {
                 let path = format!(
                     "/spec/template/metadata/annotations/{}",
                     token(ANNOTATION_INJECTED)

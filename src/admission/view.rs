@@ -16,7 +16,10 @@ use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
+use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::fmt;
 
 /// A StatefulSet with its pod template read as `T`: a typed `PodTemplateSpec` here, borrowed
 /// parts on the hot path (`lean`).
@@ -33,8 +36,55 @@ pub(super) struct StatefulSetView<T = PodTemplateSpec> {
 pub(super) struct MetadataView {
     #[serde(default)]
     pub(super) name: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "our_annotations")]
     pub(super) annotations: Option<BTreeMap<String, String>>,
+}
+
+/// Annotations, keeping only dkron-ha's own (`dkron-ha/...`), the only ones the engine reads.
+/// Others are skipped unread: they can be large, and kubectl's last-applied-configuration
+/// carries the whole object as one escaped string. `null` reads as absent.
+pub(super) fn our_annotations<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<BTreeMap<String, String>>, D::Error> {
+    struct Ours;
+
+    /// A key, borrowed from the input unless it carries escapes.
+    #[derive(Deserialize)]
+    struct Key<'a>(#[serde(borrow)] Cow<'a, str>);
+
+    impl<'de> Visitor<'de> for Ours {
+        type Value = Option<BTreeMap<String, String>>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a map of annotations")
+        }
+
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut ours = BTreeMap::new();
+            while let Some(Key(key)) = map.next_key()? {
+                if key.starts_with(crate::inject::ANNOTATION_PREFIX) {
+                    ours.insert(key.into_owned(), map.next_value()?);
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(Some(ours))
+        }
+    }
+
+    deserializer.deserialize_option(Ours)
 }
 
 #[derive(Deserialize)]
