@@ -32,6 +32,50 @@ fn review_body() -> axum::body::Bytes {
     let value: serde_json::Value = serde_json::from_str(REVIEW).expect("fixture is JSON");
     serde_json::to_vec(&value).expect("JSON").into()
 }
+/// The same review as a StatefulSet applied with `kubectl apply` arrives: its metadata carries
+/// the last-applied configuration (the manifest as one escaped JSON string) and managed fields
+/// listing every field set. Not the goal's fixture; it shows how the ratio moves with a review
+/// of a realistic size.
+fn kubectl_applied_body() -> axum::body::Bytes {
+    let mut review: serde_json::Value = serde_json::from_slice(&review_body()).expect("JSON");
+    let object = &mut review["request"]["object"];
+    let mut manifest = object.clone();
+    for generated in ["creationTimestamp", "managedFields"] {
+        manifest["metadata"].as_object_mut().unwrap().remove(generated);
+    }
+    manifest.as_object_mut().unwrap().remove("status");
+    let manifest = serde_json::to_string(&manifest).unwrap() + "\n";
+    object["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"] =
+        manifest.into();
+    let fields = fields_v1(&serde_json::json!({"metadata": object["metadata"], "spec": object["spec"]}));
+    object["metadata"]["managedFields"][0]["fieldsV1"] = fields;
+    serde_json::to_vec(&review).expect("JSON").into()
+}
+
+/// A `fieldsV1` set naming every field of `value` (list items keyed by name, as for containers).
+fn fields_v1(value: &serde_json::Value) -> serde_json::Value {
+    use serde_json::{Map, Value};
+    match value {
+        Value::Object(members) => Value::Object(
+            members
+                .iter()
+                .map(|(k, v)| (format!("f:{k}"), fields_v1(v)))
+                .chain([(".".to_string(), Value::Object(Map::new()))])
+                .collect(),
+        ),
+        Value::Array(items) => Value::Object(
+            items
+                .iter()
+                .map(|item| match item.get("name") {
+                    Some(name) => (format!("k:{{\"name\":{name}}}"), fields_v1(item)),
+                    None => (format!("v:{item}"), Value::Object(Map::new())),
+                })
+                .collect(),
+        ),
+        _ => Value::Object(Map::new()),
+    }
+}
+
 const CLIENTS: usize = 8;
 const REQUESTS_PER_CLIENT: usize = 2_500;
 const WARMUP_PER_CLIENT: usize = 200;
@@ -181,16 +225,21 @@ fn main() {
         )
     };
 
-    let rps = reviews_per_second();
-    println!(
-        "review (hot path, warm loop): {rps:.0} reviews/s ({:.1} µs each)",
-        1e6 / rps
-    );
-    let ips = injections_per_second();
-    println!(
-        "injection engine: {ips:.0} injections/s ({:.1} µs each)",
-        1e6 / ips
-    );
+    // For profilers: `DKRON_HA_BENCH_ONLY=/mutate perf record ...` loads only the servers whose
+    // name contains the text, once each, and skips the warm loops.
+    let only = std::env::var("DKRON_HA_BENCH_ONLY").ok();
+    if only.is_none() {
+        let rps = reviews_per_second();
+        println!(
+            "review (hot path, warm loop): {rps:.0} reviews/s ({:.1} µs each)",
+            1e6 / rps
+        );
+        let ips = injections_per_second();
+        println!(
+            "injection engine: {ips:.0} injections/s ({:.1} µs each)",
+            1e6 / ips
+        );
+    }
 
     // A constant answer of the same shape and size as a real patched response. The handler
     // reads the request body like any real handler, so the difference is the admission work.
@@ -198,15 +247,21 @@ fn main() {
         let answer = admission::review(&review_body(), &InjectorConfig::default()).unwrap();
         answer.body
     };
-    let bare = Router::new().route(
-        "/mutate",
-        post({
-            let constant = constant.clone();
-            move |_req: axum::body::Bytes| {
+    let bare_answering = |constant: Vec<u8>| {
+        Router::new().route(
+            "/mutate",
+            post(move |_req: axum::body::Bytes| {
                 let body = constant.clone();
                 async move { ([("content-type", "application/json")], body) }
-            }
-        }),
+            }),
+        )
+    };
+    let bare = bare_answering(constant.clone());
+    let applied = kubectl_applied_body();
+    let bare_applied = bare_answering(
+        admission::review(&applied, &InjectorConfig::default())
+            .unwrap()
+            .body,
     );
     // The least any conforming webhook does: check that the body is JSON (a malformed review
     // must get a 400), then answer the constant. Not a goal baseline; it shows how much of the
@@ -259,8 +314,20 @@ fn main() {
         ("bare rustls+axum constant", bare, review_body()),
         ("bare + JSON check of body", parse_only, review_body()),
         ("bare + our review parse", our_parse, not_opted_in),
-        ("dkron-ha /mutate", ours, review_body()),
+        ("dkron-ha /mutate", ours.clone(), review_body()),
+        ("bare, kubectl-applied review", bare_applied, applied.clone()),
+        ("/mutate, kubectl-applied", ours, applied.clone()),
     ];
+    if let Some(only) = only {
+        for (name, router, body) in servers.iter().filter(|(n, _, _)| n.contains(&only)) {
+            let r = load(router.clone(), body.clone(), &certs.ca_cert_pem, cert());
+            println!(
+                "  {name:<30} {:>8.0} req/s  p50 {:>9.1?}  p99 {:>9.1?}  cpu/request {:>8.1?}",
+                r.rps, r.p50, r.p99, r.cpu_per_request
+            );
+        }
+        return;
+    }
     // Alternate them, twice, so drift on a shared machine hits all alike.
     let mut runs: Vec<Vec<LoadResult>> = servers.iter().map(|_| Vec::new()).collect();
     for _ in 0..2 {
@@ -297,16 +364,23 @@ fn main() {
         "{CLIENTS} keep-alive TLS clients x {REQUESTS_PER_CLIENT} requests (best of 2 runs each):"
     );
     let (b_rps, b_p50, b_p99, b_cpu) = best[0];
-    for ((name, _, _), (rps, p50, p99, cpu)) in servers.iter().zip(&best) {
+    for (i, ((name, _, _), (rps, p50, p99, cpu))) in servers.iter().zip(&best).enumerate() {
+        // Each server against the bare handler answering the same review.
+        let (b_rps, b_cpu) = if i < 4 { (b_rps, b_cpu) } else { (best[4].0, best[4].3) };
         println!(
-            "  {name:<26} {rps:>8.0} req/s  p50 {p50:>9.1?}  p99 {p99:>9.1?}  cpu/request {cpu:>8.1?}  ratio {:.2} (cpu {:.2})",
+            "  {name:<30} {rps:>8.0} req/s  p50 {p50:>9.1?}  p99 {p99:>9.1?}  cpu/request {cpu:>8.1?}  ratio {:.2} (cpu {:.2})",
             rps / b_rps,
             b_cpu.as_secs_f64() / cpu.as_secs_f64(),
         );
     }
     let (o_rps, o_p50, o_p99, o_cpu) = best[3];
     println!(
-        "  /mutate handler (review only, under load): mean {:.1} µs",
+        "  (the last two: the review of a StatefulSet applied with kubectl, {} bytes instead of {}; ratios against the bare handler answering it)",
+        applied.len(),
+        review_body().len()
+    );
+    println!(
+        "  /mutate handler (review only, under load, both reviews): mean {:.1} µs",
         handler_mean * 1e6
     );
     println!(
