@@ -41,13 +41,17 @@ fn kubectl_applied_body() -> axum::body::Bytes {
     let object = &mut review["request"]["object"];
     let mut manifest = object.clone();
     for generated in ["creationTimestamp", "managedFields"] {
-        manifest["metadata"].as_object_mut().unwrap().remove(generated);
+        manifest["metadata"]
+            .as_object_mut()
+            .unwrap()
+            .remove(generated);
     }
     manifest.as_object_mut().unwrap().remove("status");
     let manifest = serde_json::to_string(&manifest).unwrap() + "\n";
     object["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"] =
         manifest.into();
-    let fields = fields_v1(&serde_json::json!({"metadata": object["metadata"], "spec": object["spec"]}));
+    let fields =
+        fields_v1(&serde_json::json!({"metadata": object["metadata"], "spec": object["spec"]}));
     object["metadata"]["managedFields"][0]["fieldsV1"] = fields;
     serde_json::to_vec(&review).expect("JSON").into()
 }
@@ -338,7 +342,11 @@ fn main() {
         ("bare + our review parse", our_parse, not_opted_in),
         ("dkron-ha /mutate", ours.clone(), review_body()),
         ("bare + busy loop of 1 review", busy, review_body()),
-        ("bare, kubectl-applied review", bare_applied, applied.clone()),
+        (
+            "bare, kubectl-applied review",
+            bare_applied,
+            applied.clone(),
+        ),
         ("/mutate, kubectl-applied", ours, applied.clone()),
     ];
     if let Some(only) = only {
@@ -389,7 +397,11 @@ fn main() {
     let (b_rps, b_p50, b_p99, b_cpu) = best[0];
     for (i, ((name, _, _), (rps, p50, p99, cpu))) in servers.iter().zip(&best).enumerate() {
         // Each server against the bare handler answering the same review.
-        let (b_rps, b_cpu) = if i < 5 { (b_rps, b_cpu) } else { (best[5].0, best[5].3) };
+        let (b_rps, b_cpu) = if i < 5 {
+            (b_rps, b_cpu)
+        } else {
+            (best[5].0, best[5].3)
+        };
         println!(
             "  {name:<30} {rps:>8.0} req/s  p50 {p50:>9.1?}  p99 {p99:>9.1?}  cpu/request {cpu:>8.1?}  ratio {:.2} (cpu {:.2})",
             rps / b_rps,
@@ -397,9 +409,7 @@ fn main() {
         );
     }
     let (o_rps, o_p50, o_p99, o_cpu) = best[3];
-    println!(
-        "  (busy loop: {review_time:.1?}, one review's time in the warm loop)"
-    );
+    println!("  (busy loop: {review_time:.1?}, one review's time in the warm loop)");
     println!(
         "  (the last two: the review of a StatefulSet applied with kubectl, {} bytes instead of {}; ratios against the bare handler answering it)",
         applied.len(),

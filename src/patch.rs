@@ -5,9 +5,9 @@
 //! serializing only the parts that differ (a generic diff of two whole serialized objects costs
 //! several times the injection itself). The operations address single fields, so fields this
 //! build does not know survive in the raw object. `inject` and reviews off the webhook's hot
-//! path use it; the hot path (`admission::lean`) writes its patch from the plan and shares
-//! `diff_container`. `tests/inject_engine.rs` checks as a property that the patch applied to
-//! the input equals the engine's output.
+//! path use it; the hot path (`admission::lean`) writes its patch as text from the plan.
+//! `tests/inject_engine.rs` checks as a property that both patches, applied to the input, equal
+//! the engine's output.
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Container, PodSpec};
@@ -243,12 +243,7 @@ macro_rules! diff_struct {
     }};
 }
 
-pub(crate) fn diff_container(
-    before: &Container,
-    after: &Container,
-    path: &str,
-    ops: &mut Vec<PatchOp>,
-) {
+fn diff_container(before: &Container, after: &Container, path: &str, ops: &mut Vec<PatchOp>) {
     diff_struct!(Container, before, after, path, ops, {
         args: "args",
         command: "command",
