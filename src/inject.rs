@@ -429,7 +429,7 @@ pub(crate) fn automount_warning(automount: Option<bool>) -> Option<String> {
 pub(crate) fn injected_service_account(plan: &InjectionPlan) -> Option<String> {
     plan.service_account
         .is_none()
-        .then(|| format!("{}-dkron-ha", plan.name))
+        .then(|| [plan.name.as_str(), "-dkron-ha"].concat())
 }
 
 /// Wraps the Dkron container's command and gives it the wrapper's volume and environment.
@@ -560,7 +560,10 @@ pub(crate) fn dkron_env(
             Value(plan.initial_cluster_size.to_string()),
         ),
         (ENV_CLUSTER_DOMAIN, Value(config.cluster_domain.clone())),
-        (ENV_LEADER_SERVICE, Value(format!("{}-leader", plan.name))),
+        (
+            ENV_LEADER_SERVICE,
+            Value([plan.name.as_str(), "-leader"].concat()),
+        ),
         ("POD_NAME", Field("metadata.name")),
         ("POD_NAMESPACE", Field("metadata.namespace")),
         ("POD_IP", Field("status.podIP")),

@@ -31,7 +31,6 @@ use serde_json::value::RawValue;
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::rc::Rc;
 
 /// A StatefulSet as the hot path reads it: the shared view, its pod template in borrowed parts.
@@ -225,6 +224,9 @@ enum At {
     End,
 }
 
+/// A JSON pointer as the segments it is written from, e.g. `["/spec/template/spec", "/volumes"]`.
+type Path<'p> = &'p [&'p str];
+
 /// A JSON patch written as text, one operation at a time. Paths are ours: constants and
 /// indices, which never need JSON escaping.
 struct PatchText {
@@ -239,8 +241,8 @@ impl PatchText {
         PatchText { out, ops: 0 }
     }
 
-    fn begin(&mut self, op: &str, path: &str, at: At) {
-        debug_assert!(!path.contains(['"', '\\']), "{path}");
+    fn begin(&mut self, op: &str, path: Path<'_>, at: At) {
+        debug_assert!(!path.iter().any(|p| p.contains(['"', '\\'])), "{path:?}");
         if self.ops > 0 {
             self.out.push(b',');
         }
@@ -248,32 +250,36 @@ impl PatchText {
         self.out.extend_from_slice(br#"{"op":""#);
         self.out.extend_from_slice(op.as_bytes());
         self.out.extend_from_slice(br#"","path":""#);
-        self.out.extend_from_slice(path.as_bytes());
+        for segment in path {
+            self.out.extend_from_slice(segment.as_bytes());
+        }
         match at {
             At::Whole => {}
-            // Writing into a Vec cannot fail.
-            At::Index(i) => drop(write!(self.out, "/{i}")),
+            At::Index(i) => {
+                self.out.push(b'/');
+                push_decimal(&mut self.out, i);
+            }
             At::End => self.out.extend_from_slice(b"/-"),
         }
         self.out.push(b'"');
     }
 
-    fn with_value(&mut self, op: &str, path: &str, at: At, value: impl FnOnce(&mut Vec<u8>)) {
+    fn with_value(&mut self, op: &str, path: Path<'_>, at: At, value: impl FnOnce(&mut Vec<u8>)) {
         self.begin(op, path, at);
         self.out.extend_from_slice(br#","value":"#);
         value(&mut self.out);
         self.out.push(b'}');
     }
 
-    fn add(&mut self, path: &str, at: At, value: impl FnOnce(&mut Vec<u8>)) {
+    fn add(&mut self, path: Path<'_>, at: At, value: impl FnOnce(&mut Vec<u8>)) {
         self.with_value("add", path, at, value);
     }
 
-    fn replace(&mut self, path: &str, at: At, value: impl FnOnce(&mut Vec<u8>)) {
+    fn replace(&mut self, path: Path<'_>, at: At, value: impl FnOnce(&mut Vec<u8>)) {
         self.with_value("replace", path, at, value);
     }
 
-    fn remove(&mut self, path: &str, at: At) {
+    fn remove(&mut self, path: Path<'_>, at: At) {
         self.begin("remove", path, at);
         self.out.push(b'}');
     }
@@ -287,10 +293,29 @@ impl PatchText {
     }
 }
 
-/// Writes `s` as a JSON string.
+/// Writes `i` in decimal.
+fn push_decimal(out: &mut Vec<u8>, i: usize) {
+    if i >= 10 {
+        push_decimal(out, i / 10);
+    }
+    out.push(b'0' + (i % 10) as u8);
+}
+
+/// Writes `s` as a JSON string. Most strings here need no escape and are copied as they are.
 fn json_str(out: &mut Vec<u8>, s: &str) {
-    // Writing a string into a Vec cannot fail.
-    let _ = serde_json::to_writer(out, s);
+    // Without early exit, so the check compiles to vector instructions.
+    let plain = s.bytes().fold(true, |plain, b| {
+        plain & (b >= 0x20) & (b != b'"') & (b != b'\\')
+    });
+    if plain {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        // Writing a string into a Vec cannot fail.
+        let _ = serde_json::to_writer(out, s);
+    }
 }
 
 /// Writes a JSON array of strings.
@@ -307,15 +332,15 @@ fn json_strs<'s>(out: &mut Vec<u8>, items: impl IntoIterator<Item = &'s str>) {
 
 /// A list of the object (volumes, containers, a container's env, ...) as the patch changes it:
 /// its items' names in their current order, with the items still as the review sent them.
-struct List<'a, I> {
-    path: String,
+struct List<'a, 'p, I> {
+    path: Path<'p>,
     /// `None` while the list is absent from the object; an item `None` once the patch wrote it.
     items: Option<Vec<(Cow<'a, str>, Option<I>)>>,
 }
 
-impl<'a> List<'a, &'a RawValue> {
+impl<'a, 'p> List<'a, 'p, &'a RawValue> {
     /// A list of raw named items.
-    fn raw(path: String, items: Option<&[&'a RawValue]>) -> Result<Self, MutateError> {
+    fn raw(path: Path<'p>, items: Option<&[&'a RawValue]>) -> Result<Self, MutateError> {
         let items = match items {
             None => None,
             Some(items) => Some(
@@ -345,7 +370,7 @@ impl<'a> List<'a, &'a RawValue> {
     }
 }
 
-impl<'a, I> List<'a, I> {
+impl<'a, I> List<'a, '_, I> {
     /// Replaces the first item named `name` unless it is `same` already, or appends one.
     fn upsert(
         &mut self,
@@ -355,7 +380,7 @@ impl<'a, I> List<'a, I> {
         patch: &mut PatchText,
     ) {
         let Some(items) = self.items.as_mut() else {
-            patch.add(&self.path, At::Whole, |out| {
+            patch.add(self.path, At::Whole, |out| {
                 out.push(b'[');
                 write(out);
                 out.push(b']');
@@ -366,12 +391,12 @@ impl<'a, I> List<'a, I> {
         match items.iter().position(|(n, _)| n == name) {
             Some(i) => {
                 if !items[i].1.as_ref().is_some_and(same) {
-                    patch.replace(&self.path, At::Index(i), write);
+                    patch.replace(self.path, At::Index(i), write);
                     items[i].1 = None;
                 }
             }
             None => {
-                patch.add(&self.path, At::End, write);
+                patch.add(self.path, At::End, write);
                 items.push((Cow::Borrowed(name), None));
             }
         }
@@ -384,7 +409,7 @@ impl<'a, I> List<'a, I> {
         };
         for i in (0..items.len()).rev() {
             if items[i].0 == name {
-                patch.remove(&self.path, At::Index(i));
+                patch.remove(self.path, At::Index(i));
                 items.remove(i);
             }
         }
@@ -426,7 +451,7 @@ pub(super) fn mutate(
     let current = spec.pod_management_policy.as_deref();
     let policy = inject::pod_management_policy(operation, current, stored);
     set_scalar(
-        "/spec/podManagementPolicy",
+        &["/spec/podManagementPolicy"],
         current,
         policy.as_deref(),
         &mut patch,
@@ -446,18 +471,20 @@ pub(super) fn mutate(
         out.push(b'}');
     };
     match spec.template.metadata.as_ref().map(|m| &m.annotations) {
-        None => patch.add("/spec/template/metadata", At::Whole, |out| {
+        None => patch.add(&["/spec/template/metadata"], At::Whole, |out| {
             out.extend_from_slice(br#"{"annotations":"#);
             injected(out);
             out.push(b'}');
         }),
-        Some(None) => patch.add("/spec/template/metadata/annotations", At::Whole, injected),
+        Some(None) => patch.add(
+            &["/spec/template/metadata/annotations"],
+            At::Whole,
+            injected,
+        ),
         Some(Some(present)) => {
             if present.get(ANNOTATION_INJECTED).map(String::as_str) != Some(version) {
-                let path = format!(
-                    "/spec/template/metadata/annotations/{}",
-                    token(ANNOTATION_INJECTED)
-                );
+                let key = token(ANNOTATION_INJECTED);
+                let path = ["/spec/template/metadata/annotations/", &key];
                 patch.add(&path, At::Whole, |out| json_str(out, version));
             }
         }
@@ -469,7 +496,7 @@ pub(super) fn mutate(
     if let Some(account) = inject::injected_service_account(&plan) {
         let current = pod.service_account_name.as_deref();
         set_scalar(
-            "/spec/template/spec/serviceAccountName",
+            &["/spec/template/spec/serviceAccountName"],
             current,
             Some(&account),
             &mut patch,
@@ -477,12 +504,9 @@ pub(super) fn mutate(
     }
 
     let parts = parts(config);
-    let mut volumes = List::raw(format!("{POD}/volumes"), pod.volumes.as_deref())?;
+    let mut volumes = List::raw(&[POD, "/volumes"], pod.volumes.as_deref())?;
     volumes.upsert_part(BIN_VOLUME, &parts.volume, &parts.volume_json, &mut patch);
-    let mut init = List::raw(
-        format!("{POD}/initContainers"),
-        pod.init_containers.as_deref(),
-    )?;
+    let mut init = List::raw(&[POD, "/initContainers"], pod.init_containers.as_deref())?;
     init.upsert_part(
         INSTALL_CONTAINER,
         &parts.install,
@@ -495,11 +519,11 @@ pub(super) fn mutate(
     let Some(dkron) = containers.get(plan.container_index) else {
         return Err(InjectError::MissingPodSpec.into());
     };
-    let path = format!("{POD}/containers/{}", plan.container_index);
-    dkron_container(dkron, &path, &plan, config, &parts, &mut patch)?;
+    let index = plan.container_index.to_string();
+    dkron_container(dkron, &index, &plan, config, &parts, &mut patch)?;
 
     let mut containers = List {
-        path: format!("{POD}/containers"),
+        path: &[POD, "/containers"],
         items: pod.containers.as_deref().map(|raws| {
             raws.iter()
                 .zip(&containers)
@@ -531,11 +555,11 @@ pub(super) fn mutate(
     }))
 }
 
-/// The Dkron container's edits at `path`: what `inject::inject_dkron_container` does to the
+/// The edits of the Dkron container, the `index`th: what `inject::inject_dkron_container` does to the
 /// typed container (wrap the command, upsert the mount and each variable), as operations.
 fn dkron_container(
     dkron: &LeanContainer<'_>,
-    path: &str,
+    index: &str,
     plan: &inject::InjectionPlan,
     config: &InjectorConfig,
     parts: &Parts,
@@ -546,21 +570,19 @@ fn dkron_container(
         let write = |out: &mut Vec<u8>| {
             json_strs(out, inject::wrapped_command(command, &plan.dkron_command));
         };
-        let path = format!("{path}/command");
+        let path = [POD, "/containers/", index, "/command"];
         match dkron.command {
             Some(_) => patch.replace(&path, At::Whole, write),
             None => patch.add(&path, At::Whole, write),
         }
     }
 
-    let mut mounts = List::raw(
-        format!("{path}/volumeMounts"),
-        dkron.volume_mounts.as_deref(),
-    )?;
+    let path = [POD, "/containers/", index, "/volumeMounts"];
+    let mut mounts = List::raw(&path, dkron.volume_mounts.as_deref())?;
     mounts.upsert_part(BIN_VOLUME, &parts.mount, &parts.mount_json, patch);
 
     let env = inject::dkron_env(plan, config);
-    let path = format!("{path}/env");
+    let path = [POD, "/containers/", index, "/env"];
     match &dkron.env {
         // One operation for the whole list rather than one per variable.
         None => patch.add(&path, At::Whole, |out| {
@@ -575,7 +597,7 @@ fn dkron_container(
         }),
         Some(vars) => {
             let mut list = List {
-                path,
+                path: &path,
                 items: Some(vars.iter().map(|v| (v.name.clone(), Some(v))).collect()),
             };
             for (name, source) in &env {
@@ -634,7 +656,7 @@ fn same_env(var: &LeanEnvVar<'_>, source: &EnvSource) -> bool {
 }
 
 /// Sets an optional string member at `path` from `current` to `desired`.
-fn set_scalar(path: &str, current: Option<&str>, desired: Option<&str>, patch: &mut PatchText) {
+fn set_scalar(path: Path<'_>, current: Option<&str>, desired: Option<&str>, patch: &mut PatchText) {
     match (current, desired) {
         (c, d) if c == d => {}
         (None, Some(d)) => patch.add(path, At::Whole, |out| json_str(out, d)),
@@ -650,6 +672,29 @@ mod tests {
 
     fn var(json: &str) -> LeanEnvVar<'_> {
         serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn strings_and_indices_are_written_as_serde_json_and_display_write_them() {
+        for s in [
+            "",
+            "plain",
+            "quo\"te",
+            "back\\slash",
+            "tab\t",
+            "\u{1}",
+            "ünïcödé",
+            "\u{7f}",
+        ] {
+            let mut out = Vec::new();
+            json_str(&mut out, s);
+            assert_eq!(out, serde_json::to_vec(s).unwrap(), "{s:?}");
+        }
+        for i in [0, 7, 10, 99, 12345] {
+            let mut out = Vec::new();
+            push_decimal(&mut out, i);
+            assert_eq!(out, i.to_string().as_bytes());
+        }
     }
 
     #[test]
