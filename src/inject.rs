@@ -9,7 +9,7 @@
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector,
-    PodSpec, ResourceRequirements, SecurityContext, Volume, VolumeMount,
+    ResourceRequirements, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use std::collections::BTreeMap;
@@ -125,12 +125,69 @@ pub(crate) fn opts_in(annotations: Option<&BTreeMap<String, String>>) -> bool {
         .is_some_and(|v| v == "true")
 }
 
-fn annotation<'a>(sts: &'a StatefulSet, key: &str) -> Option<&'a str> {
-    sts.metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(key))
-        .map(String::as_str)
+/// What [`plan`] reads of a StatefulSet, borrowed. The webhook's hot path reads it straight
+/// from the review; [`Facts::of`] reads it from a typed object.
+pub(crate) struct Facts<'a> {
+    pub(crate) name: Option<&'a str>,
+    pub(crate) annotations: Option<&'a BTreeMap<String, String>>,
+    /// `None` without a spec.
+    pub(crate) spec: Option<SpecFacts<'a>>,
+}
+
+pub(crate) struct SpecFacts<'a> {
+    pub(crate) replicas: Option<i32>,
+    pub(crate) service_name: Option<&'a str>,
+    /// `None` without a pod template spec.
+    pub(crate) pod: Option<PodFacts<'a>>,
+}
+
+pub(crate) struct PodFacts<'a> {
+    pub(crate) service_account_name: Option<&'a str>,
+    pub(crate) service_account: Option<&'a str>,
+    pub(crate) containers: Vec<ContainerFacts<'a>>,
+}
+
+pub(crate) struct ContainerFacts<'a> {
+    pub(crate) name: &'a str,
+    /// The value of its first `DKRON_HA_INITIAL_CLUSTER_SIZE` variable: what an earlier
+    /// injection recorded.
+    pub(crate) recorded_size: Option<&'a str>,
+}
+
+impl<'a> Facts<'a> {
+    pub(crate) fn of(sts: &'a StatefulSet) -> Self {
+        Facts {
+            name: sts.metadata.name.as_deref(),
+            annotations: sts.metadata.annotations.as_ref(),
+            spec: sts.spec.as_ref().map(|spec| SpecFacts {
+                replicas: spec.replicas,
+                service_name: spec.service_name.as_deref(),
+                pod: spec.template.spec.as_ref().map(|pod| PodFacts {
+                    service_account_name: pod.service_account_name.as_deref(),
+                    service_account: pod.service_account.as_deref(),
+                    containers: pod
+                        .containers
+                        .iter()
+                        .map(|c| ContainerFacts {
+                            name: &c.name,
+                            recorded_size: c
+                                .env
+                                .iter()
+                                .flatten()
+                                .find(|e| e.name == ENV_INITIAL_CLUSTER_SIZE)
+                                .and_then(|e| e.value.as_deref()),
+                        })
+                        .collect(),
+                }),
+            }),
+        }
+    }
+
+    fn annotation(&self, key: &str) -> Option<&'a str> {
+        self.annotations
+            .and_then(|a| a.get(key))
+            .map(String::as_str)
+    }
 }
 
 /// What the engine will do, resolved from annotations and the objects before anything changes,
@@ -157,36 +214,29 @@ pub fn inject(
     if !is_opted_in(sts) {
         return Ok(None);
     }
-    let plan = plan(sts, operation, old)?;
+    let plan = plan(&Facts::of(sts), operation, old.map(Facts::of).as_ref())?;
     Ok(Some(apply_plan(sts, &plan, operation, old, config)))
 }
 
 /// Resolves and validates everything the injection depends on.
-pub fn plan(
-    sts: &StatefulSet,
+pub(crate) fn plan(
+    sts: &Facts<'_>,
     operation: Operation,
-    old: Option<&StatefulSet>,
+    old: Option<&Facts<'_>>,
 ) -> Result<InjectionPlan, InjectError> {
     let name = sts
-        .metadata
         .name
-        .clone()
         .filter(|n| !n.is_empty())
         .ok_or(InjectError::MissingName)?;
     let spec = sts.spec.as_ref().ok_or(InjectError::MissingServiceName)?;
     let service = spec
         .service_name
-        .clone()
         .filter(|s| !s.is_empty())
         .ok_or(InjectError::MissingServiceName)?;
-    let pod = spec
-        .template
-        .spec
-        .as_ref()
-        .ok_or(InjectError::MissingPodSpec)?;
+    let pod = spec.pod.as_ref().ok_or(InjectError::MissingPodSpec)?;
     let container_index = dkron_container_index(sts, pod)?;
 
-    let dkron_command = match annotation(sts, ANNOTATION_DKRON_COMMAND) {
+    let dkron_command = match sts.annotation(ANNOTATION_DKRON_COMMAND) {
         Some(value) => {
             let words: Vec<String> = value.split_whitespace().map(str::to_string).collect();
             if words.is_empty() {
@@ -197,20 +247,20 @@ pub fn plan(
         None => vec![DEFAULT_DKRON_COMMAND.to_string()],
     };
 
-    let initial_cluster_size = match annotation(sts, ANNOTATION_INITIAL_CLUSTER_SIZE) {
+    let initial_cluster_size = match sts.annotation(ANNOTATION_INITIAL_CLUSTER_SIZE) {
         Some(value) => parse_cluster_size(value)?,
-        None => defaulted_cluster_size(sts, container_index, operation, old),
+        None => defaulted_cluster_size(spec, pod, container_index, operation, old),
     };
 
     let service_account = pod
         .service_account_name
-        .clone()
-        .or_else(|| pod.service_account.clone())
-        .filter(|s| !s.is_empty());
+        .or(pod.service_account)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string);
 
     Ok(InjectionPlan {
-        name,
-        service,
+        name: name.to_string(),
+        service: service.to_string(),
         initial_cluster_size,
         container_index,
         dkron_command,
@@ -232,55 +282,42 @@ fn parse_cluster_size(value: &str) -> Result<u32, InjectError> {
 /// Without the annotation the cold-start size is `spec.replicas` at CREATE. Later it must not
 /// follow scaling: reuse what an earlier injection recorded, from this object or the stored one.
 fn defaulted_cluster_size(
-    sts: &StatefulSet,
+    spec: &SpecFacts<'_>,
+    pod: &PodFacts<'_>,
     container_index: usize,
     operation: Operation,
-    old: Option<&StatefulSet>,
+    old: Option<&Facts<'_>>,
 ) -> u32 {
-    let replicas = sts
-        .spec
-        .as_ref()
-        .and_then(|s| s.replicas)
+    let replicas = spec
+        .replicas
         .unwrap_or(1)
         .clamp(1, MAX_INITIAL_CLUSTER_SIZE as i32) as u32;
-    let recorded_in = |s: &StatefulSet, index: Option<usize>| -> Option<u32> {
-        let pod = s.spec.as_ref()?.template.spec.as_ref()?;
-        let containers = match index {
-            Some(i) => pod.containers.get(i).into_iter().collect::<Vec<_>>(),
-            None => pod.containers.iter().collect(),
-        };
-        containers.into_iter().find_map(|c| {
-            c.env
-                .as_ref()?
-                .iter()
-                .find(|e| e.name == ENV_INITIAL_CLUSTER_SIZE)?
-                .value
-                .as_deref()
-                .and_then(|v| parse_cluster_size(v).ok())
-        })
-    };
-    if let Some(n) = recorded_in(sts, Some(container_index)) {
+    let recorded =
+        |c: &ContainerFacts<'_>| c.recorded_size.and_then(|v| parse_cluster_size(v).ok());
+    if let Some(n) = pod.containers.get(container_index).and_then(recorded) {
         return n;
     }
     if operation == Operation::Update
-        && let Some(n) = old.and_then(|o| recorded_in(o, None))
+        && let Some(n) = old
+            .and_then(|o| o.spec.as_ref()?.pod.as_ref())
+            .and_then(|pod| pod.containers.iter().find_map(recorded))
     {
         return n;
     }
     replicas
 }
 
-fn container_names(pod: &PodSpec) -> String {
+fn container_names(pod: &PodFacts<'_>) -> String {
     pod.containers
         .iter()
         .filter(|c| c.name != LABEL_UPDATER_CONTAINER)
-        .map(|c| c.name.as_str())
+        .map(|c| c.name)
         .collect::<Vec<_>>()
         .join(", ")
 }
 
-fn dkron_container_index(sts: &StatefulSet, pod: &PodSpec) -> Result<usize, InjectError> {
-    if let Some(name) = annotation(sts, ANNOTATION_CONTAINER) {
+fn dkron_container_index(sts: &Facts<'_>, pod: &PodFacts<'_>) -> Result<usize, InjectError> {
+    if let Some(name) = sts.annotation(ANNOTATION_CONTAINER) {
         return pod
             .containers
             .iter()

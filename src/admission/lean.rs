@@ -3,8 +3,8 @@
 //!
 //! The typed path (parse every field into k8s-openapi structs, clone the object, inject, diff,
 //! serialize) spends most of a review allocating, copying and serializing structs. Here the
-//! decisions still come from the engine: [`inject::plan`] runs on a small typed object carrying
-//! what it reads, and what the Dkron container gets (the wrapped command, the environment, the
+//! decisions still come from the engine: [`inject::plan`] runs on the facts it reads, borrowed
+//! from the review, and what the Dkron container gets (the wrapped command, the environment, the
 //! mount) comes from the engine's own descriptions ([`inject::wrapped_command`],
 //! [`inject::dkron_env`], [`inject::bin_mount`]). What is written here is how those land in a
 //! patch: "upsert by name" and "move the sidecar" as operations on lists whose items stay raw
@@ -20,11 +20,7 @@ use crate::inject::{
     InjectorConfig, LABEL_UPDATER_CONTAINER, Operation,
 };
 use crate::patch::{raw, token};
-use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
-use k8s_openapi::api::core::v1::{
-    Container, EnvVar, EnvVarSource, PodSpec, PodTemplateSpec, Volume, VolumeMount,
-};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::core::v1::{Container, EnvVarSource, Volume, VolumeMount};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
@@ -123,50 +119,35 @@ fn containers<'a>(sts: &LeanStatefulSet<'a>) -> Result<Vec<LeanContainer<'a>>, M
     items.iter().map(|item| parse(item)).collect()
 }
 
-/// The engine's view: the fields [`inject::plan`] reads, typed, with containers reduced to
-/// their names and the recorded cluster size.
-fn plan_input(sts: &LeanStatefulSet<'_>, containers: &[LeanContainer<'_>]) -> StatefulSet {
-    let spec = sts.spec.as_ref().map(|spec| {
-        let pod = spec.template.spec.as_ref().map(|pod| PodSpec {
-            service_account_name: pod.service_account_name.clone(),
-            service_account: pod.service_account.clone(),
-            containers: containers
-                .iter()
-                .map(|c| Container {
-                    name: c.name.to_string(),
-                    env: c.env.iter().flatten().find_map(|e| {
-                        (e.name == inject::ENV_INITIAL_CLUSTER_SIZE).then(|| {
-                            vec![EnvVar {
-                                name: e.name.to_string(),
-                                value: e.value.as_ref().map(|v| v.0.to_string()),
-                                ..Default::default()
-                            }]
-                        })
-                    }),
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        });
-        StatefulSetSpec {
+/// What [`inject::plan`] reads, borrowed from the lean view and its containers.
+fn facts<'s>(
+    sts: &'s LeanStatefulSet<'_>,
+    containers: &'s [LeanContainer<'_>],
+) -> inject::Facts<'s> {
+    inject::Facts {
+        name: sts.metadata.name.as_deref(),
+        annotations: sts.metadata.annotations.as_ref(),
+        spec: sts.spec.as_ref().map(|spec| inject::SpecFacts {
             replicas: spec.replicas,
-            service_name: spec.service_name.clone(),
-            pod_management_policy: spec.pod_management_policy.clone(),
-            template: PodTemplateSpec {
-                metadata: None,
-                spec: pod,
-            },
-            ..Default::default()
-        }
-    });
-    StatefulSet {
-        metadata: ObjectMeta {
-            name: sts.metadata.name.clone(),
-            annotations: sts.metadata.annotations.clone(),
-            ..Default::default()
-        },
-        spec,
-        status: None,
+            service_name: spec.service_name.as_deref(),
+            pod: spec.template.spec.as_ref().map(|pod| inject::PodFacts {
+                service_account_name: pod.service_account_name.as_deref(),
+                service_account: pod.service_account.as_deref(),
+                containers: containers
+                    .iter()
+                    .map(|c| inject::ContainerFacts {
+                        name: &c.name,
+                        recorded_size: c
+                            .env
+                            .iter()
+                            .flatten()
+                            .find(|e| e.name == inject::ENV_INITIAL_CLUSTER_SIZE)
+                            .and_then(|e| e.value.as_ref())
+                            .map(AsRef::as_ref),
+                    })
+                    .collect(),
+            }),
+        }),
     }
 }
 
@@ -431,10 +412,10 @@ pub(super) fn mutate(
         return Ok(None);
     }
     let containers = containers(sts)?;
-    let typed = plan_input(sts, &containers);
     // The stored object only informs defaults: one we cannot read counts as absent.
-    let old_typed = old.and_then(|old| Some(plan_input(old, &self::containers(old).ok()?)));
-    let plan = inject::plan(&typed, operation, old_typed.as_ref())?;
+    let old_containers = old.and_then(|old| self::containers(old).ok());
+    let old_facts = old.zip(old_containers.as_deref()).map(|(o, c)| facts(o, c));
+    let plan = inject::plan(&facts(sts, &containers), operation, old_facts.as_ref())?;
     // plan() has refused objects without either.
     let Some(spec) = sts.spec.as_ref() else {
         return Err(InjectError::MissingServiceName.into());
