@@ -536,8 +536,8 @@ pub(super) fn mutate(
     }))
 }
 
-/// The edits of the Dkron container, the `index`th: what `inject::inject_dkron_container` does to the
-/// typed container (wrap the command, upsert the mount and each variable), as operations.
+/// The edits of the Dkron container, the `index`th, as operations: what the typed engine's
+/// `inject_dkron_container` does (wrap the command, upsert the mount and each variable).
 fn dkron_container(
     dkron: &LeanContainer<'_>,
     index: &str,
