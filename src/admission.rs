@@ -293,9 +293,9 @@ struct TypedRequest<'a> {
     #[serde(default, borrow)]
     old_object: Option<lean::LeanStatefulSet<'a>>,
     #[serde(default, borrow)]
-    namespace: Option<Cow<'a, str>>,
+    namespace: Option<view::Text<'a>>,
     #[serde(default, borrow)]
-    name: Option<Cow<'a, str>>,
+    name: Option<view::Text<'a>>,
 }
 
 /// The common case in one parse: a well-formed v1 review of a StatefulSet CREATE or UPDATE.
@@ -324,8 +324,8 @@ fn review_statefulset_fast(body: &str, config: &InjectorConfig) -> Option<Review
             kind: &review.kind,
             uid: &request.uid,
             operation: &request.operation,
-            namespace: request.namespace.as_deref().unwrap_or_default(),
-            name: request.name.as_deref().unwrap_or_default(),
+            namespace: request.namespace.as_ref().map_or("", AsRef::as_ref),
+            name: request.name.as_ref().map_or("", AsRef::as_ref),
         },
         result,
     ))

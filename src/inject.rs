@@ -512,16 +512,20 @@ pub(crate) fn is_wrapped(command: &[impl AsRef<str>]) -> bool {
 /// The wrapped command of a Dkron container whose command is `current` (not wrapped yet): the
 /// wrapper, then the original command, or the Dkron executable when the image's entrypoint runs
 /// it (no command).
-pub(crate) fn wrapped_command<'a>(
-    current: &'a [impl AsRef<str>],
+pub(crate) fn wrapped_command<'a, S: AsRef<str>>(
+    current: &'a [S],
     dkron_command: &'a [String],
 ) -> impl Iterator<Item = &'a str> {
-    let original: Box<dyn Iterator<Item = &'a str>> = if current.is_empty() {
-        Box::new(dkron_command.iter().map(String::as_str))
+    // Exactly one of the two is used; the other is empty.
+    let (own, default) = if current.is_empty() {
+        (&[][..], dkron_command)
     } else {
-        Box::new(current.iter().map(AsRef::as_ref))
+        (current, &[][..])
     };
-    WRAPPER_PREFIX.into_iter().chain(original)
+    WRAPPER_PREFIX
+        .into_iter()
+        .chain(own.iter().map(AsRef::as_ref))
+        .chain(default.iter().map(String::as_str))
 }
 
 pub(crate) fn bin_volume() -> Volume {
@@ -544,15 +548,20 @@ pub(crate) fn bin_mount() -> VolumeMount {
     }
 }
 
-pub(crate) fn field_env(name: &str, path: &str) -> EnvVar {
+fn field_env(name: &str, path: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
-        value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector {
-                field_path: path.into(),
-                api_version: Some("v1".into()),
-            }),
-            ..Default::default()
+        value_from: Some(field_source(path)),
+        ..Default::default()
+    }
+}
+
+/// The source of a variable set from the pod's field `path` (API version v1).
+pub(crate) fn field_source(path: &str) -> EnvVarSource {
+    EnvVarSource {
+        field_ref: Some(ObjectFieldSelector {
+            field_path: path.into(),
+            api_version: Some("v1".into()),
         }),
         ..Default::default()
     }

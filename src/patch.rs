@@ -94,9 +94,8 @@ fn diff_arrays<T>(
     path: &str,
     ops: &mut Vec<PatchOp>,
     mut diff_item: impl FnMut(&T, &T, &str, &mut Vec<PatchOp>),
-    render: impl Fn(&T) -> Box<RawValue>,
 ) where
-    T: PartialEq,
+    T: PartialEq + Serialize,
 {
     for (i, (old, new)) in before.iter().zip(after).enumerate() {
         if old != new {
@@ -106,7 +105,7 @@ fn diff_arrays<T>(
     for (i, new) in after.iter().enumerate().skip(before.len()) {
         ops.push(PatchOp::Add {
             path: format!("{path}/{i}"),
-            value: render(new),
+            value: raw(new),
         });
     }
     for i in (after.len()..before.len()).rev() {
@@ -187,7 +186,7 @@ fn diff_list<T: PartialEq + Serialize>(
     ops: &mut Vec<PatchOp>,
 ) {
     match (before, after) {
-        (Some(b), Some(a)) => diff_arrays(b, a, path, ops, diff_fields, raw),
+        (Some(b), Some(a)) => diff_arrays(b, a, path, ops, diff_fields),
         _ => diff_field(before, after, path, ops),
     }
 }
@@ -295,7 +294,7 @@ fn diff_object_meta(before: &ObjectMeta, after: &ObjectMeta, path: &str, ops: &m
 
 /// Diffs two lists of containers item by item.
 fn diff_containers(before: &[Container], after: &[Container], path: &str, ops: &mut Vec<PatchOp>) {
-    diff_arrays(before, after, path, ops, diff_container, raw);
+    diff_arrays(before, after, path, ops, diff_container);
 }
 
 fn diff_pod_spec(before: &PodSpec, after: &PodSpec, path: &str, ops: &mut Vec<PatchOp>) {

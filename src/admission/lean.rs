@@ -13,7 +13,7 @@
 //! `tests/inject_engine.rs` checks as a property that this patch, applied to the whole object,
 //! equals the typed engine's output, on CREATE and UPDATE, and that a reinvocation gets none.
 
-use super::view::StatefulSetView;
+use super::view::{StatefulSetView, Text};
 use super::{Changes, MutateError};
 use crate::inject::{
     self, ANNOTATION_INJECTED, BIN_VOLUME, EnvSource, INSTALL_CONTAINER, InjectError,
@@ -31,17 +31,6 @@ use std::rc::Rc;
 
 /// A StatefulSet as the hot path reads it: the shared view, its pod template in borrowed parts.
 pub(super) type LeanStatefulSet<'a> = StatefulSetView<LeanTemplate<'a>>;
-
-/// A JSON string, borrowed from the review unless it carries escapes. (serde borrows a
-/// `Cow<str>` only as a field of its own, never inside an `Option` or a `Vec`.)
-#[derive(Deserialize)]
-struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
-
-impl AsRef<str> for Text<'_> {
-    fn as_ref(&self) -> &str {
-        &self.0
-    }
-}
 
 #[derive(Deserialize, Default)]
 pub(super) struct LeanTemplate<'a> {
@@ -631,7 +620,7 @@ fn same_env(var: &LeanEnvVar<'_>, source: &EnvSource) -> bool {
                 .and_then(|rest| rest.strip_suffix(r#""}}"#));
             sent == Some(field)
                 || serde_json::from_str::<EnvVarSource>(from.get()).ok()
-                    == inject::field_env("", field).value_from
+                    == Some(inject::field_source(field))
         }
     }
 }

@@ -40,6 +40,17 @@ pub(super) struct MetadataView {
     pub(super) annotations: Option<BTreeMap<String, String>>,
 }
 
+/// A JSON string, borrowed from the input unless it carries escapes. (serde borrows a
+/// `Cow<str>` only as a field of its own, never inside an `Option`, a `Vec` or a map key.)
+#[derive(Deserialize)]
+pub(super) struct Text<'a>(#[serde(borrow)] pub(super) Cow<'a, str>);
+
+impl AsRef<str> for Text<'_> {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
 /// Annotations, keeping only dkron-ha's own (`dkron-ha/...`), the only ones the engine reads.
 /// Others are skipped unread: they can be large, and kubectl's last-applied-configuration
 /// carries the whole object as one escaped string. `null` reads as absent.
@@ -47,10 +58,6 @@ pub(super) fn our_annotations<'de, D: Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Option<BTreeMap<String, String>>, D::Error> {
     struct Ours;
-
-    /// A key, borrowed from the input unless it carries escapes.
-    #[derive(Deserialize)]
-    struct Key<'a>(#[serde(borrow)] Cow<'a, str>);
 
     impl<'de> Visitor<'de> for Ours {
         type Value = Option<BTreeMap<String, String>>;
@@ -73,7 +80,7 @@ pub(super) fn our_annotations<'de, D: Deserializer<'de>>(
 
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
             let mut ours = BTreeMap::new();
-            while let Some(Key(key)) = map.next_key()? {
+            while let Some(Text(key)) = map.next_key()? {
                 if key.starts_with(crate::inject::ANNOTATION_PREFIX) {
                     ours.insert(key.into_owned(), map.next_value()?);
                 } else {
