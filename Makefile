@@ -1,6 +1,11 @@
 # dkron-ha developer entry points. `make test` is what CI runs (.ci/run).
 .PHONY: inject test tools dev-cluster bench lint
 
+# CI builds once from a clean checkout: incremental caches would only cost disk and time.
+ifdef CI
+export CARGO_INCREMENTAL := 0
+endif
+
 # The main job without a cluster: inject the example StatefulSet and print it.
 inject:
 	cargo run --quiet -- inject -f examples/dkron.yaml
