@@ -5,7 +5,8 @@
 //!    rustls + axum handler that returns a constant response, measured in the same run on the
 //!    same listener code, so the ratio isolates what the admission path adds. Two more servers
 //!    show what reading the review alone costs: a bare handler that checks the body is JSON,
-//!    and one that runs our review of a StatefulSet that does not opt in.
+//!    and one that runs our review of a StatefulSet that does not opt in; another shows what
+//!    `/mutate`'s limits and metrics cost around the bare handler.
 //!
 //! Run: `cargo bench --bench admission` (results are printed; BENCHMARKS.md records them).
 
@@ -15,7 +16,7 @@ use dkron_ha::admission;
 use dkron_ha::certs::{CertRequest, generate};
 use dkron_ha::inject::{InjectorConfig, Operation};
 use dkron_ha::metrics::AdmissionMetrics;
-use dkron_ha::serve::{AdmissionState, admission_router, serve_https};
+use dkron_ha::serve::{AdmissionState, admission_limits, admission_router, serve_https};
 use dkron_ha::tls::{ReloadingCert, server_config};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -330,18 +331,39 @@ fn main() {
             }),
         )
     };
+    // What `/mutate` does around the review: its limits (body size, timeout) and the metrics
+    // it records, around the bare handler. Not a goal baseline: it shows what that costs.
+    let limited = {
+        let constant = constant.clone();
+        let metrics =
+            AdmissionMetrics::register(&mut prometheus_client::registry::Registry::default());
+        admission_limits(Router::new().route(
+            "/mutate",
+            post(move |_req: axum::body::Bytes| {
+                let (body, metrics) = (constant.clone(), metrics.clone());
+                async move {
+                    let started = Instant::now();
+                    metrics.observe("CREATE", "patched", started.elapsed());
+                    ([("content-type", "application/json")], body)
+                }
+            }),
+        ))
+    };
     let mut registry = prometheus_client::registry::Registry::default();
     let ours = admission_router(AdmissionState {
         injector: Arc::new(InjectorConfig::default()),
         metrics: AdmissionMetrics::register(&mut registry),
     });
 
+    const OURS: usize = 3;
+    const APPLIED_BARE: usize = 6;
     let servers = [
         ("bare rustls+axum constant", bare, review_body()),
         ("bare + JSON check of body", parse_only, review_body()),
         ("bare + our review parse", our_parse, not_opted_in),
         ("dkron-ha /mutate", ours.clone(), review_body()),
         ("bare + busy loop of 1 review", busy, review_body()),
+        ("bare + our limits, metrics", limited, review_body()),
         (
             "bare, kubectl-applied review",
             bare_applied,
@@ -349,6 +371,8 @@ fn main() {
         ),
         ("/mutate, kubectl-applied", ours, applied.clone()),
     ];
+    assert_eq!(servers[APPLIED_BARE].0, "bare, kubectl-applied review");
+    assert_eq!(servers[OURS].0, "dkron-ha /mutate");
     if let Some(only) = only {
         for (name, router, body) in servers.iter().filter(|(n, _, _)| n.contains(&only)) {
             let r = load(router.clone(), body.clone(), &certs.ca_cert_pem, cert());
@@ -397,10 +421,10 @@ fn main() {
     let (b_rps, b_p50, b_p99, b_cpu) = best[0];
     for (i, ((name, _, _), (rps, p50, p99, cpu))) in servers.iter().zip(&best).enumerate() {
         // Each server against the bare handler answering the same review.
-        let (b_rps, b_cpu) = if i < 5 {
+        let (b_rps, b_cpu) = if i < APPLIED_BARE {
             (b_rps, b_cpu)
         } else {
-            (best[5].0, best[5].3)
+            (best[APPLIED_BARE].0, best[APPLIED_BARE].3)
         };
         println!(
             "  {name:<30} {rps:>8.0} req/s  p50 {p50:>9.1?}  p99 {p99:>9.1?}  cpu/request {cpu:>8.1?}  ratio {:.2} (cpu {:.2})",
@@ -408,7 +432,7 @@ fn main() {
             b_cpu.as_secs_f64() / cpu.as_secs_f64(),
         );
     }
-    let (o_rps, o_p50, o_p99, o_cpu) = best[3];
+    let (o_rps, o_p50, o_p99, o_cpu) = best[OURS];
     println!("  (busy loop: {review_time:.1?}, one review's time in the warm loop)");
     println!(
         "  (the last two: the review of a StatefulSet applied with kubectl, {} bytes instead of {}; ratios against the bare handler answering it)",

@@ -112,15 +112,22 @@ pub struct AdmissionState {
 
 /// `POST /mutate` and `GET /healthz`, as served on the HTTPS port.
 pub fn admission_router(state: AdmissionState) -> Router {
-    Router::new()
-        .route("/mutate", post(mutate))
-        .route("/healthz", get(|| async { "ok" }))
+    admission_limits(
+        Router::new()
+            .route("/mutate", post(mutate))
+            .route("/healthz", get(|| async { "ok" })),
+    )
+    .with_state(state)
+}
+
+/// The limits every admission request gets: the body size and the time to answer.
+pub fn admission_limits<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Router<S> {
+    router
         .layer(DefaultBodyLimit::max(MAX_REVIEW_BYTES))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             REQUEST_TIMEOUT,
         ))
-        .with_state(state)
 }
 
 async fn mutate(State(state): State<AdmissionState>, body: Bytes) -> Response {
