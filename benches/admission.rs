@@ -133,13 +133,24 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[index]
 }
 
+/// How the load generator talks to the server.
+#[derive(Clone, Copy, PartialEq)]
+enum Protocol {
+    /// HTTP/1.1: `CLIENTS` keep-alive connections, one request at a time on each.
+    Http1,
+    /// HTTP/2 as kube-apiserver's webhook client uses it (client-go's transport negotiates h2
+    /// by ALPN unless `DISABLE_HTTP2` is set): one connection, `CLIENTS` concurrent streams.
+    Http2,
+}
+
 /// Starts `router` over TLS on a 2-thread server runtime and drives it from a separate
-/// 1-thread client runtime with `CLIENTS` keep-alive connections.
+/// 1-thread client runtime with `CLIENTS` concurrent callers.
 fn load(
     router: Router,
     body: axum::body::Bytes,
     ca_pem: &str,
     cert: Arc<ReloadingCert>,
+    protocol: Protocol,
 ) -> LoadResult {
     let server_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -171,13 +182,29 @@ fn load(
     let cpu_before = process_cpu();
     let result = client_rt.block_on(async move {
         let mut tasks = Vec::new();
+        let new_client = || {
+            let builder = reqwest::Client::builder()
+                .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap())
+                .pool_max_idle_per_host(1);
+            match protocol {
+                Protocol::Http1 => builder.http1_only(),
+                Protocol::Http2 => builder.http2_prior_knowledge(),
+            }
+            .build()
+            .unwrap()
+        };
+        let shared = new_client();
+        if protocol == Protocol::Http2 {
+            // Open the one connection before the callers race to.
+            let r = shared.post(&url).body(body.clone()).send().await.unwrap();
+            assert_eq!(r.version(), reqwest::Version::HTTP_2);
+        }
         let started = Instant::now();
         for _ in 0..CLIENTS {
-            let client = reqwest::Client::builder()
-                .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap())
-                .pool_max_idle_per_host(1)
-                .build()
-                .unwrap();
+            let client = match protocol {
+                Protocol::Http1 => new_client(),
+                Protocol::Http2 => shared.clone(),
+            };
             let url = url.clone();
             let body = body.clone();
             tasks.push(tokio::spawn(async move {
@@ -374,8 +401,19 @@ fn main() {
     assert_eq!(servers[APPLIED_BARE].0, "bare, kubectl-applied review");
     assert_eq!(servers[OURS].0, "dkron-ha /mutate");
     if let Some(only) = only {
+        // `DKRON_HA_BENCH_H2=1`: over HTTP/2 instead.
+        let protocol = match std::env::var("DKRON_HA_BENCH_H2").as_deref() {
+            Ok("1") => Protocol::Http2,
+            _ => Protocol::Http1,
+        };
         for (name, router, body) in servers.iter().filter(|(n, _, _)| n.contains(&only)) {
-            let r = load(router.clone(), body.clone(), &certs.ca_cert_pem, cert());
+            let r = load(
+                router.clone(),
+                body.clone(),
+                &certs.ca_cert_pem,
+                cert(),
+                protocol,
+            );
             println!(
                 "  {name:<30} {:>8.0} req/s  p50 {:>9.1?}  p99 {:>9.1?}  cpu/request {:>8.1?}",
                 r.rps, r.p50, r.p99, r.cpu_per_request
@@ -383,29 +421,25 @@ fn main() {
         }
         return;
     }
-    // Alternate them, twice, so drift on a shared machine hits all alike.
-    let mut runs: Vec<Vec<LoadResult>> = servers.iter().map(|_| Vec::new()).collect();
-    for _ in 0..2 {
-        for (i, (_, router, body)) in servers.iter().enumerate() {
-            runs[i].push(load(
-                router.clone(),
-                body.clone(),
-                &certs.ca_cert_pem,
-                cert(),
-            ));
+    // Each server, alternated twice so drift on a shared machine hits all alike; best of two.
+    let measure = |which: &[usize], protocol: Protocol| -> Vec<Best> {
+        let mut runs: Vec<Vec<LoadResult>> = which.iter().map(|_| Vec::new()).collect();
+        for _ in 0..2 {
+            for (runs, &i) in runs.iter_mut().zip(which) {
+                let (_, router, body) = &servers[i];
+                runs.push(load(
+                    router.clone(),
+                    body.clone(),
+                    &certs.ca_cert_pem,
+                    cert(),
+                    protocol,
+                ));
+            }
         }
-    }
-    // Best of the runs of each server.
-    let best: Vec<(f64, Duration, Duration, Duration)> = runs
-        .iter()
-        .map(|runs| {
-            let rps = runs.iter().map(|r| r.rps).fold(0.0, f64::max);
-            let p50 = runs.iter().map(|r| r.p50).min().unwrap();
-            let p99 = runs.iter().map(|r| r.p99).min().unwrap();
-            let cpu = runs.iter().map(|r| r.cpu_per_request).min().unwrap();
-            (rps, p50, p99, cpu)
-        })
-        .collect();
+        runs.iter().map(|runs| Best::of(runs)).collect()
+    };
+    let all: Vec<usize> = (0..servers.len()).collect();
+    let http1 = measure(&all, Protocol::Http1);
     // Server-side time per review, from the handler's own histogram (both runs of ours).
     let text = dkron_ha::metrics::encode(&registry).unwrap();
     let metric = |name: &str| -> f64 {
@@ -415,24 +449,45 @@ fn main() {
     };
     let handler_mean = metric("dkron_ha_admission_duration_seconds_sum")
         / metric("dkron_ha_admission_duration_seconds_count");
-    println!(
-        "{CLIENTS} keep-alive TLS clients x {REQUESTS_PER_CLIENT} requests (best of 2 runs each):"
-    );
-    let (b_rps, b_p50, b_p99, b_cpu) = best[0];
-    for (i, ((name, _, _), (rps, p50, p99, cpu))) in servers.iter().zip(&best).enumerate() {
-        // Each server against the bare handler answering the same review.
-        let (b_rps, b_cpu) = if i < APPLIED_BARE {
-            (b_rps, b_cpu)
-        } else {
-            (best[APPLIED_BARE].0, best[APPLIED_BARE].3)
-        };
+    // The goal's pair and the kubectl-applied pair again, over HTTP/2.
+    let h2_servers = [0, OURS, APPLIED_BARE, APPLIED_BARE + 1];
+    let http2 = measure(&h2_servers, Protocol::Http2);
+
+    // Each server against the bare handler answering the same review.
+    let baseline = |i: usize, best: &dyn Fn(usize) -> Best| {
+        best(if i < APPLIED_BARE { 0 } else { APPLIED_BARE })
+    };
+    let row = |i: usize, b: &Best, base: &Best| {
         println!(
-            "  {name:<30} {rps:>8.0} req/s  p50 {p50:>9.1?}  p99 {p99:>9.1?}  cpu/request {cpu:>8.1?}  ratio {:.2} (cpu {:.2})",
-            rps / b_rps,
-            b_cpu.as_secs_f64() / cpu.as_secs_f64(),
+            "  {:<30} {:>8.0} req/s  p50 {:>9.1?}  p99 {:>9.1?}  cpu/request {:>8.1?}  ratio {:.2} (cpu {:.2})",
+            servers[i].0,
+            b.rps,
+            b.p50,
+            b.p99,
+            b.cpu,
+            b.rps / base.rps,
+            base.cpu.as_secs_f64() / b.cpu.as_secs_f64(),
         );
+    };
+    let verdict = |ours: &Best, bare: &Best| {
+        println!(
+            "  throughput ratio {:.2} (goal >= 0.80); p99 added {:.3} ms (goal < 1 ms); p50 added {:.3} ms",
+            ours.rps / bare.rps,
+            (ours.p99.as_secs_f64() - bare.p99.as_secs_f64()) * 1e3,
+            (ours.p50.as_secs_f64() - bare.p50.as_secs_f64()) * 1e3,
+        );
+        println!(
+            "  cpu ratio {:.2} (bare cpu/request over ours: the throughput ratio of a CPU-bound, unshared machine)",
+            bare.cpu.as_secs_f64() / ours.cpu.as_secs_f64(),
+        );
+    };
+
+    println!(
+        "HTTP/1.1: {CLIENTS} keep-alive TLS connections x {REQUESTS_PER_CLIENT} requests (best of 2 runs each):"
+    );
+    for (i, b) in http1.iter().enumerate() {
+        row(i, b, &baseline(i, &|j| http1[j]));
     }
-    let (o_rps, o_p50, o_p99, o_cpu) = best[OURS];
     println!("  (busy loop: {review_time:.1?}, one review's time in the warm loop)");
     println!(
         "  (the last two: the review of a StatefulSet applied with kubectl, {} bytes instead of {}; ratios against the bare handler answering it)",
@@ -443,16 +498,36 @@ fn main() {
         "  /mutate handler (review only, under load, both reviews): mean {:.1} µs",
         handler_mean * 1e6
     );
+    verdict(&http1[OURS], &http1[0]);
+
     println!(
-        "  throughput ratio {:.2} (goal >= 0.80); p99 added {:.3} ms (goal < 1 ms); p50 added {:.3} ms",
-        o_rps / b_rps,
-        (o_p99.as_secs_f64() - b_p99.as_secs_f64()) * 1e3,
-        (o_p50.as_secs_f64() - b_p50.as_secs_f64()) * 1e3,
+        "HTTP/2 (as kube-apiserver calls webhooks): one TLS connection, {CLIENTS} concurrent streams x {REQUESTS_PER_CLIENT} requests (best of 2 runs each):"
     );
-    println!(
-        "  cpu ratio {:.2} (bare cpu/request over ours: the throughput ratio of a CPU-bound, unshared machine)",
-        b_cpu.as_secs_f64() / o_cpu.as_secs_f64(),
-    );
+    let h2 = |j: usize| http2[h2_servers.iter().position(|&k| k == j).unwrap()];
+    for &i in &h2_servers {
+        row(i, &h2(i), &baseline(i, &h2));
+    }
+    verdict(&h2(OURS), &h2(0));
+}
+
+/// The best of a server's runs: the highest rate, the lowest latencies and CPU time.
+#[derive(Clone, Copy)]
+struct Best {
+    rps: f64,
+    p50: Duration,
+    p99: Duration,
+    cpu: Duration,
+}
+
+impl Best {
+    fn of(runs: &[LoadResult]) -> Best {
+        Best {
+            rps: runs.iter().map(|r| r.rps).fold(0.0, f64::max),
+            p50: runs.iter().map(|r| r.p50).min().unwrap(),
+            p99: runs.iter().map(|r| r.p99).min().unwrap(),
+            cpu: runs.iter().map(|r| r.cpu_per_request).min().unwrap(),
+        }
+    }
 }
 
 /// User and system CPU time of this process so far.

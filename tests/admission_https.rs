@@ -86,16 +86,46 @@ async fn start(dir: &Path) -> Running {
     }
 }
 
+/// A client trusting `ca_pem`, negotiating HTTP/2 or HTTP/1.1 by ALPN as the server offers.
 fn client(ca_pem: &str) -> reqwest::Client {
+    client_builder(ca_pem).build().unwrap()
+}
+
+fn client_builder(ca_pem: &str) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .tls_built_in_root_certs(false)
         .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap())
         .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap()
+}
+
+/// One client per protocol the webhook serves: kube-apiserver's webhook client speaks HTTP/2
+/// (client-go negotiates it unless `DISABLE_HTTP2` is set); HTTP/1.1 for everyone else.
+fn clients_of_each_protocol(ca_pem: &str) -> [(reqwest::Version, reqwest::Client); 2] {
+    [
+        (
+            reqwest::Version::HTTP_2,
+            client_builder(ca_pem)
+                .http2_prior_knowledge()
+                .build()
+                .unwrap(),
+        ),
+        (
+            reqwest::Version::HTTP_11,
+            client_builder(ca_pem).http1_only().build().unwrap(),
+        ),
+    ]
 }
 
 async fn post(client: &reqwest::Client, url: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
+    post_with_version(client, url, body).await.1
+}
+
+/// The answer's HTTP version, status and body (JSON when it is JSON).
+async fn post_with_version(
+    client: &reqwest::Client,
+    url: &str,
+    body: impl Into<reqwest::Body>,
+) -> (reqwest::Version, (u16, Value)) {
     let response = client
         .post(format!("{url}/mutate"))
         .header("content-type", "application/json")
@@ -103,11 +133,15 @@ async fn post(client: &reqwest::Client, url: &str, body: impl Into<reqwest::Body
         .send()
         .await
         .expect("request");
+    let version = response.version();
     let status = response.status().as_u16();
     let text = response.text().await.unwrap();
     (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        version,
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        ),
     )
 }
 
@@ -123,7 +157,15 @@ fn secret_dir() -> (tempfile::TempDir, PathBuf, dkron_ha::certs::GeneratedCerts)
 async fn an_opted_in_statefulset_gets_a_base64_json_patch_that_injects_it() {
     let (_tmp, dir, certs) = secret_dir();
     let server = start(&dir).await;
-    let (status, body) = post(&client(&certs.ca_cert_pem), &server.https, REVIEW).await;
+    for (version, client) in clients_of_each_protocol(&certs.ca_cert_pem) {
+        let (answered, (status, body)) = post_with_version(&client, &server.https, REVIEW).await;
+        assert_eq!(answered, version);
+        assert_patched(status, &body);
+    }
+    server.stop().await;
+}
+
+fn assert_patched(status: u16, body: &Value) {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["apiVersion"], "admission.k8s.io/v1");
     assert_eq!(body["kind"], "AdmissionReview");
@@ -155,7 +197,6 @@ async fn an_opted_in_statefulset_gets_a_base64_json_patch_that_injects_it() {
         pod["containers"][0]["terminationMessagePath"],
         "/dev/termination-log"
     );
-    server.stop().await;
 }
 
 #[tokio::test]
@@ -213,7 +254,17 @@ async fn an_invalid_annotation_is_denied_with_a_message() {
 async fn malformed_reviews_get_400_with_a_message_and_the_server_keeps_answering() {
     let (_tmp, dir, certs) = secret_dir();
     let server = start(&dir).await;
-    let client = client(&certs.ca_cert_pem);
+    for (version, client) in clients_of_each_protocol(&certs.ca_cert_pem) {
+        malformed_reviews_get_400(&server, &client, version).await;
+    }
+    server.stop().await;
+}
+
+async fn malformed_reviews_get_400(
+    server: &Running,
+    client: &reqwest::Client,
+    version: reqwest::Version,
+) {
     let cases: Vec<(String, &str)> = vec![
         ("not json".into(), "not an AdmissionReview"),
         ("{}".into(), "apiVersion"),
@@ -224,8 +275,10 @@ async fn malformed_reviews_get_400_with_a_message_and_the_server_keeps_answering
         ("\u{0}\u{ff}[[[[".into(), "not an AdmissionReview"),
     ];
     for (body, needle) in cases {
-        let (status, answer) = post(&client, &server.https, body.clone()).await;
-        assert_eq!(status, 400, "{body:?} -> {answer}");
+        let (answered, (status, answer)) =
+            post_with_version(client, &server.https, body.clone()).await;
+        assert_eq!(answered, version);
+        assert_eq!(status, 400, "{version:?} {body:?} -> {answer}");
         let message = answer["message"].as_str().unwrap_or_default();
         assert!(
             message.contains(needle),
@@ -235,18 +288,17 @@ async fn malformed_reviews_get_400_with_a_message_and_the_server_keeps_answering
     // An opted-in object that is not a StatefulSet shape: denial, not a crash.
     let mut review: Value = serde_json::from_str(REVIEW).unwrap();
     review["request"]["object"]["spec"] = json!("nonsense");
-    let (status, answer) = post(&client, &server.https, review.to_string()).await;
+    let (status, answer) = post(client, &server.https, review.to_string()).await;
     assert_eq!(status, 200);
     assert_eq!(answer["response"]["allowed"], false, "{answer}");
 
     // Over the body limit: refused before it is buffered whole.
     let huge = vec![b' '; dkron_ha::serve::MAX_REVIEW_BYTES + 1];
-    let (status, _) = post(&client, &server.https, huge).await;
-    assert_eq!(status, 413);
+    let (status, _) = post(client, &server.https, huge).await;
+    assert_eq!(status, 413, "{version:?}");
 
-    let (status, _) = post(&client, &server.https, REVIEW).await;
-    assert_eq!(status, 200, "still serving after bad input");
-    server.stop().await;
+    let (status, _) = post(client, &server.https, REVIEW).await;
+    assert_eq!(status, 200, "{version:?}: still serving after bad input");
 }
 
 #[tokio::test]
