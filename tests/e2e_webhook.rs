@@ -430,6 +430,112 @@ async fn only_opted_in_statefulsets_depend_on_the_webhook_being_up() {
 }
 
 /// A namespace, an admin client and a webhook serving it.
+/// The admission benchmark measures HTTP/2 on one connection because that is how the API server
+/// calls webhooks (client-go negotiates h2 by ALPN unless `DISABLE_HTTP2` is set). Proven here:
+/// our listener and TLS configuration, called by the real API server, get HTTP/2 requests.
+#[tokio::test]
+async fn the_api_server_calls_the_webhook_over_http2() {
+    use dkron_ha::metrics::AdmissionMetrics;
+    use dkron_ha::serve::{AdmissionState, admission_router, serve_https};
+    use dkron_ha::tls::{ReloadingCert, server_config};
+    use std::sync::{Arc, Mutex};
+
+    let cluster = ControlPlane::shared();
+    let ns = cluster.namespace("http2").await;
+    let client = cluster.client().await;
+    let certs_dir = tempfile::tempdir().expect("temp dir for certificates");
+    let certs = generate(&CertRequest {
+        service: "dkron-ha".into(),
+        namespace: ns.clone(),
+        extra_names: vec!["127.0.0.1".into()],
+        valid_days: 1,
+    })
+    .expect("generate webhook certificates");
+    certs
+        .write_to(certs_dir.path())
+        .expect("write certificates");
+    let cert = ReloadingCert::new(
+        certs_dir.path().join("tls.crt"),
+        certs_dir.path().join("tls.key"),
+    )
+    .expect("load certificate");
+
+    // The shipped router, with every request's HTTP version written down.
+    let versions = Arc::new(Mutex::new(Vec::new()));
+    let router = admission_router(AdmissionState {
+        injector: Arc::new(dkron_ha::inject::InjectorConfig::default()),
+        metrics: AdmissionMetrics::register(&mut prometheus_client::registry::Registry::default()),
+    })
+    .layer(tower::util::MapRequestLayer::new({
+        let versions = versions.clone();
+        move |request: http::Request<axum::body::Body>| {
+            versions.lock().unwrap().push(request.version());
+            request
+        }
+    }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve_https(
+        listener,
+        server_config(Arc::new(cert)).expect("TLS configuration"),
+        router,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+
+    let name = format!("dkron-ha-e2e-{ns}");
+    let scope = LabelSelector {
+        match_labels: Some(BTreeMap::from([(
+            "kubernetes.io/metadata.name".to_owned(),
+            ns.clone(),
+        )])),
+        ..LabelSelector::default()
+    };
+    let configurations = Api::<MutatingWebhookConfiguration>::all(client.clone());
+    configurations
+        .create(
+            &PostParams::default(),
+            &webhook_configuration(
+                &name,
+                &format!("https://127.0.0.1:{port}/mutate"),
+                &certs.ca_cert_pem,
+                scope,
+            ),
+        )
+        .await
+        .expect("create MutatingWebhookConfiguration");
+    let statefulsets = Api::<StatefulSet>::namespaced(client, &ns);
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    eventually("the API server calls the webhook", async || {
+        let answer = statefulsets
+            .create(&dry_run, &example("probe"))
+            .await
+            .ok()?;
+        (pod_spec(&answer).containers.len() == 2).then_some(())
+    })
+    .await;
+
+    let seen = versions.lock().unwrap().clone();
+    assert!(!seen.is_empty(), "the webhook was called");
+    assert!(
+        seen.iter().all(|v| *v == http::Version::HTTP_2),
+        "the API server's calls came as {seen:?}"
+    );
+    configurations
+        .delete(&name, &DeleteParams::default())
+        .await
+        .expect("delete MutatingWebhookConfiguration");
+    let _ = stop.send(());
+    server.await.expect("serve task").expect("serve");
+}
+
 async fn setup(prefix: &str) -> (kube::Client, String, Webhook) {
     let cluster = ControlPlane::shared();
     let ns = cluster.namespace(prefix).await;
