@@ -243,6 +243,9 @@ fn load(
 }
 
 fn main() {
+    // The logger `serve` installs in a cluster (`--log-format json`, the default level), so the
+    // admission path is measured as it runs there. It writes to stderr.
+    dkron_ha::telemetry::init(dkron_ha::telemetry::LogFormat::Json, "info").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let certs = generate(&CertRequest {
         service: "dkron-ha".into(),

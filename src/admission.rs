@@ -350,7 +350,11 @@ fn answer_mutation(
             patch: Some((patch, ops)),
             warnings,
         })) => {
-            tracing::info!(%namespace, %name, %uid, operation = %ids.operation, ops, warnings = warnings.len(), "injected");
+            // Debug, like the not-ours answers: a successful injection shows on the object
+            // (`dkron-ha/injected`) and in the metrics, and a JSON line per injection would
+            // cost more CPU than the review. `--log-level info,dkron_ha::admission=debug`
+            // turns it on. Denials stay at warn.
+            tracing::debug!(%namespace, %name, %uid, operation = %ids.operation, ops, warnings = warnings.len(), "injected");
             response.warnings = warnings;
             response.patch_type = Some("JSONPatch");
             (Verdict::Patched, review_json(ids, &response, Some(patch)))
