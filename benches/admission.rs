@@ -425,13 +425,14 @@ fn main() {
         }
         return;
     }
-    // Each server, alternated twice so drift on a shared machine hits all alike; best of two.
-    let measure = |which: &[usize], protocol: Protocol| -> Vec<Best> {
-        let mut runs: Vec<Vec<LoadResult>> = which.iter().map(|_| Vec::new()).collect();
+    // The servers in `which`, alternated twice so drift on a shared machine hits all alike; the
+    // best of two runs of each, by index into `servers`.
+    let measure = |which: &[usize], protocol: Protocol| -> Vec<Option<Best>> {
+        let mut runs: Vec<Vec<LoadResult>> = servers.iter().map(|_| Vec::new()).collect();
         for _ in 0..2 {
-            for (runs, &i) in runs.iter_mut().zip(which) {
+            for &i in which {
                 let (_, router, body) = &servers[i];
-                runs.push(load(
+                runs[i].push(load(
                     router.clone(),
                     body.clone(),
                     &certs.ca_cert_pem,
@@ -440,7 +441,9 @@ fn main() {
                 ));
             }
         }
-        runs.iter().map(|runs| Best::of(runs)).collect()
+        runs.iter()
+            .map(|runs| (!runs.is_empty()).then(|| Best::of(runs)))
+            .collect()
     };
     let all: Vec<usize> = (0..servers.len()).collect();
     let http1 = measure(&all, Protocol::Http1);
@@ -454,26 +457,32 @@ fn main() {
     let handler_mean = metric("dkron_ha_admission_duration_seconds_sum")
         / metric("dkron_ha_admission_duration_seconds_count");
     // The goal's pair and the kubectl-applied pair again, over HTTP/2.
-    let h2_servers = [0, OURS, APPLIED_BARE, APPLIED_BARE + 1];
-    let http2 = measure(&h2_servers, Protocol::Http2);
+    let http2 = measure(&[0, OURS, APPLIED_BARE, APPLIED_BARE + 1], Protocol::Http2);
 
-    // Each server against the bare handler answering the same review.
-    let baseline = |i: usize, best: &dyn Fn(usize) -> Best| {
-        best(if i < APPLIED_BARE { 0 } else { APPLIED_BARE })
+    // Each measured server against the bare handler answering the same review.
+    let rows = |results: &[Option<Best>]| {
+        for (i, b) in results.iter().enumerate() {
+            let (Some(b), Some(base)) =
+                (b, results[if i < APPLIED_BARE { 0 } else { APPLIED_BARE }])
+            else {
+                continue;
+            };
+            println!(
+                "  {:<30} {:>8.0} req/s  p50 {:>9.1?}  p99 {:>9.1?}  cpu/request {:>8.1?}  ratio {:.2} (cpu {:.2})",
+                servers[i].0,
+                b.rps,
+                b.p50,
+                b.p99,
+                b.cpu,
+                b.rps / base.rps,
+                base.cpu.as_secs_f64() / b.cpu.as_secs_f64(),
+            );
+        }
     };
-    let row = |i: usize, b: &Best, base: &Best| {
-        println!(
-            "  {:<30} {:>8.0} req/s  p50 {:>9.1?}  p99 {:>9.1?}  cpu/request {:>8.1?}  ratio {:.2} (cpu {:.2})",
-            servers[i].0,
-            b.rps,
-            b.p50,
-            b.p99,
-            b.cpu,
-            b.rps / base.rps,
-            base.cpu.as_secs_f64() / b.cpu.as_secs_f64(),
-        );
-    };
-    let verdict = |ours: &Best, bare: &Best| {
+    let verdict = |results: &[Option<Best>]| {
+        let (ours, bare) = results[OURS]
+            .zip(results[0])
+            .expect("the goal's pair is measured over each protocol");
         println!(
             "  throughput ratio {:.2} (goal >= 0.80); p99 added {:.3} ms (goal < 1 ms); p50 added {:.3} ms",
             ours.rps / bare.rps,
@@ -489,9 +498,7 @@ fn main() {
     println!(
         "HTTP/1.1: {CLIENTS} keep-alive TLS connections x {REQUESTS_PER_CLIENT} requests (best of 2 runs each):"
     );
-    for (i, b) in http1.iter().enumerate() {
-        row(i, b, &baseline(i, &|j| http1[j]));
-    }
+    rows(&http1);
     println!("  (busy loop: {review_time:.1?}, one review's time in the warm loop)");
     println!(
         "  (the last two: the review of a StatefulSet applied with kubectl, {} bytes instead of {}; ratios against the bare handler answering it)",
@@ -502,16 +509,13 @@ fn main() {
         "  /mutate handler (review only, under load, both reviews): mean {:.1} µs",
         handler_mean * 1e6
     );
-    verdict(&http1[OURS], &http1[0]);
+    verdict(&http1);
 
     println!(
         "HTTP/2 (as kube-apiserver calls webhooks): one TLS connection, {CLIENTS} concurrent streams x {REQUESTS_PER_CLIENT} requests (best of 2 runs each):"
     );
-    let h2 = |j: usize| http2[h2_servers.iter().position(|&k| k == j).unwrap()];
-    for &i in &h2_servers {
-        row(i, &h2(i), &baseline(i, &h2));
-    }
-    verdict(&h2(OURS), &h2(0));
+    rows(&http2);
+    verdict(&http2);
 }
 
 /// The best of a server's runs: the highest rate, the lowest latencies and CPU time.

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::http;
-use dkron_ha::certs::{CertRequest, generate};
+use dkron_ha::certs::{CertRequest, GeneratedCerts, generate};
 use dkron_ha::serve::{InjectorArgs, ServeArgs, Server};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
@@ -429,7 +429,6 @@ async fn only_opted_in_statefulsets_depend_on_the_webhook_being_up() {
     webhook.remove().await;
 }
 
-/// A namespace, an admin client and a webhook serving it.
 /// The admission benchmark measures HTTP/2 on one connection because that is how the API server
 /// calls webhooks (client-go negotiates h2 by ALPN unless `DISABLE_HTTP2` is set). Proven here:
 /// our listener and TLS configuration, called by the real API server, get HTTP/2 requests.
@@ -443,17 +442,7 @@ async fn the_api_server_calls_the_webhook_over_http2() {
     let cluster = ControlPlane::shared();
     let ns = cluster.namespace("http2").await;
     let client = cluster.client().await;
-    let certs_dir = tempfile::tempdir().expect("temp dir for certificates");
-    let certs = generate(&CertRequest {
-        service: "dkron-ha".into(),
-        namespace: ns.clone(),
-        extra_names: vec!["127.0.0.1".into()],
-        valid_days: 1,
-    })
-    .expect("generate webhook certificates");
-    certs
-        .write_to(certs_dir.path())
-        .expect("write certificates");
+    let (certs_dir, certs) = webhook_certs(&ns);
     let cert = ReloadingCert::new(
         certs_dir.path().join("tls.crt"),
         certs_dir.path().join("tls.key"),
@@ -487,40 +476,8 @@ async fn the_api_server_calls_the_webhook_over_http2() {
         },
     ));
 
-    let name = format!("dkron-ha-e2e-{ns}");
-    let scope = LabelSelector {
-        match_labels: Some(BTreeMap::from([(
-            "kubernetes.io/metadata.name".to_owned(),
-            ns.clone(),
-        )])),
-        ..LabelSelector::default()
-    };
-    let configurations = Api::<MutatingWebhookConfiguration>::all(client.clone());
-    configurations
-        .create(
-            &PostParams::default(),
-            &webhook_configuration(
-                &name,
-                &format!("https://127.0.0.1:{port}/mutate"),
-                &certs.ca_cert_pem,
-                scope,
-            ),
-        )
-        .await
-        .expect("create MutatingWebhookConfiguration");
-    let statefulsets = Api::<StatefulSet>::namespaced(client, &ns);
-    let dry_run = PostParams {
-        dry_run: true,
-        ..PostParams::default()
-    };
-    eventually("the API server calls the webhook", async || {
-        let answer = statefulsets
-            .create(&dry_run, &example("probe"))
-            .await
-            .ok()?;
-        (pod_spec(&answer).containers.len() == 2).then_some(())
-    })
-    .await;
+    let (configurations, name) = configure_webhook(&client, &ns, port, &certs.ca_cert_pem).await;
+    wait_until_called(client, &ns).await;
 
     let seen = versions.lock().unwrap().clone();
     assert!(!seen.is_empty(), "the webhook was called");
@@ -536,6 +493,7 @@ async fn the_api_server_calls_the_webhook_over_http2() {
     server.await.expect("serve task").expect("serve");
 }
 
+/// A namespace, an admin client and a webhook serving it.
 async fn setup(prefix: &str) -> (kube::Client, String, Webhook) {
     let cluster = ControlPlane::shared();
     let ns = cluster.namespace(prefix).await;
@@ -601,17 +559,7 @@ impl RunningServer {
 impl Webhook {
     /// Starts `serve`, registers it for `ns` and returns once the API server calls it.
     async fn register(client: kube::Client, ns: &str) -> Self {
-        let certs_dir = tempfile::tempdir().expect("temp dir for certificates");
-        let certs = generate(&CertRequest {
-            service: "dkron-ha".into(),
-            namespace: ns.into(),
-            extra_names: vec!["127.0.0.1".into()],
-            valid_days: 1,
-        })
-        .expect("generate webhook certificates");
-        certs
-            .write_to(certs_dir.path())
-            .expect("write webhook certificates");
+        let (certs_dir, certs) = webhook_certs(ns);
         let args = ServeArgs {
             https_addr: "127.0.0.1:0".parse().expect("address"),
             http_addr: "127.0.0.1:0".parse().expect("address"),
@@ -625,39 +573,8 @@ impl Webhook {
             },
         };
         let (port, server) = RunningServer::start(args).await;
-
-        let name = format!("dkron-ha-e2e-{ns}");
-        let scope = LabelSelector {
-            match_labels: Some(BTreeMap::from([(
-                "kubernetes.io/metadata.name".to_owned(),
-                ns.to_owned(),
-            )])),
-            ..LabelSelector::default()
-        };
-        let configuration = webhook_configuration(
-            &name,
-            &format!("https://127.0.0.1:{port}/mutate"),
-            &certs.ca_cert_pem,
-            scope,
-        );
-        let configurations = Api::<MutatingWebhookConfiguration>::all(client.clone());
-        configurations
-            .create(&PostParams::default(), &configuration)
-            .await
-            .expect("create MutatingWebhookConfiguration");
-
-        // The API server picks configurations up from an informer: wait until it calls us.
-        let probes = Api::<StatefulSet>::namespaced(client, ns);
-        let dry_run = PostParams {
-            dry_run: true,
-            ..PostParams::default()
-        };
-        eventually("the API server calls the new webhook", async || {
-            let answer = probes.create(&dry_run, &example("probe")).await.ok()?;
-            (pod_spec(&answer).containers.len() == 2).then_some(())
-        })
-        .await;
-
+        let (configurations, name) = configure_webhook(&client, ns, port, &certs.ca_cert_pem).await;
+        wait_until_called(client, ns).await;
         Self {
             configurations,
             name,
@@ -680,6 +597,67 @@ impl Webhook {
             .await
             .expect("delete MutatingWebhookConfiguration");
     }
+}
+
+/// A serving certificate for 127.0.0.1 and the CA that signed it, written to a temp dir.
+fn webhook_certs(ns: &str) -> (tempfile::TempDir, GeneratedCerts) {
+    let certs_dir = tempfile::tempdir().expect("temp dir for certificates");
+    let certs = generate(&CertRequest {
+        service: "dkron-ha".into(),
+        namespace: ns.into(),
+        extra_names: vec!["127.0.0.1".into()],
+        valid_days: 1,
+    })
+    .expect("generate webhook certificates");
+    certs
+        .write_to(certs_dir.path())
+        .expect("write webhook certificates");
+    (certs_dir, certs)
+}
+
+/// Creates the shipped webhook configuration, sending the StatefulSets of `ns` to the webhook on
+/// loopback `port`; returns where it is and its name.
+async fn configure_webhook(
+    client: &kube::Client,
+    ns: &str,
+    port: u16,
+    ca_pem: &str,
+) -> (Api<MutatingWebhookConfiguration>, String) {
+    let name = format!("dkron-ha-e2e-{ns}");
+    let scope = LabelSelector {
+        match_labels: Some(BTreeMap::from([(
+            "kubernetes.io/metadata.name".to_owned(),
+            ns.to_owned(),
+        )])),
+        ..LabelSelector::default()
+    };
+    let configuration = webhook_configuration(
+        &name,
+        &format!("https://127.0.0.1:{port}/mutate"),
+        ca_pem,
+        scope,
+    );
+    let configurations = Api::<MutatingWebhookConfiguration>::all(client.clone());
+    configurations
+        .create(&PostParams::default(), &configuration)
+        .await
+        .expect("create MutatingWebhookConfiguration");
+    (configurations, name)
+}
+
+/// The API server picks configurations up from an informer: waits until it injects a dry-run
+/// StatefulSet in `ns`.
+async fn wait_until_called(client: kube::Client, ns: &str) {
+    let probes = Api::<StatefulSet>::namespaced(client, ns);
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    eventually("the API server calls the new webhook", async || {
+        let answer = probes.create(&dry_run, &example("probe")).await.ok()?;
+        (pod_spec(&answer).containers.len() == 2).then_some(())
+    })
+    .await;
 }
 
 /// The shipped configuration, named `name`, calling `url` instead of the in-cluster Service,
