@@ -54,7 +54,11 @@ EXTRA_LDFLAGS="-X k8s.io/component-base/version.gitVersion=v1.36.3 \
 -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=36" \
 	build_module k8s \
 	kube-apiserver=k8s.io/kubernetes/cmd/kube-apiserver \
-	kube-controller-manager=k8s.io/kubernetes/cmd/kube-controller-manager
+	kube-controller-manager=k8s.io/kubernetes/cmd/kube-controller-manager \
+	kube-scheduler=k8s.io/kubernetes/cmd/kube-scheduler \
+	kubelet=k8s.io/kubernetes/cmd/kubelet \
+	kube-proxy=k8s.io/kubernetes/cmd/kube-proxy \
+	kubectl=k8s.io/kubernetes/cmd/kubectl
 # Stamped like helm's own Makefile: its version, and the Kubernetes version of its client-go
 # (v0.37 -> 1.37) as the default for `helm template` and `helm lint`.
 EXTRA_LDFLAGS="-X helm.sh/helm/v3/internal/version.version=v3.22.0 \
