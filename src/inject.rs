@@ -9,7 +9,7 @@
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector,
-    ResourceRequirements, SecurityContext, Volume, VolumeMount,
+    PodSpec, ResourceRequirements, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use std::collections::BTreeMap;
@@ -115,79 +115,15 @@ pub struct Injection {
 
 /// Whether the StatefulSet opts in (`dkron-ha/enabled: "true"`).
 pub fn is_opted_in(sts: &StatefulSet) -> bool {
-    opts_in(sts.metadata.annotations.as_ref())
+    annotation(sts, ANNOTATION_ENABLED) == Some("true")
 }
 
-/// Whether a StatefulSet with these annotations opts in.
-pub(crate) fn opts_in(annotations: Option<&BTreeMap<String, String>>) -> bool {
-    annotations
-        .and_then(|a| a.get(ANNOTATION_ENABLED))
-        .is_some_and(|v| v == "true")
-}
-
-/// What [`plan`] reads of a StatefulSet, borrowed. The webhook's hot path reads it straight
-/// from the review; [`Facts::of`] reads it from a typed object.
-pub(crate) struct Facts<'a> {
-    pub(crate) name: Option<&'a str>,
-    pub(crate) annotations: Option<&'a BTreeMap<String, String>>,
-    /// `None` without a spec.
-    pub(crate) spec: Option<SpecFacts<'a>>,
-}
-
-pub(crate) struct SpecFacts<'a> {
-    pub(crate) replicas: Option<i32>,
-    pub(crate) service_name: Option<&'a str>,
-    /// `None` without a pod template spec.
-    pub(crate) pod: Option<PodFacts<'a>>,
-}
-
-pub(crate) struct PodFacts<'a> {
-    pub(crate) service_account_name: Option<&'a str>,
-    pub(crate) service_account: Option<&'a str>,
-    pub(crate) containers: Vec<ContainerFacts<'a>>,
-}
-
-pub(crate) struct ContainerFacts<'a> {
-    pub(crate) name: &'a str,
-    /// The value of its first `DKRON_HA_INITIAL_CLUSTER_SIZE` variable: what an earlier
-    /// injection recorded.
-    pub(crate) recorded_size: Option<&'a str>,
-}
-
-impl<'a> Facts<'a> {
-    pub(crate) fn of(sts: &'a StatefulSet) -> Self {
-        Facts {
-            name: sts.metadata.name.as_deref(),
-            annotations: sts.metadata.annotations.as_ref(),
-            spec: sts.spec.as_ref().map(|spec| SpecFacts {
-                replicas: spec.replicas,
-                service_name: spec.service_name.as_deref(),
-                pod: spec.template.spec.as_ref().map(|pod| PodFacts {
-                    service_account_name: pod.service_account_name.as_deref(),
-                    service_account: pod.service_account.as_deref(),
-                    containers: pod
-                        .containers
-                        .iter()
-                        .map(|c| ContainerFacts {
-                            name: &c.name,
-                            recorded_size: c
-                                .env
-                                .iter()
-                                .flatten()
-                                .find(|e| e.name == ENV_INITIAL_CLUSTER_SIZE)
-                                .and_then(|e| e.value.as_deref()),
-                        })
-                        .collect(),
-                }),
-            }),
-        }
-    }
-
-    fn annotation(&self, key: &str) -> Option<&'a str> {
-        self.annotations
-            .and_then(|a| a.get(key))
-            .map(String::as_str)
-    }
+fn annotation<'a>(sts: &'a StatefulSet, key: &str) -> Option<&'a str> {
+    sts.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .map(String::as_str)
 }
 
 /// What the engine will do, resolved from annotations and the objects before anything changes,
@@ -214,29 +150,36 @@ pub fn inject(
     if !is_opted_in(sts) {
         return Ok(None);
     }
-    let plan = plan(&Facts::of(sts), operation, old.map(Facts::of).as_ref())?;
+    let plan = plan(sts, operation, old)?;
     Ok(Some(apply_plan(sts, &plan, operation, old, config)))
 }
 
 /// Resolves and validates everything the injection depends on.
-pub(crate) fn plan(
-    sts: &Facts<'_>,
+fn plan(
+    sts: &StatefulSet,
     operation: Operation,
-    old: Option<&Facts<'_>>,
+    old: Option<&StatefulSet>,
 ) -> Result<InjectionPlan, InjectError> {
     let name = sts
+        .metadata
         .name
+        .as_deref()
         .filter(|n| !n.is_empty())
         .ok_or(InjectError::MissingName)?;
     let spec = sts.spec.as_ref().ok_or(InjectError::MissingServiceName)?;
     let service = spec
         .service_name
+        .as_deref()
         .filter(|s| !s.is_empty())
         .ok_or(InjectError::MissingServiceName)?;
-    let pod = spec.pod.as_ref().ok_or(InjectError::MissingPodSpec)?;
+    let pod = spec
+        .template
+        .spec
+        .as_ref()
+        .ok_or(InjectError::MissingPodSpec)?;
     let container_index = dkron_container_index(sts, pod)?;
 
-    let dkron_command = match sts.annotation(ANNOTATION_DKRON_COMMAND) {
+    let dkron_command = match annotation(sts, ANNOTATION_DKRON_COMMAND) {
         Some(value) => {
             let words: Vec<String> = value.split_whitespace().map(str::to_string).collect();
             if words.is_empty() {
@@ -247,14 +190,15 @@ pub(crate) fn plan(
         None => vec![DEFAULT_DKRON_COMMAND.to_string()],
     };
 
-    let initial_cluster_size = match sts.annotation(ANNOTATION_INITIAL_CLUSTER_SIZE) {
+    let initial_cluster_size = match annotation(sts, ANNOTATION_INITIAL_CLUSTER_SIZE) {
         Some(value) => parse_cluster_size(value)?,
-        None => defaulted_cluster_size(spec, pod, container_index, operation, old),
+        None => defaulted_cluster_size(spec.replicas, pod, container_index, operation, old),
     };
 
     let service_account = pod
         .service_account_name
-        .or(pod.service_account)
+        .as_deref()
+        .or(pod.service_account.as_deref())
         .filter(|s| !s.is_empty())
         .map(str::to_string);
 
@@ -282,24 +226,30 @@ fn parse_cluster_size(value: &str) -> Result<u32, InjectError> {
 /// Without the annotation the cold-start size is `spec.replicas` at CREATE. Later it must not
 /// follow scaling: reuse what an earlier injection recorded, from this object or the stored one.
 fn defaulted_cluster_size(
-    spec: &SpecFacts<'_>,
-    pod: &PodFacts<'_>,
+    replicas: Option<i32>,
+    pod: &PodSpec,
     container_index: usize,
     operation: Operation,
-    old: Option<&Facts<'_>>,
+    old: Option<&StatefulSet>,
 ) -> u32 {
-    let replicas = spec
-        .replicas
+    let replicas = replicas
         .unwrap_or(1)
         .clamp(1, MAX_INITIAL_CLUSTER_SIZE as i32) as u32;
-    let recorded =
-        |c: &ContainerFacts<'_>| c.recorded_size.and_then(|v| parse_cluster_size(v).ok());
+    // The value of a container's first DKRON_HA_INITIAL_CLUSTER_SIZE: what an earlier
+    // injection recorded.
+    let recorded = |c: &Container| {
+        c.env
+            .iter()
+            .flatten()
+            .find(|e| e.name == ENV_INITIAL_CLUSTER_SIZE)
+            .and_then(|e| parse_cluster_size(e.value.as_deref()?).ok())
+    };
     if let Some(n) = pod.containers.get(container_index).and_then(recorded) {
         return n;
     }
     if operation == Operation::Update
         && let Some(n) = old
-            .and_then(|o| o.spec.as_ref()?.pod.as_ref())
+            .and_then(|o| o.spec.as_ref()?.template.spec.as_ref())
             .and_then(|pod| pod.containers.iter().find_map(recorded))
     {
         return n;
@@ -307,17 +257,17 @@ fn defaulted_cluster_size(
     replicas
 }
 
-fn container_names(pod: &PodFacts<'_>) -> String {
+fn container_names(pod: &PodSpec) -> String {
     pod.containers
         .iter()
         .filter(|c| c.name != LABEL_UPDATER_CONTAINER)
-        .map(|c| c.name)
+        .map(|c| c.name.as_str())
         .collect::<Vec<_>>()
         .join(", ")
 }
 
-fn dkron_container_index(sts: &Facts<'_>, pod: &PodFacts<'_>) -> Result<usize, InjectError> {
-    if let Some(name) = sts.annotation(ANNOTATION_CONTAINER) {
+fn dkron_container_index(sts: &StatefulSet, pod: &PodSpec) -> Result<usize, InjectError> {
+    if let Some(name) = annotation(sts, ANNOTATION_CONTAINER) {
         return pod
             .containers
             .iter()
@@ -429,7 +379,7 @@ fn apply_plan(
 
 /// The pod-management policy after injection: `Parallel` at CREATE; at UPDATE it is
 /// immutable, so what is stored stays (`stored` is the stored object's, when there is one).
-pub(crate) fn pod_management_policy(
+fn pod_management_policy(
     operation: Operation,
     current: Option<&str>,
     stored: Option<Option<&str>>,
@@ -441,7 +391,7 @@ pub(crate) fn pod_management_policy(
 }
 
 /// The warning for an UPDATE of a StatefulSet that keeps `OrderedReady` (the default).
-pub(crate) fn ordered_ready_warning(
+fn ordered_ready_warning(
     operation: Operation,
     policy: Option<&str>,
     plan: &InjectionPlan,
@@ -454,7 +404,7 @@ pub(crate) fn ordered_ready_warning(
     })
 }
 
-pub(crate) fn automount_warning(automount: Option<bool>) -> Option<String> {
+fn automount_warning(automount: Option<bool>) -> Option<String> {
     (automount == Some(false)).then(|| {
         format!(
             "the pod template sets automountServiceAccountToken: false, so the {LABEL_UPDATER_CONTAINER} sidecar cannot label the Dkron leader; remove that setting or set it to true"
@@ -463,7 +413,7 @@ pub(crate) fn automount_warning(automount: Option<bool>) -> Option<String> {
 }
 
 /// The service account the pods get when the template names none.
-pub(crate) fn injected_service_account(plan: &InjectionPlan) -> Option<String> {
+fn injected_service_account(plan: &InjectionPlan) -> Option<String> {
     plan.service_account
         .is_none()
         .then(|| [plan.name.as_str(), "-dkron-ha"].concat())
@@ -473,10 +423,7 @@ pub(crate) fn injected_service_account(plan: &InjectionPlan) -> Option<String> {
 fn inject_dkron_container(dkron: &mut Container, plan: &InjectionPlan, config: &InjectorConfig) {
     let current = dkron.command.as_deref().unwrap_or_default();
     if !is_wrapped(current) {
-        let command = wrapped_command(current, &plan.dkron_command)
-            .map(str::to_string)
-            .collect();
-        dkron.command = Some(command);
+        dkron.command = Some(wrapped_command(current, &plan.dkron_command));
     }
     upsert_by_name(
         dkron.volume_mounts.get_or_insert_with(Vec::new),
@@ -501,34 +448,27 @@ fn upsert_by_name<T>(items: &mut Vec<T>, item: T, name: impl Fn(&T) -> &String) 
 const WRAPPER_PREFIX: [&str; 3] = [WRAPPER_PATH, "wrap", "--"];
 
 /// Whether a Dkron container's command is wrapped already (then it stays as it is).
-pub(crate) fn is_wrapped(command: &[impl AsRef<str>]) -> bool {
-    command.len() >= WRAPPER_PREFIX.len()
-        && command
-            .iter()
-            .zip(WRAPPER_PREFIX)
-            .all(|(a, b)| a.as_ref() == b)
+fn is_wrapped(command: &[String]) -> bool {
+    command.len() >= WRAPPER_PREFIX.len() && command.iter().zip(WRAPPER_PREFIX).all(|(a, b)| a == b)
 }
 
 /// The wrapped command of a Dkron container whose command is `current` (not wrapped yet): the
 /// wrapper, then the original command, or the Dkron executable when the image's entrypoint runs
 /// it (no command).
-pub(crate) fn wrapped_command<'a, S: AsRef<str>>(
-    current: &'a [S],
-    dkron_command: &'a [String],
-) -> impl Iterator<Item = &'a str> {
-    // Exactly one of the two is used; the other is empty.
-    let (own, default) = if current.is_empty() {
-        (&[][..], dkron_command)
+fn wrapped_command(current: &[String], dkron_command: &[String]) -> Vec<String> {
+    let original = if current.is_empty() {
+        dkron_command
     } else {
-        (current, &[][..])
+        current
     };
     WRAPPER_PREFIX
-        .into_iter()
-        .chain(own.iter().map(AsRef::as_ref))
-        .chain(default.iter().map(String::as_str))
+        .iter()
+        .map(|s| s.to_string())
+        .chain(original.iter().cloned())
+        .collect()
 }
 
-pub(crate) fn bin_volume() -> Volume {
+fn bin_volume() -> Volume {
     Volume {
         name: BIN_VOLUME.into(),
         empty_dir: Some(EmptyDirVolumeSource {
@@ -539,7 +479,7 @@ pub(crate) fn bin_volume() -> Volume {
     }
 }
 
-pub(crate) fn bin_mount() -> VolumeMount {
+fn bin_mount() -> VolumeMount {
     VolumeMount {
         name: BIN_VOLUME.into(),
         mount_path: BIN_DIR.into(),
@@ -557,7 +497,7 @@ fn field_env(name: &str, path: &str) -> EnvVar {
 }
 
 /// The source of a variable set from the pod's field `path` (API version v1).
-pub(crate) fn field_source(path: &str) -> EnvVarSource {
+fn field_source(path: &str) -> EnvVarSource {
     EnvVarSource {
         field_ref: Some(ObjectFieldSelector {
             field_path: path.into(),
@@ -577,7 +517,7 @@ fn value_env(name: &str, value: impl Into<String>) -> EnvVar {
 
 /// Where an injected environment variable's value comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum EnvSource {
+enum EnvSource {
     Value(String),
     /// A downward-API field of the pod (`fieldRef`, API version v1).
     Field(&'static str),
@@ -593,10 +533,7 @@ impl EnvSource {
 }
 
 /// The environment the Dkron container gets, in order.
-pub(crate) fn dkron_env(
-    plan: &InjectionPlan,
-    config: &InjectorConfig,
-) -> [(&'static str, EnvSource); 8] {
+fn dkron_env(plan: &InjectionPlan, config: &InjectorConfig) -> [(&'static str, EnvSource); 8] {
     use EnvSource::{Field, Value};
     [
         (ENV_STATEFULSET, Value(plan.name.clone())),
@@ -646,7 +583,7 @@ fn small_resources(cpu_limit: &str, memory: &str) -> ResourceRequirements {
     }
 }
 
-pub(crate) fn install_container(config: &InjectorConfig) -> Container {
+fn install_container(config: &InjectorConfig) -> Container {
     Container {
         name: INSTALL_CONTAINER.into(),
         image: Some(config.image.clone()),
@@ -661,7 +598,7 @@ pub(crate) fn install_container(config: &InjectorConfig) -> Container {
     }
 }
 
-pub(crate) fn label_updater_container(config: &InjectorConfig) -> Container {
+fn label_updater_container(config: &InjectorConfig) -> Container {
     let mut env = vec![
         field_env("POD_NAME", "metadata.name"),
         field_env("POD_NAMESPACE", "metadata.namespace"),

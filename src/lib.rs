@@ -16,7 +16,6 @@ pub mod inject;
 pub mod install;
 pub mod manifests;
 pub mod metrics;
-pub mod patch;
 pub mod runtime;
 pub mod serve;
 pub mod telemetry;

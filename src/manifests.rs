@@ -118,7 +118,7 @@ fn inject_value(
     let Some(mutation) = mutation else {
         return Ok(0);
     };
-    json_patch::patch(value, &mutation.json_patch()).map_err(|e| ManifestError::Patch {
+    json_patch::patch(value, &mutation.patch).map_err(|e| ManifestError::Patch {
         document,
         what: what.clone(),
         message: e.to_string(),

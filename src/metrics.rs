@@ -1,7 +1,9 @@
-//! Prometheus metrics of `serve`. Labels are bounded: operations the API server defines and
+//! Prometheus metrics of `serve`. Label values are enums: operations the API server defines and
 //! the fixed verdicts of [`crate::admission::Verdict`].
 
-use prometheus_client::encoding::EncodeLabelSet;
+use crate::admission::Verdict;
+use kube::core::admission::Operation;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -10,8 +12,60 @@ use std::time::Duration;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AdmissionLabels {
-    pub operation: &'static str,
-    pub result: &'static str,
+    pub operation: ReviewOperation,
+    pub result: ReviewResult,
+}
+
+/// The operation of a review, as the API server names it; `unknown` for a malformed review.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum ReviewOperation {
+    Create,
+    Update,
+    Delete,
+    Connect,
+    Unknown,
+}
+
+impl From<&Operation> for ReviewOperation {
+    fn from(operation: &Operation) -> Self {
+        match operation {
+            Operation::Create => Self::Create,
+            Operation::Update => Self::Update,
+            Operation::Delete => Self::Delete,
+            Operation::Connect => Self::Connect,
+        }
+    }
+}
+
+impl EncodeLabelValue for ReviewOperation {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let label = match self {
+            Self::Create => "CREATE",
+            Self::Update => "UPDATE",
+            Self::Delete => "DELETE",
+            Self::Connect => "CONNECT",
+            Self::Unknown => "unknown",
+        };
+        EncodeLabelValue::encode(&label, encoder)
+    }
+}
+
+/// How a review was answered.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum ReviewResult {
+    Answered(Verdict),
+    /// HTTP 400: the body was no AdmissionReview.
+    Malformed,
+}
+
+impl EncodeLabelValue for ReviewResult {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let label = match self {
+            Self::Answered(verdict) => verdict.as_label(),
+            Self::Malformed => "malformed",
+        };
+        EncodeLabelValue::encode(&label, encoder)
+    }
 }
 
 /// Admission webhook metrics.
@@ -39,15 +93,7 @@ impl AdmissionMetrics {
         Self { requests, duration }
     }
 
-    pub fn observe(&self, operation: &str, result: &'static str, elapsed: Duration) {
-        let operation = match operation {
-            "CREATE" => "CREATE",
-            "UPDATE" => "UPDATE",
-            "DELETE" => "DELETE",
-            "CONNECT" => "CONNECT",
-            "" => "unknown",
-            _ => "other",
-        };
+    pub fn observe(&self, operation: ReviewOperation, result: ReviewResult, elapsed: Duration) {
         self.requests
             .get_or_create(&AdmissionLabels { operation, result })
             .inc();

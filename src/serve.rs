@@ -4,7 +4,7 @@
 
 use crate::admission::{self, BadReview};
 use crate::inject::InjectorConfig;
-use crate::metrics::{self, AdmissionMetrics};
+use crate::metrics::{self, AdmissionMetrics, ReviewOperation, ReviewResult};
 use crate::tls::{self, ReloadingCert};
 use axum::Router;
 use axum::body::Bytes;
@@ -135,15 +135,19 @@ async fn mutate(State(state): State<AdmissionState>, body: Bytes) -> Response {
     match admission::review(&body, &state.injector) {
         Ok(answer) => {
             state.metrics.observe(
-                &answer.operation,
-                answer.verdict.as_label(),
+                (&answer.operation).into(),
+                ReviewResult::Answered(answer.verdict),
                 started.elapsed(),
             );
             ([(header::CONTENT_TYPE, "application/json")], answer.body).into_response()
         }
         Err(error) => {
             tracing::warn!(%error, bytes = body.len(), "malformed admission review");
-            state.metrics.observe("", "malformed", started.elapsed());
+            state.metrics.observe(
+                ReviewOperation::Unknown,
+                ReviewResult::Malformed,
+                started.elapsed(),
+            );
             (StatusCode::BAD_REQUEST, axum::Json(BadReview::from(&error))).into_response()
         }
     }

@@ -270,7 +270,7 @@ async fn malformed_reviews_get_400(
         ("{}".into(), "apiVersion"),
         (json!({"apiVersion": "admission.k8s.io/v1beta1", "kind": "AdmissionReview"}).to_string(), "admission.k8s.io/v1"),
         (json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}).to_string(), "no request"),
-        (json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {"uid": "", "kind": {}, "operation": "CREATE"}}).to_string(), "uid"),
+        (json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {"uid": "", "kind": {"group": "apps", "version": "v1", "kind": "StatefulSet"}, "resource": {"group": "apps", "version": "v1", "resource": "statefulsets"}, "operation": "CREATE", "userInfo": {}}}).to_string(), "uid"),
         (json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {"uid": 7}}).to_string(), "not an AdmissionReview"),
         ("\u{0}\u{ff}[[[[".into(), "not an AdmissionReview"),
     ];

@@ -79,6 +79,33 @@ fn unparseable_yaml_fails_with_the_document_number_and_prints_nothing() {
 }
 
 #[test]
+fn a_statefulset_that_does_not_opt_in_passes_through_even_when_it_would_not_parse() {
+    // Containers that are no containers: not ours to judge without the annotation.
+    let other = "apiVersion: apps/v1\nkind: StatefulSet\nmetadata:\n  name: other\nspec:\n  template:\n    spec:\n      containers: [5, x]\n";
+    let dkron =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/dkron.yaml"))
+            .unwrap();
+    let input = format!("{other}---\n{dkron}");
+    let (code, stdout, stderr) = run(&["inject", "-f", "-"], Some(&input));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.starts_with(other), "{stdout}");
+    assert!(stdout.contains("dkron-ha-label-updater"), "{stdout}");
+
+    // Opted in, the same document is refused with the reason.
+    let opted = other.replace(
+        "name: other\n",
+        "name: other\n  annotations:\n    dkron-ha/enabled: \"true\"\n",
+    );
+    let (code, stdout, stderr) = run(&["inject", "-f", "-"], Some(&opted));
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("not a valid apps/v1 StatefulSet"),
+        "{stderr}"
+    );
+    assert!(stdout.is_empty());
+}
+
+#[test]
 fn an_invalid_annotation_fails_with_the_document_and_the_fix() {
     let input =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/dkron.yaml"))

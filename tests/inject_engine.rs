@@ -292,12 +292,47 @@ fn patch_keeps_fields_this_build_does_not_know() {
         .unwrap()
         .unwrap();
     let mut patched = value.clone();
-    json_patch::patch(&mut patched, &mutation.json_patch()).unwrap();
+    json_patch::patch(&mut patched, &mutation.patch).unwrap();
     assert_eq!(
         patched["spec"]["template"]["spec"]["containers"][0]["futureField"],
         json!({"x": 1})
     );
     assert_eq!(patched["spec"]["futureSpecField"], json!(true));
+}
+
+#[test]
+fn other_annotations_are_left_as_they_are() {
+    // kubectl's client-side apply records the whole object, escaped, in an annotation; the pod
+    // template carries annotations of its own, or none, or `null`.
+    let mut object = dkron_sts(json!({"dkron-ha/enabled": "true", "team": "jobs"}), 3);
+    let applied = serde_json::to_string(&object).unwrap();
+    object["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"] =
+        json!(applied);
+    for template_annotations in [
+        Some(json!({"prometheus.io/scrape": "true"})),
+        None,
+        Some(Value::Null),
+    ] {
+        let mut object = object.clone();
+        if let Some(value) = template_annotations.clone() {
+            object["spec"]["template"]["metadata"]["annotations"] = value;
+        }
+        let mutation = mutate_statefulset(&object, Operation::Create, None, &config())
+            .unwrap()
+            .unwrap();
+        let mut patched = object.clone();
+        json_patch::patch(&mut patched, &mutation.patch).unwrap();
+        assert_eq!(patched["metadata"], object["metadata"]);
+        let mut expected = match template_annotations {
+            Some(Value::Object(a)) => Value::Object(a),
+            _ => json!({}),
+        };
+        expected["dkron-ha/injected"] = json!("test");
+        assert_eq!(
+            patched["spec"]["template"]["metadata"]["annotations"],
+            expected
+        );
+    }
 }
 
 // ---- properties over varied StatefulSets ----
@@ -343,10 +378,15 @@ fn arb_statefulset() -> impl Strategy<Value = Value> {
         any::<bool>(),
         any::<bool>(),
         any::<bool>(),
+        // Mostly opted in; also absent and values that are not "true" (never ours).
+        prop::sample::select(vec![Some("true"), Some("true"), Some("true"), None, Some("false"), Some("TRUE")]),
     )
         .prop_map(
-            |(replicas, dkron, sidecar, sa, policy, size, init, volume, stored)| {
-                let mut annotations = json!({"dkron-ha/enabled": "true"});
+            |(replicas, dkron, sidecar, sa, policy, size, init, volume, stored, enabled)| {
+                let mut annotations = json!({"team": "jobs"});
+                if let Some(enabled) = enabled {
+                    annotations["dkron-ha/enabled"] = json!(enabled);
+                }
                 if let Some(size) = size {
                     annotations["dkron-ha/initial-cluster-size"] = json!(size.to_string());
                 }
@@ -384,12 +424,31 @@ fn arb_statefulset() -> impl Strategy<Value = Value> {
         )
 }
 
+fn opts_in(value: &Value) -> bool {
+    value["metadata"]["annotations"]["dkron-ha/enabled"] == "true"
+}
+
+/// Where the engine may write: everything else of the object is the user's.
+const ENGINE_PATHS: [&str; 7] = [
+    "/spec/podManagementPolicy",
+    "/spec/template/metadata",
+    "/spec/template/spec/serviceAccountName",
+    "/spec/template/spec/volumes",
+    "/spec/template/spec/initContainers",
+    "/spec/template/spec/containers",
+    "/spec/template/spec/automountServiceAccountToken",
+];
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     #[test]
     fn injecting_an_injected_object_changes_nothing(value in arb_statefulset(), native in any::<bool>()) {
         let config = InjectorConfig { native_sidecar: native, ..config() };
+        if !opts_in(&value) {
+            prop_assert!(inject::inject(&sts(value), Operation::Create, None, &config).unwrap().is_none());
+            return Ok(());
+        }
         let once = inject::inject(&sts(value), Operation::Create, None, &config).unwrap().unwrap();
         let twice = inject::inject(&once.statefulset, Operation::Create, None, &config).unwrap().unwrap();
         prop_assert_eq!(&twice.statefulset, &once.statefulset);
@@ -400,10 +459,14 @@ proptest! {
     #[test]
     fn the_patch_applied_to_the_input_equals_the_engine_output(value in arb_statefulset(), native in any::<bool>()) {
         let config = InjectorConfig { native_sidecar: native, ..config() };
+        if !opts_in(&value) {
+            prop_assert!(mutate_statefulset(&value, Operation::Create, None, &config).unwrap().is_none());
+            return Ok(());
+        }
         let expected = inject::inject(&sts(value.clone()), Operation::Create, None, &config).unwrap().unwrap();
         let mutation = mutate_statefulset(&value, Operation::Create, None, &config).unwrap().unwrap();
         let mut patched = value.clone();
-        json_patch::patch(&mut patched, &mutation.json_patch()).unwrap();
+        json_patch::patch(&mut patched, &mutation.patch).unwrap();
         prop_assert_eq!(sts(patched), expected.statefulset);
     }
 
@@ -417,6 +480,7 @@ proptest! {
         upgraded in any::<bool>(),
     ) {
         let config = InjectorConfig { native_sidecar: native, ..config() };
+        let opted_in = opts_in(&value);
         // An earlier injection, possibly in the other sidecar mode or by an older dkron-ha: the
         // stored object on UPDATE, and the object itself when the API server reinvokes the
         // webhook.
@@ -427,8 +491,9 @@ proptest! {
                 before.version = "old".into();
             }
             let mut injected = value.clone();
-            let once = mutate_statefulset(&value, Operation::Create, None, &before).unwrap().unwrap();
-            json_patch::patch(&mut injected, &once.json_patch()).unwrap();
+            if let Some(once) = mutate_statefulset(&value, Operation::Create, None, &before).unwrap() {
+                json_patch::patch(&mut injected, &once.patch).unwrap();
+            }
             injected
         };
         let object = if reinject { injected.clone() } else { value.clone() };
@@ -436,7 +501,7 @@ proptest! {
         let operation = if update { Operation::Update } else { Operation::Create };
         let expected = inject::inject(&sts(object.clone()), operation, old.clone().map(sts).as_ref(), &config)
             .unwrap()
-            .unwrap();
+            .unwrap_or_else(|| inject::Injection { statefulset: sts(object.clone()), warnings: vec![] });
 
         let body = json!({
             "apiVersion": "admission.k8s.io/v1",
@@ -464,7 +529,10 @@ proptest! {
             json_patch::patch(&mut patched, &patch).unwrap();
         }
         prop_assert_eq!(sts(patched.clone()), expected.statefulset);
-        // Reinvoked on its own output (same mode, CREATE), the webhook sends no patch at all.
+        // Not opted in, or reinvoked on its own output (same mode, CREATE): no patch at all.
+        if !opted_in {
+            prop_assert!(response["response"].get("patch").is_none(), "{}", response);
+        }
         if reinject && native == native_before && !upgraded && !update {
             prop_assert!(response["response"].get("patch").is_none(), "{}", response);
         }
@@ -475,14 +543,26 @@ proptest! {
     }
 
     #[test]
-    fn injection_is_deterministic(value in arb_statefulset()) {
-        let a = mutate_statefulset(&value, Operation::Create, None, &config()).unwrap().unwrap();
-        let b = mutate_statefulset(&value, Operation::Create, None, &config()).unwrap().unwrap();
-        prop_assert_eq!(a, b);
+    fn the_patch_writes_only_where_the_engine_may(value in arb_statefulset(), native in any::<bool>(), update in any::<bool>()) {
+        let config = InjectorConfig { native_sidecar: native, ..config() };
+        let operation = if update { Operation::Update } else { Operation::Create };
+        let Some(mutation) = mutate_statefulset(&value, operation, update.then_some(&value), &config).unwrap() else {
+            prop_assert!(!opts_in(&value));
+            return Ok(());
+        };
+        prop_assert!(!mutation.patch.0.is_empty());
+        for op in &mutation.patch.0 {
+            let path = serde_json::to_value(op).unwrap()["path"].as_str().unwrap().to_string();
+            prop_assert!(
+                ENGINE_PATHS.iter().any(|p| path == *p || path.starts_with(&format!("{p}/"))),
+                "{} writes outside the engine's fields", path
+            );
+        }
     }
 
     #[test]
     fn the_wrapped_command_starts_with_the_wrapper_and_keeps_the_original(value in arb_statefulset()) {
+        prop_assume!(opts_in(&value));
         let original = value["spec"]["template"]["spec"]["containers"].as_array().unwrap()
             .iter().find(|c| c["name"] == "dkron").unwrap()["command"].clone();
         let out = inject::inject(&sts(value), Operation::Create, None, &config()).unwrap().unwrap();

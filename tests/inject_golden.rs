@@ -114,7 +114,9 @@ fn the_webhook_patches_every_fixture_as_inject_does() {
                     "request": {
                         "uid": "golden",
                         "kind": {"group": "apps", "version": "v1", "kind": "StatefulSet"},
+                        "resource": {"group": "apps", "version": "v1", "resource": "statefulsets"},
                         "operation": "CREATE",
+                        "userInfo": {"username": "admin"},
                         "object": object,
                     }
                 });
@@ -134,7 +136,7 @@ fn the_webhook_patches_every_fixture_as_inject_does() {
                 if let Some(mutation) =
                     mutate_statefulset(&object, Operation::Create, None, &config).unwrap()
                 {
-                    json_patch::patch(&mut expected, &mutation.json_patch()).unwrap();
+                    json_patch::patch(&mut expected, &mutation.patch).unwrap();
                     warnings = mutation.warnings;
                 }
                 assert_eq!(patched, expected, "{case}: webhook and inject differ");
