@@ -10,9 +10,9 @@ endif
 inject:
 	cargo run --quiet -- inject -f examples/dkron.yaml
 
-# Every test. Builds the real control plane (etcd, kube-apiserver, kube-controller-manager)
-# from pinned Go modules first; cached in ~/.cache/dkron-ha/tools, so only the first run pays.
-test: tools
+# Every test: formatting and clippy first, then the real components from pinned Go modules
+# (cached in ~/.cache/dkron-ha/tools, so only the first run pays), then cargo test.
+test: lint tools
 	cargo test --workspace
 
 tools:

@@ -79,7 +79,7 @@ fn opts_in(object: &Value) -> bool {
     object
         .get("metadata")
         .and_then(|m| m.get("annotations"))
-        .and_then(|a| a.get(inject::ANNOTATION_ENABLED))
+        .and_then(|a| a.get(crate::names::ANNOTATION_ENABLED))
         .and_then(Value::as_str)
         == Some("true")
 }

@@ -7,6 +7,7 @@ pub mod raft;
 pub mod supporting;
 
 use crate::inject;
+use crate::names::{LABEL_MANAGED_BY, MANAGED_BY};
 use futures::StreamExt;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -29,7 +30,7 @@ use serde::de::DeserializeOwned;
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Duration;
-use supporting::{LABEL_MANAGED_BY, MANAGED_BY, SupportingError, supporting_objects};
+use supporting::{SupportingError, supporting_objects};
 
 /// Field manager of every server-side apply.
 pub const FIELD_MANAGER: &str = "dkron-ha";
@@ -299,7 +300,7 @@ async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Action> {
                 format!(
                     "{} no longer carries {}: removed {}",
                     name,
-                    inject::ANNOTATION_ENABLED,
+                    crate::names::ANNOTATION_ENABLED,
                     removed.join(", ")
                 ),
             )

@@ -14,32 +14,16 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use std::collections::BTreeMap;
 
-/// What every annotation of dkron-ha starts with.
-pub const ANNOTATION_PREFIX: &str = "dkron-ha/";
-pub const ANNOTATION_ENABLED: &str = "dkron-ha/enabled";
-pub const ANNOTATION_INITIAL_CLUSTER_SIZE: &str = "dkron-ha/initial-cluster-size";
-pub const ANNOTATION_CONTAINER: &str = "dkron-ha/container";
-pub const ANNOTATION_DKRON_COMMAND: &str = "dkron-ha/dkron-command";
-/// Pod-template annotation carrying the dkron-ha version that injected it.
-pub const ANNOTATION_INJECTED: &str = "dkron-ha/injected";
-/// Pod label kept true to Dkron's leadership by the label-updater.
-pub const LABEL_LEADER: &str = "dkron-ha/leader";
+use crate::names::{
+    ANNOTATION_CONTAINER, ANNOTATION_DKRON_COMMAND, ANNOTATION_ENABLED,
+    ANNOTATION_INITIAL_CLUSTER_SIZE, ANNOTATION_INJECTED, BIN_DIR, BIN_VOLUME, ENV_CLUSTER_DOMAIN,
+    ENV_INITIAL_CLUSTER_SIZE, ENV_LEADER_SERVICE, ENV_LOG_FORMAT, ENV_POD_IP, ENV_POD_NAME,
+    ENV_POD_NAMESPACE, ENV_SERVICE, ENV_STATEFULSET, IMAGE_BINARY, INSTALL_CONTAINER,
+    LABEL_UPDATER_CONTAINER, WRAPPER_PATH,
+};
 
-pub const BIN_VOLUME: &str = "dkron-ha-bin";
-pub const BIN_DIR: &str = "/dkron-ha/bin";
-pub const WRAPPER_PATH: &str = "/dkron-ha/bin/dkron-ha";
-pub const INSTALL_CONTAINER: &str = "dkron-ha-install";
-pub const LABEL_UPDATER_CONTAINER: &str = "dkron-ha-label-updater";
-/// Where the dkron-ha image keeps its executable.
-pub const IMAGE_BINARY: &str = "/usr/local/bin/dkron-ha";
 pub const DEFAULT_DKRON_COMMAND: &str = "/usr/local/bin/dkron";
 pub const DEFAULT_DKRON_CONTAINER: &str = "dkron";
-
-pub const ENV_STATEFULSET: &str = "DKRON_HA_STATEFULSET";
-pub const ENV_SERVICE: &str = "DKRON_HA_SERVICE";
-pub const ENV_INITIAL_CLUSTER_SIZE: &str = "DKRON_HA_INITIAL_CLUSTER_SIZE";
-pub const ENV_CLUSTER_DOMAIN: &str = "DKRON_HA_CLUSTER_DOMAIN";
-pub const ENV_LEADER_SERVICE: &str = "DKRON_HA_LEADER_SERVICE";
 
 /// Largest initial cluster size accepted; raft beyond this is a typo, not a plan.
 const MAX_INITIAL_CLUSTER_SIZE: u32 = 99;
@@ -416,7 +400,7 @@ fn automount_warning(automount: Option<bool>) -> Option<String> {
 fn injected_service_account(plan: &InjectionPlan) -> Option<String> {
     plan.service_account
         .is_none()
-        .then(|| [plan.name.as_str(), "-dkron-ha"].concat())
+        .then(|| crate::names::owned_object(&plan.name))
 }
 
 /// Wraps the Dkron container's command and gives it the wrapper's volume and environment.
@@ -545,11 +529,11 @@ fn dkron_env(plan: &InjectionPlan, config: &InjectorConfig) -> [(&'static str, E
         (ENV_CLUSTER_DOMAIN, Value(config.cluster_domain.clone())),
         (
             ENV_LEADER_SERVICE,
-            Value([plan.name.as_str(), "-leader"].concat()),
+            Value(crate::names::leader_service(&plan.name)),
         ),
-        ("POD_NAME", Field("metadata.name")),
-        ("POD_NAMESPACE", Field("metadata.namespace")),
-        ("POD_IP", Field("status.podIP")),
+        (ENV_POD_NAME, Field("metadata.name")),
+        (ENV_POD_NAMESPACE, Field("metadata.namespace")),
+        (ENV_POD_IP, Field("status.podIP")),
     ]
 }
 
@@ -600,10 +584,10 @@ fn install_container(config: &InjectorConfig) -> Container {
 
 fn label_updater_container(config: &InjectorConfig) -> Container {
     let mut env = vec![
-        field_env("POD_NAME", "metadata.name"),
-        field_env("POD_NAMESPACE", "metadata.namespace"),
+        field_env(ENV_POD_NAME, "metadata.name"),
+        field_env(ENV_POD_NAMESPACE, "metadata.namespace"),
     ];
-    env.push(value_env("DKRON_HA_LOG_FORMAT", "json"));
+    env.push(value_env(ENV_LOG_FORMAT, "json"));
     Container {
         name: LABEL_UPDATER_CONTAINER.into(),
         image: Some(config.image.clone()),

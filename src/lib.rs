@@ -16,6 +16,7 @@ pub mod inject;
 pub mod install;
 pub mod manifests;
 pub mod metrics;
+pub mod names;
 pub mod runtime;
 pub mod serve;
 pub mod telemetry;

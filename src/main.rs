@@ -258,10 +258,10 @@ fn run_inject(file: &str, injector: &serve::InjectorArgs) -> anyhow::Result<()> 
     for warning in &result.warnings {
         eprintln!("warning: {warning}");
     }
-    if result.injected == 0 && !input.contains(dkron_ha::inject::ANNOTATION_ENABLED) {
+    if result.injected == 0 && !input.contains(dkron_ha::names::ANNOTATION_ENABLED) {
         eprintln!(
             "note: no StatefulSet carries {}: \"true\"; nothing was injected",
-            dkron_ha::inject::ANNOTATION_ENABLED
+            dkron_ha::names::ANNOTATION_ENABLED
         );
     }
     print!("{}", result.yaml);

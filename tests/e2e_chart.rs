@@ -27,7 +27,7 @@ use clap::{Args as _, FromArgMatches as _};
 use dkron_ha::certs::{CertRequest, generate};
 use dkron_ha::controller::{self, ControllerArgs, ControllerMetrics};
 use dkron_ha::fleetlock::{self, FleetLock, FleetLockConfig, app_specific_machine_id};
-use dkron_ha::inject::{ANNOTATION_ENABLED, INSTALL_CONTAINER, LABEL_UPDATER_CONTAINER};
+use dkron_ha::names::{ANNOTATION_ENABLED, INSTALL_CONTAINER, LABEL_UPDATER_CONTAINER};
 use dkron_ha::serve::{ServeArgs, Server};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::StatefulSet;

@@ -183,12 +183,12 @@ fn switching_to_native_sidecar_moves_the_label_updater() {
     assert!(
         pod.containers
             .iter()
-            .all(|c| c.name != inject::LABEL_UPDATER_CONTAINER)
+            .all(|c| c.name != dkron_ha::names::LABEL_UPDATER_CONTAINER)
     );
     let init = pod.init_containers.as_ref().unwrap();
     let sidecar = init
         .iter()
-        .find(|c| c.name == inject::LABEL_UPDATER_CONTAINER)
+        .find(|c| c.name == dkron_ha::names::LABEL_UPDATER_CONTAINER)
         .expect("native sidecar");
     assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
 }
@@ -576,4 +576,40 @@ proptest! {
         };
         prop_assert_eq!(&command[3..], &rest[..]);
     }
+}
+
+#[test]
+fn the_runtime_reads_the_environment_the_injector_writes() {
+    let out = create(dkron_sts(json!({"dkron-ha/enabled": "true"}), 3));
+    let pod = out.statefulset.spec.unwrap().template.spec.unwrap();
+    let dkron = pod.containers.iter().find(|c| c.name == "dkron").unwrap();
+    // The kubelet's part: downward-API fields of pod dkron-1.
+    let env: std::collections::BTreeMap<String, String> = dkron
+        .env
+        .iter()
+        .flatten()
+        .map(|e| {
+            let value = match e.value_from.as_ref().and_then(|s| s.field_ref.as_ref()) {
+                Some(field) => match field.field_path.as_str() {
+                    "metadata.name" => "dkron-1".to_string(),
+                    "metadata.namespace" => "ns".to_string(),
+                    "status.podIP" => "10.1.2.3".to_string(),
+                    other => panic!("unexpected field {other}"),
+                },
+                None => e.value.clone().unwrap_or_default(),
+            };
+            (e.name.clone(), value)
+        })
+        .collect();
+    let settings =
+        dkron_ha::runtime::peers::ClusterSettings::from_lookup(|name| env.get(name).cloned())
+            .expect("the runtime finds everything it needs");
+    assert_eq!(settings.statefulset, "dkron");
+    assert_eq!(settings.service, "dkron");
+    assert_eq!(settings.namespace, "ns");
+    assert_eq!(settings.pod_name, "dkron-1");
+    assert_eq!(settings.initial_cluster_size, 3);
+    assert_eq!(settings.cluster_domain, "cluster.local");
+    assert_eq!(settings.pod_ip.to_string(), "10.1.2.3");
+    assert_eq!(settings.own_fqdn(), "dkron-1.dkron.ns.svc.cluster.local");
 }

@@ -1,7 +1,7 @@
 //! The supporting objects of one opted-in StatefulSet, as a pure function of it: what the
 //! controller applies (server-side) and, when the StatefulSet opts out, what it removes.
 
-use crate::inject::{self, LABEL_LEADER};
+use crate::names::{self, ANNOTATION_INJECTED, LABEL_LEADER, LABEL_MANAGED_BY, MANAGED_BY};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Service, ServiceAccount, ServicePort, ServiceSpec};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
@@ -11,8 +11,6 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use std::collections::BTreeMap;
 
 /// Label on everything dkron-ha creates, so clean-up touches nothing else.
-pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
-pub const MANAGED_BY: &str = "dkron-ha";
 /// Label naming the StatefulSet a supporting object belongs to.
 pub const LABEL_STATEFULSET: &str = "dkron-ha/statefulset";
 
@@ -48,11 +46,11 @@ pub struct SupportingNames {
 
 pub fn names(sts: &str) -> SupportingNames {
     SupportingNames {
-        service_account: format!("{sts}-dkron-ha"),
-        role: format!("{sts}-dkron-ha"),
-        role_binding: format!("{sts}-dkron-ha"),
-        leader_service: format!("{sts}-leader"),
-        pod_disruption_budget: format!("{sts}-dkron-ha"),
+        service_account: names::owned_object(sts),
+        role: names::owned_object(sts),
+        role_binding: names::owned_object(sts),
+        leader_service: names::leader_service(sts),
+        pod_disruption_budget: names::owned_object(sts),
     }
 }
 
@@ -84,7 +82,7 @@ pub fn was_injected(sts: &StatefulSet) -> bool {
         .as_ref()
         .and_then(|s| s.template.metadata.as_ref())
         .and_then(|m| m.annotations.as_ref())
-        .is_some_and(|a| a.contains_key(inject::ANNOTATION_INJECTED))
+        .is_some_and(|a| a.contains_key(ANNOTATION_INJECTED))
 }
 
 fn owner_reference(sts: &StatefulSet, name: &str) -> Result<OwnerReference, SupportingError> {

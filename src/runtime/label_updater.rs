@@ -5,14 +5,12 @@
 //! from what was published and what was observed, which label value to publish next.
 
 use crate::dkron::{self, IsLeaderAnswer};
+use crate::names::{self, LABEL_LEADER};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use std::time::Duration;
 use tokio::signal::unix::{SignalKind, signal};
-
-/// The label the leader Service selects on.
-pub const LEADER_LABEL: &str = "dkron-ha/leader";
 
 /// Flags of `dkron-ha label-updater`.
 #[derive(Clone, Debug, clap::Args)]
@@ -30,10 +28,10 @@ pub struct LabelUpdaterArgs {
     #[arg(long, env = "DKRON_HA_FAILURES_BEFORE_FOLLOWER", default_value_t = 3)]
     pub failures_before_follower: u32,
     /// Name of the own Pod (downward API).
-    #[arg(long, env = "POD_NAME")]
+    #[arg(long, env = names::ENV_POD_NAME)]
     pub pod_name: String,
     /// Namespace of the own Pod (downward API).
-    #[arg(long, env = "POD_NAMESPACE")]
+    #[arg(long, env = names::ENV_POD_NAMESPACE)]
     pub pod_namespace: String,
 }
 
@@ -115,7 +113,7 @@ async fn observe(args: &LabelUpdaterArgs, timeout: Duration) -> Observation {
 
 /// JSON merge patch setting the leader label.
 pub fn label_patch(leader: bool) -> serde_json::Value {
-    serde_json::json!({ "metadata": { "labels": { LEADER_LABEL: leader.to_string() } } })
+    serde_json::json!({ "metadata": { "labels": { LABEL_LEADER: leader.to_string() } } })
 }
 
 async fn patch_label(pods: &Api<Pod>, name: &str, leader: bool) -> Result<(), kube::Error> {

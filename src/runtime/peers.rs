@@ -1,5 +1,9 @@
 //! Who the peers of this pod are, from the environment the injector sets.
 
+use crate::names::{
+    ENV_CLUSTER_DOMAIN, ENV_INITIAL_CLUSTER_SIZE, ENV_POD_IP, ENV_POD_NAME, ENV_POD_NAMESPACE,
+    ENV_SERVICE, ENV_STATEFULSET,
+};
 use std::time::Duration;
 
 /// Default bound of the wait for DNS names (`DKRON_HA_DNS_TIMEOUT_SECONDS`).
@@ -46,20 +50,20 @@ impl ClusterSettings {
                 .map(|v| v.trim().to_owned())
                 .ok_or(SettingsError::Missing(name))
         };
-        let size_raw = required("DKRON_HA_INITIAL_CLUSTER_SIZE")?;
+        let size_raw = required(ENV_INITIAL_CLUSTER_SIZE)?;
         let initial_cluster_size = match size_raw.parse::<u32>() {
             Ok(n) if n >= 1 => n,
             _ => {
                 return Err(SettingsError::Invalid {
-                    name: "DKRON_HA_INITIAL_CLUSTER_SIZE",
+                    name: ENV_INITIAL_CLUSTER_SIZE,
                     value: size_raw,
                     reason: "expected a whole number of servers, at least 1",
                 });
             }
         };
-        let ip_raw = required("POD_IP")?;
+        let ip_raw = required(ENV_POD_IP)?;
         let pod_ip = ip_raw.parse().map_err(|_| SettingsError::Invalid {
-            name: "POD_IP",
+            name: ENV_POD_IP,
             value: ip_raw.clone(),
             reason: "expected an IP address (fieldRef status.podIP)",
         })?;
@@ -73,17 +77,17 @@ impl ClusterSettings {
                 })?)
             }
         };
-        let cluster_domain = lookup("DKRON_HA_CLUSTER_DOMAIN")
+        let cluster_domain = lookup(ENV_CLUSTER_DOMAIN)
             .map(|d| d.trim().trim_end_matches('.').to_owned())
             .filter(|d| !d.is_empty())
             .unwrap_or_else(|| "cluster.local".to_owned());
         Ok(Self {
-            statefulset: required("DKRON_HA_STATEFULSET")?,
-            service: required("DKRON_HA_SERVICE")?,
-            namespace: required("POD_NAMESPACE")?,
+            statefulset: required(ENV_STATEFULSET)?,
+            service: required(ENV_SERVICE)?,
+            namespace: required(ENV_POD_NAMESPACE)?,
             cluster_domain,
             initial_cluster_size,
-            pod_name: required("POD_NAME")?,
+            pod_name: required(ENV_POD_NAME)?,
             pod_ip,
             dns_timeout,
         })

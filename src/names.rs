@@ -1,0 +1,52 @@
+//! The names DESIGN.md makes contracts: annotations, labels, environment variables, the names
+//! of injected parts and of the objects dkron-ha creates. The injector that writes a name and the
+//! runtime or controller that reads it both use the constant here.
+
+/// `"true"` on a StatefulSet opts it in.
+pub const ANNOTATION_ENABLED: &str = "dkron-ha/enabled";
+pub const ANNOTATION_INITIAL_CLUSTER_SIZE: &str = "dkron-ha/initial-cluster-size";
+pub const ANNOTATION_CONTAINER: &str = "dkron-ha/container";
+pub const ANNOTATION_DKRON_COMMAND: &str = "dkron-ha/dkron-command";
+/// Pod-template annotation carrying the dkron-ha version that injected it.
+pub const ANNOTATION_INJECTED: &str = "dkron-ha/injected";
+
+/// Pod label kept true to Dkron's leadership by the label-updater; the leader Service selects it.
+pub const LABEL_LEADER: &str = "dkron-ha/leader";
+/// The label every object dkron-ha creates carries, with value [`MANAGED_BY`].
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY: &str = "dkron-ha";
+
+/// Pod readiness condition set by the controller: True while the pod's server is a raft voter.
+pub const CONDITION_RAFT_VOTER: &str = "dkron-ha/raft-voter";
+
+/// Environment of the Dkron container, written by the injector and read by `wrap`.
+pub const ENV_STATEFULSET: &str = "DKRON_HA_STATEFULSET";
+pub const ENV_SERVICE: &str = "DKRON_HA_SERVICE";
+pub const ENV_INITIAL_CLUSTER_SIZE: &str = "DKRON_HA_INITIAL_CLUSTER_SIZE";
+pub const ENV_CLUSTER_DOMAIN: &str = "DKRON_HA_CLUSTER_DOMAIN";
+pub const ENV_LEADER_SERVICE: &str = "DKRON_HA_LEADER_SERVICE";
+/// Downward-API variables of the Dkron container and the label-updater.
+pub const ENV_POD_NAME: &str = "POD_NAME";
+pub const ENV_POD_NAMESPACE: &str = "POD_NAMESPACE";
+pub const ENV_POD_IP: &str = "POD_IP";
+/// `--log-format` of every dkron-ha subcommand.
+pub const ENV_LOG_FORMAT: &str = "DKRON_HA_LOG_FORMAT";
+
+/// The injected parts of the pod template.
+pub const BIN_VOLUME: &str = "dkron-ha-bin";
+pub const BIN_DIR: &str = "/dkron-ha/bin";
+pub const WRAPPER_PATH: &str = "/dkron-ha/bin/dkron-ha";
+pub const INSTALL_CONTAINER: &str = "dkron-ha-install";
+pub const LABEL_UPDATER_CONTAINER: &str = "dkron-ha-label-updater";
+/// Where the dkron-ha image keeps its executable.
+pub const IMAGE_BINARY: &str = "/usr/local/bin/dkron-ha";
+
+/// ServiceAccount, Role, RoleBinding and PodDisruptionBudget of StatefulSet `sts`.
+pub fn owned_object(sts: &str) -> String {
+    format!("{sts}-dkron-ha")
+}
+
+/// The Service that selects the leader pod of StatefulSet `sts`.
+pub fn leader_service(sts: &str) -> String {
+    format!("{sts}-leader")
+}
