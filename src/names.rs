@@ -16,9 +16,6 @@ pub const LABEL_LEADER: &str = "dkron-ha/leader";
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "dkron-ha";
 
-/// Pod readiness condition set by the controller: True while the pod's server is a raft voter.
-pub const CONDITION_RAFT_VOTER: &str = "dkron-ha/raft-voter";
-
 /// Environment of the Dkron container, written by the injector and read by `wrap`.
 pub const ENV_STATEFULSET: &str = "DKRON_HA_STATEFULSET";
 pub const ENV_SERVICE: &str = "DKRON_HA_SERVICE";
