@@ -1,9 +1,11 @@
 //! dkron-ha: makes a Dkron server StatefulSet highly available on Kubernetes.
 //!
 //! One module per role of DESIGN.md: `inject` (the pure injection engine), `admission`
-//! (AdmissionReview in, patch out), `tls` (rustls with certificate hot-reload), `certs`
-//! (rcgen CA + serving certificate), `serve` (the listeners of `dkron-ha serve`),
-//! `metrics`, `telemetry`, `fleetlock` (the Zincati FleetLock server).
+//! (AdmissionReview in, patch out), `names` (the contract names every side shares), `manifests`
+//! (`dkron-ha inject` on YAML streams), `tls` (rustls with certificate hot-reload), `certs`
+//! (rcgen CA + serving certificate), `serve` (the listeners of `dkron-ha serve`), `metrics`,
+//! `telemetry`, `runtime` (`wrap`, `label-updater`), `install`, `dkron` (its API client),
+//! `controller`, `fleetlock` (the Zincati FleetLock server).
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
