@@ -81,6 +81,7 @@ fn fields_v1(value: &serde_json::Value) -> serde_json::Value {
     }
 }
 
+/// Concurrent streams of the saturated runs.
 const CLIENTS: usize = 8;
 const REQUESTS_PER_CLIENT: usize = 2_500;
 const WARMUP_PER_CLIENT: usize = 200;
@@ -120,9 +121,9 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[index]
 }
 
-/// Drives `url` from a 1-thread client runtime over one HTTP/2 connection with `CLIENTS`
+/// Drives `url` from a 1-thread client runtime over one HTTP/2 connection with `streams`
 /// concurrent streams, as client-go's transport does (it negotiates h2 by ALPN).
-fn drive(url: &str, body: &axum::body::Bytes, ca_pem: &str) -> LoadResult {
+fn drive(url: &str, body: &axum::body::Bytes, ca_pem: &str, streams: usize) -> LoadResult {
     let client_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -138,7 +139,7 @@ fn drive(url: &str, body: &axum::body::Bytes, ca_pem: &str) -> LoadResult {
         let r = client.post(url).body(body.clone()).send().await.unwrap();
         assert_eq!(r.version(), reqwest::Version::HTTP_2);
         let started = Instant::now();
-        let tasks: Vec<_> = (0..CLIENTS)
+        let tasks: Vec<_> = (0..streams)
             .map(|_| {
                 let (client, url, body) = (client.clone(), url.to_string(), body.clone());
                 tokio::spawn(async move {
@@ -162,7 +163,7 @@ fn drive(url: &str, body: &axum::body::Bytes, ca_pem: &str) -> LoadResult {
         }
         let elapsed = started.elapsed();
         all.sort();
-        let total = CLIENTS * (WARMUP_PER_CLIENT + REQUESTS_PER_CLIENT);
+        let total = streams * (WARMUP_PER_CLIENT + REQUESTS_PER_CLIENT);
         LoadResult {
             rps: total as f64 / elapsed.as_secs_f64(),
             cpu_per_request: (process_cpu() - cpu_before) / total as u32,
@@ -178,6 +179,7 @@ fn load(
     body: &axum::body::Bytes,
     ca_pem: &str,
     cert: Arc<ReloadingCert>,
+    streams: usize,
 ) -> LoadResult {
     let server_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -200,7 +202,7 @@ fn load(
             let _ = stopped.await;
         },
     ));
-    let result = drive(&url, body, ca_pem);
+    let result = drive(&url, body, ca_pem, streams);
     let _ = stop.send(());
     drop(server_rt);
     result
@@ -244,11 +246,16 @@ fn main() {
         metrics: AdmissionMetrics::register(&mut prometheus_client::registry::Registry::default()),
     });
     println!(
-        "HTTP/2, one TLS connection, {CLIENTS} concurrent streams x {REQUESTS_PER_CLIENT} requests, alternated, best of 3:"
+        "HTTP/2, one TLS connection, 1 stream (reviews one at a time, as they arrive) and {CLIENTS} concurrent streams (saturated), {REQUESTS_PER_CLIENT} requests per stream, alternated, best of 3:"
     );
-    for (fixture, body) in [
-        ("review fixture", review_body()),
-        ("kubectl-applied", kubectl_applied_body()),
+    for (fixture, body, streams) in [
+        ("review fixture, 1 stream", review_body(), 1),
+        ("review fixture, 8 streams", review_body(), CLIENTS),
+        (
+            "kubectl-applied, 8 streams",
+            kubectl_applied_body(),
+            CLIENTS,
+        ),
     ] {
         let constant = admission::review(&body, &config).unwrap().body;
         let servers = [
@@ -258,7 +265,7 @@ fn main() {
         let mut best: [Option<LoadResult>; 2] = [None, None];
         for _ in 0..3 {
             for (i, (_, router)) in servers.iter().enumerate() {
-                let r = load(router.clone(), &body, &certs.ca_cert_pem, cert());
+                let r = load(router.clone(), &body, &certs.ca_cert_pem, cert(), streams);
                 best[i] = Some(best[i].map_or(r, |b| LoadResult {
                     rps: b.rps.max(r.rps),
                     cpu_per_request: b.cpu_per_request.min(r.cpu_per_request),
@@ -325,6 +332,7 @@ fn shipped_binary(certs: &std::path::Path, ca_pem: &str) {
         &format!("https://127.0.0.1:{https}/mutate"),
         &review_body(),
         ca_pem,
+        CLIENTS,
     );
     let loaded = rss_kib(child.id());
     let _ = child.kill();

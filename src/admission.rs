@@ -140,17 +140,13 @@ pub fn review(body: &[u8], config: &InjectorConfig) -> Result<ReviewAnswer, Revi
         tracing::debug!(uid = %request.uid, kind = %request.kind.kind, operation = ?request.operation, "not ours, allowed unchanged");
         return Ok(answer(&request, response, Verdict::Unchanged));
     };
-    let raw = |o: &DynamicObject| serde_json::to_value(o).ok();
-    let result = match raw(object) {
-        Some(object) => mutate_statefulset(
-            &object,
-            operation,
-            request.old_object.as_ref().and_then(raw).as_ref(),
-            config,
-        ),
-        // A DynamicObject always serializes; keep the denial rather than a panic.
-        None => Ok(None),
-    };
+    let old = request
+        .old_object
+        .as_ref()
+        .and_then(|o| serde_json::to_value(o).ok());
+    let result = serde_json::to_value(object)
+        .map_err(MutateError::NotAStatefulSet)
+        .and_then(|object| mutate_statefulset(&object, operation, old.as_ref(), config));
     let (namespace, name, uid) = (
         request.namespace.as_deref().unwrap_or_default(),
         &request.name,
