@@ -4,7 +4,7 @@
 //! Shell: poll `GET /v1/isleader` on the local Dkron, patch the own Pod. Core: [`decide`] says,
 //! from what was published and what was observed, which label value to publish next.
 
-use crate::dkron::{self, IsLeaderAnswer};
+use crate::dkron::{self, DkronClient, DkronError, IsLeaderAnswer};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
@@ -43,6 +43,8 @@ pub enum LabelUpdaterError {
     Client(#[source] kube::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Dkron(#[from] DkronError),
     #[error("--interval-ms must be at least 1")]
     ZeroInterval,
 }
@@ -98,8 +100,11 @@ pub fn decide(
     (next, patch)
 }
 
-async fn observe(args: &LabelUpdaterArgs, timeout: Duration) -> Observation {
-    match dkron::is_leader(&args.dkron_host, args.dkron_port, timeout).await {
+async fn observe(dkron: &DkronClient, args: &LabelUpdaterArgs, timeout: Duration) -> Observation {
+    match dkron
+        .is_leader(&args.dkron_host, args.dkron_port, timeout)
+        .await
+    {
         Ok(IsLeaderAnswer::Leader) => Observation::Leader,
         Ok(IsLeaderAnswer::Follower) => Observation::Follower,
         Ok(IsLeaderAnswer::Unexpected { status }) => {
@@ -136,6 +141,7 @@ pub async fn run(args: LabelUpdaterArgs) -> Result<(), LabelUpdaterError> {
         .await
         .map_err(LabelUpdaterError::Client)?;
     let pods: Api<Pod> = Api::namespaced(client, &args.pod_namespace);
+    let dkron = DkronClient::new()?;
     let interval = Duration::from_millis(args.interval_ms);
     // An answer later than one interval is as good as none.
     let poll_timeout = interval.clamp(Duration::from_millis(200), Duration::from_secs(2));
@@ -149,7 +155,7 @@ pub async fn run(args: LabelUpdaterArgs) -> Result<(), LabelUpdaterError> {
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
-        let observation = observe(&args, poll_timeout).await;
+        let observation = observe(&dkron, &args, poll_timeout).await;
         let (next, patch) = decide(state, observation, args.failures_before_follower);
         state = next;
         if let Some(leader) = patch {
