@@ -122,10 +122,29 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             // The cause chain on one line; no backtrace for a user's mistake.
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", causes_once(&error));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, each cause once. kube's errors, like ours, put their
+/// cause in their own message (so a log line's `%error` says it) and return it from
+/// `source()` as well: anyhow's `{:#}` then repeats every cause, so a cause already written
+/// is skipped.
+fn causes_once(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
