@@ -362,23 +362,28 @@ pub async fn run_loops(
         metrics,
         resync,
     });
-    let config = watcher::Config::default();
-    Controller::new(Api::<StatefulSet>::all(client.clone()), config.clone())
-        .owns(Api::<Role>::all(client.clone()), config.clone())
-        .owns(Api::<RoleBinding>::all(client.clone()), config.clone())
-        .owns(Api::<Service>::all(client.clone()), config.clone())
-        .owns(
-            Api::<PodDisruptionBudget>::all(client.clone()),
-            config.clone(),
-        )
-        .owns(Api::<ServiceAccount>::all(client.clone()), config)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(error) = result {
-                tracing::debug!(%error, "controller event");
-            }
-        })
-        .await;
+    // Owned objects all carry the managed-by label: the API server filters the watches, so
+    // the cluster's other Roles, Services and PDBs never reach this process.
+    let ours = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}"));
+    Controller::new(
+        Api::<StatefulSet>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(Api::<Role>::all(client.clone()), ours.clone())
+    .owns(Api::<RoleBinding>::all(client.clone()), ours.clone())
+    .owns(Api::<Service>::all(client.clone()), ours.clone())
+    .owns(
+        Api::<PodDisruptionBudget>::all(client.clone()),
+        ours.clone(),
+    )
+    .owns(Api::<ServiceAccount>::all(client.clone()), ours)
+    .run(reconcile, error_policy, ctx)
+    .for_each(|result| async move {
+        if let Err(error) = result {
+            tracing::debug!(%error, "controller event");
+        }
+    })
+    .await;
 }
 
 /// Elects one replica with a Lease and runs the loops there until `shutdown` completes; on
