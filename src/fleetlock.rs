@@ -62,32 +62,15 @@ fn default_namespace() -> String {
         .unwrap_or_else(|| "default".to_owned())
 }
 
-/// Parses `90`, `90s`, `500ms`, `15m`, `2h` or `1d` (no unit: seconds).
+/// Parses a duration such as `90s`, `500ms`, `15m`, `2h`, `1d` or `1h 30m` (humantime); a bare
+/// number is seconds, as these flags always took it and humantime refuses it.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 30s, 15m or 2h"))?;
-    let seconds = match unit.trim() {
-        "ms" => return Ok(Duration::from_millis(number)),
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        other => {
-            return Err(format!(
-                "unknown unit {other:?} in {text:?}; use ms, s, m, h or d"
-            ));
-        }
-    };
-    number
-        .checked_mul(seconds)
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("{text:?} is too long"))
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(seconds));
+    }
+    humantime::parse_duration(text)
+        .map_err(|error| format!("{text:?} is not a duration like 30s, 15m or 2h: {error}"))
 }
 
 /// FleetLock settings of `dkron-ha serve`.
