@@ -241,11 +241,11 @@ fn run_serve(
                 server.merge_http(fleetlock::router(std::sync::Arc::new(fleetlock)));
                 if controller_args.enabled {
                     let metrics = controller::ControllerMetrics::register(server.registry_mut());
-                    server.add_task(Box::new(move |shutdown| {
+                    server.add_task(Box::new(move |stop| {
                         Box::pin(async move {
                             let (leading, _) = tokio::sync::watch::channel(false);
                             if let Err(error) =
-                                controller::run(client, controller_args, metrics, leading, shutdown).await
+                                controller::run(client, controller_args, metrics, leading, stop.cancelled_owned()).await
                             {
                                 tracing::error!(%error, "controller stopped");
                             }

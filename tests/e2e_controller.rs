@@ -200,15 +200,18 @@ async fn supporting_objects_appear_follow_scaling_and_limit_the_label_updater() 
         matches!(denied, kube::Error::Api(ref s) if s.code == 403),
         "{denied:?}"
     );
-    assert_eq!(
-        sidecar_pods
+    // It may list every pod: its StatefulSet's three (created in parallel) and the other.
+    eventually("the label-updater lists all four pods", || async {
+        (sidecar_pods
             .list(&ListParams::default())
             .await
             .unwrap()
             .items
-            .len(),
-        4
-    );
+            .len()
+            == 4)
+            .then_some(())
+    })
+    .await;
 
     // Scaling keeps resourceNames in step.
     statefulsets
