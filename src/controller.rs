@@ -7,6 +7,7 @@ pub mod raft;
 pub mod supporting;
 
 use crate::inject;
+use backon::{ExponentialBuilder, Retryable};
 use futures::StreamExt;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -403,8 +404,8 @@ pub async fn run(
     let lease_seconds = args.lease_seconds.max(3);
     tokio::pin!(shutdown);
     // The API server may be unreachable at start: keep trying, serving goes on meanwhile.
-    let manager = loop {
-        let built = LeaseManagerBuilder::new(client.clone(), &args.lease_name)
+    let build = || {
+        LeaseManagerBuilder::new(client.clone(), &args.lease_name)
             .with_namespace(&args.lease_namespace)
             .with_identity(&identity)
             .with_duration(lease_seconds)
@@ -413,21 +414,22 @@ pub async fn run(
             .with_grace((lease_seconds / 2).max(1))
             .with_field_manager(FIELD_MANAGER)
             .build()
-            .await;
-        match built {
-            Ok(manager) => break manager,
-            Err(error) => {
-                metrics
-                    .errors
-                    .get_or_create(&ErrorLabels { kind: "election" })
-                    .inc();
-                tracing::warn!(%error, lease = %args.lease_name, "cannot set up leader election; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_secs(5)) => {}
-                    () = &mut shutdown => return Ok(()),
-                }
-            }
-        }
+    };
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_secs(1))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times();
+    let building = build.retry(backoff).notify(|error, delay| {
+        metrics
+            .errors
+            .get_or_create(&ErrorLabels { kind: "election" })
+            .inc();
+        tracing::warn!(%error, lease = %args.lease_name, ?delay, "cannot set up leader election; retrying");
+    });
+    let manager = tokio::select! {
+        built = building => built?,
+        () = &mut shutdown => return Ok(()),
     };
     let (mut leading, lease_task) = manager.watch().await;
     loop {

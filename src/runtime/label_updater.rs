@@ -5,6 +5,7 @@
 //! from what was published and what was observed, which label value to publish next.
 
 use crate::dkron::{self, DkronClient, DkronError, IsLeaderAnswer};
+use backon::{ConstantBuilder, Retryable};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
@@ -172,19 +173,27 @@ pub async fn run(args: LabelUpdaterArgs) -> Result<(), LabelUpdaterError> {
     }
     // Leaving: the leader Service must stop selecting this pod now, not after Dkron is gone.
     tracing::info!(pod = %args.pod_name, "stopping: setting the leader label to false");
-    for attempt in 1..=3 {
+    let set_false = || async {
         match tokio::time::timeout(
             Duration::from_secs(3),
             patch_label(&pods, &args.pod_name, false),
         )
         .await
         {
-            Ok(Ok(())) => return Ok(()),
-            Ok(Err(error)) => {
-                tracing::warn!(attempt, %error, "cannot set the leader label to false")
-            }
-            Err(_) => tracing::warn!(attempt, "setting the leader label to false timed out"),
+            Ok(result) => result.map_err(|error| error.to_string()),
+            Err(_) => Err("no answer within 3 s".to_owned()),
         }
+    };
+    let backoff = ConstantBuilder::default()
+        .with_delay(Duration::from_millis(200))
+        .with_jitter()
+        .with_max_times(2);
+    if let Err(error) = set_false
+        .retry(backoff)
+        .notify(|error, _| tracing::warn!(%error, "cannot set the leader label to false; retrying"))
+        .await
+    {
+        tracing::warn!(pod = %args.pod_name, %error, "the leader label was not set to false");
     }
     Ok(())
 }

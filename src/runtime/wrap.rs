@@ -253,6 +253,8 @@ async fn resolve(name: &str) -> Vec<IpAddr> {
 
 /// Waits until this pod's name resolves to `POD_IP` and every peer resolves, at most
 /// `dns_timeout`; then proceeds anyway (logged). Returns whether everything resolved.
+/// A hand-written poll, not backon: its end depends on progress (since when the own name
+/// resolves), not on one operation failing or succeeding.
 pub async fn wait_for_names(settings: &ClusterSettings) -> bool {
     let own = settings.own_fqdn();
     let peers = settings.other_peers();
