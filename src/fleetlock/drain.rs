@@ -152,17 +152,6 @@ pub enum EvictionOutcome {
 }
 
 impl EvictionOutcome {
-    /// A bounded metric label.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            EvictionOutcome::Evicted => "evicted",
-            EvictionOutcome::AlreadyGone => "already_gone",
-            EvictionOutcome::BlockedByDisruptionBudget(_) => "blocked_by_pdb",
-            EvictionOutcome::Unanswered => "unanswered",
-            EvictionOutcome::Failed(_) => "failed",
-        }
-    }
-
     /// Classifies the Eviction API's answer from its HTTP status code and message.
     pub fn from_status(code: u16, message: &str) -> EvictionOutcome {
         match code {
