@@ -45,16 +45,40 @@ pub enum Error {
     Election(#[from] kube_lease_manager::LeaseManagerError),
 }
 
-impl Error {
-    /// A bounded label for the errors metric.
-    pub fn metric_label(&self) -> &'static str {
+/// What kind of failure a reconciliation had: the errors metric's label.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum ErrorKind {
+    Forbidden,
+    Conflict,
+    Api,
+    Transport,
+    InvalidStatefulSet,
+    Election,
+}
+
+impl ErrorKind {
+    pub fn as_str(self) -> &'static str {
         match self {
-            Error::Kube(kube::Error::Api(s)) if s.code == 403 => "forbidden",
-            Error::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
-            Error::Kube(kube::Error::Api(_)) => "api",
-            Error::Kube(_) => "transport",
-            Error::Supporting(_) => "invalid_statefulset",
-            Error::Election(_) => "election",
+            ErrorKind::Forbidden => "forbidden",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::Api => "api",
+            ErrorKind::Transport => "transport",
+            ErrorKind::InvalidStatefulSet => "invalid_statefulset",
+            ErrorKind::Election => "election",
+        }
+    }
+}
+crate::metrics::label_value_as_str!(ErrorKind);
+
+impl Error {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Kube(kube::Error::Api(s)) if s.code == 403 => ErrorKind::Forbidden,
+            Error::Kube(kube::Error::Api(s)) if s.code == 409 => ErrorKind::Conflict,
+            Error::Kube(kube::Error::Api(_)) => ErrorKind::Api,
+            Error::Kube(_) => ErrorKind::Transport,
+            Error::Supporting(_) => ErrorKind::InvalidStatefulSet,
+            Error::Election(_) => ErrorKind::Election,
         }
     }
 }
@@ -90,7 +114,7 @@ pub struct ControllerArgs {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
-    kind: &'static str,
+    kind: ErrorKind,
 }
 
 /// Controller metrics.
@@ -338,9 +362,7 @@ async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Action> {
 fn error_policy(sts: Arc<StatefulSet>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics
         .errors
-        .get_or_create(&ErrorLabels {
-            kind: error.metric_label(),
-        })
+        .get_or_create(&ErrorLabels { kind: error.kind() })
         .inc();
     tracing::warn!(namespace = sts.namespace().unwrap_or_default(), name = %sts.name_any(), %error, "reconcile failed");
     Action::requeue(Duration::from_secs(5))
@@ -423,7 +445,9 @@ pub async fn run(
     let building = build.retry(backoff).notify(|error, delay| {
         metrics
             .errors
-            .get_or_create(&ErrorLabels { kind: "election" })
+            .get_or_create(&ErrorLabels {
+                kind: ErrorKind::Election,
+            })
             .inc();
         tracing::warn!(%error, lease = %args.lease_name, ?delay, "cannot set up leader election; retrying");
     });
@@ -480,5 +504,27 @@ async fn release(
         Ok(Ok(Ok(_))) => Ok(()),
         Ok(Ok(Err(error))) => Err(error.into()),
         Ok(Err(_)) | Err(_) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_counted_by_a_bounded_kind() {
+        let mut registry = Registry::default();
+        let metrics = ControllerMetrics::register(&mut registry);
+        let error = Error::Supporting(SupportingError::NoMatchLabels("dkron".into()));
+        assert_eq!(error.kind(), ErrorKind::InvalidStatefulSet);
+        metrics
+            .errors
+            .get_or_create(&ErrorLabels { kind: error.kind() })
+            .inc();
+        let text = crate::metrics::encode(&registry).unwrap();
+        assert!(
+            text.contains(r#"dkron_ha_controller_errors_total{kind="invalid_statefulset"} 1"#),
+            "{text}"
+        );
     }
 }

@@ -8,9 +8,62 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::time::Duration;
 
+/// Implements `EncodeLabelValue` for label enums by writing their `as_str()`.
+macro_rules! label_value_as_str {
+    ($($label:ty),+) => {$(
+        impl prometheus_client::encoding::EncodeLabelValue for $label {
+            fn encode(
+                &self,
+                encoder: &mut prometheus_client::encoding::LabelValueEncoder<'_>,
+            ) -> Result<(), std::fmt::Error> {
+                std::fmt::Write::write_str(encoder, self.as_str())
+            }
+        }
+    )+};
+}
+pub(crate) use label_value_as_str;
+
+/// The review's operation, as the API server names it.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Operation {
+    Create,
+    Update,
+    Delete,
+    Connect,
+    /// A review without an operation (malformed).
+    Unknown,
+    Other,
+}
+
+impl Operation {
+    pub fn of(operation: &str) -> Self {
+        match operation {
+            "CREATE" => Operation::Create,
+            "UPDATE" => Operation::Update,
+            "DELETE" => Operation::Delete,
+            "CONNECT" => Operation::Connect,
+            "" => Operation::Unknown,
+            _ => Operation::Other,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Create => "CREATE",
+            Operation::Update => "UPDATE",
+            Operation::Delete => "DELETE",
+            Operation::Connect => "CONNECT",
+            Operation::Unknown => "unknown",
+            Operation::Other => "other",
+        }
+    }
+}
+label_value_as_str!(Operation);
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AdmissionLabels {
-    pub operation: &'static str,
+    pub operation: Operation,
+    /// One of the fixed verdicts of [`crate::admission::Verdict`], or `malformed`.
     pub result: &'static str,
 }
 
@@ -40,14 +93,7 @@ impl AdmissionMetrics {
     }
 
     pub fn observe(&self, operation: &str, result: &'static str, elapsed: Duration) {
-        let operation = match operation {
-            "CREATE" => "CREATE",
-            "UPDATE" => "UPDATE",
-            "DELETE" => "DELETE",
-            "CONNECT" => "CONNECT",
-            "" => "unknown",
-            _ => "other",
-        };
+        let operation = Operation::of(operation);
         self.requests
             .get_or_create(&AdmissionLabels { operation, result })
             .inc();

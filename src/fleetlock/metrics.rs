@@ -1,9 +1,7 @@
 //! FleetLock metrics. Every label has a fixed, small set of values: endpoints, error kinds,
 //! eviction outcomes and lock changes. Groups, Nodes and pods never become labels.
 
-use std::fmt::Write as _;
-
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -12,17 +10,7 @@ use prometheus_client::registry::Registry;
 use super::drain::EvictionOutcome;
 use super::protocol::ErrorKind;
 
-/// Label values written as their `as_str()`.
-macro_rules! label_value_as_str {
-    ($($label:ty),+) => {$(
-        impl EncodeLabelValue for $label {
-            fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
-                encoder.write_str(self.as_str())
-            }
-        }
-    )+};
-}
-label_value_as_str!(
+crate::metrics::label_value_as_str!(
     Endpoint,
     RequestOutcome,
     EvictionKind,
