@@ -11,7 +11,8 @@ use super::FleetLockError;
 use super::drain::{self, CordonDecision, DrainPlan, EvictionOutcome, PodKey};
 use super::lock::{AcquireOutcome, Reclaimed};
 
-/// How often a pre-reboot request looks again at the pods of a draining Node.
+/// How often a pre-reboot request looks again at the pods of a draining Node. A poll until
+/// a deadline, decided here step by step, not a retry of a failed call: no backon.
 pub const DRAIN_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What the shell saw after the previous step of a pre-reboot request.
