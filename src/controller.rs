@@ -45,30 +45,17 @@ pub enum Error {
     Election(#[from] kube_lease_manager::LeaseManagerError),
 }
 
-/// What kind of failure a reconciliation had: the errors metric's label.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-pub enum ErrorKind {
-    Forbidden,
-    Conflict,
-    Api,
-    Transport,
-    InvalidStatefulSet,
-    Election,
-}
-
-impl ErrorKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorKind::Forbidden => "forbidden",
-            ErrorKind::Conflict => "conflict",
-            ErrorKind::Api => "api",
-            ErrorKind::Transport => "transport",
-            ErrorKind::InvalidStatefulSet => "invalid_statefulset",
-            ErrorKind::Election => "election",
-        }
+crate::metrics::label_enum! {
+    /// What kind of failure a reconciliation had: the errors metric's label.
+    pub enum ErrorKind {
+        Forbidden => "forbidden",
+        Conflict => "conflict",
+        Api => "api",
+        Transport => "transport",
+        InvalidStatefulSet => "invalid_statefulset",
+        Election => "election",
     }
 }
-crate::metrics::label_value_as_str!(ErrorKind);
 
 impl Error {
     pub fn kind(&self) -> ErrorKind {

@@ -23,16 +23,41 @@ macro_rules! label_value_as_str {
 }
 pub(crate) use label_value_as_str;
 
-/// The review's operation, as the API server names it.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-pub enum Operation {
-    Create,
-    Update,
-    Delete,
-    Connect,
-    /// A review without an operation (malformed).
-    Unknown,
-    Other,
+/// A metric label with a fixed set of values: the enum, its `as_str()` and its encoding.
+macro_rules! label_enum {
+    ($(#[$doc:meta])* pub enum $name:ident {
+        $($(#[$variant_doc:meta])* $variant:ident => $text:literal),+ $(,)?
+    }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$variant_doc])* $variant),+
+        }
+
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+        }
+
+        $crate::metrics::label_value_as_str!($name);
+    };
+}
+pub(crate) use label_enum;
+
+label_enum! {
+    /// The review's operation, as the API server names it.
+    pub enum Operation {
+        Create => "CREATE",
+        Update => "UPDATE",
+        Delete => "DELETE",
+        Connect => "CONNECT",
+        /// A review without an operation (malformed).
+        Unknown => "unknown",
+        Other => "other",
+    }
 }
 
 impl Operation {
@@ -46,19 +71,7 @@ impl Operation {
             _ => Operation::Other,
         }
     }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Operation::Create => "CREATE",
-            Operation::Update => "UPDATE",
-            Operation::Delete => "DELETE",
-            Operation::Connect => "CONNECT",
-            Operation::Unknown => "unknown",
-            Operation::Other => "other",
-        }
-    }
 }
-label_value_as_str!(Operation);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AdmissionLabels {

@@ -10,28 +10,11 @@ use prometheus_client::registry::Registry;
 use super::drain::EvictionOutcome;
 use super::protocol::ErrorKind;
 
-crate::metrics::label_value_as_str!(
-    Endpoint,
-    RequestOutcome,
-    EvictionKind,
-    LockChange,
-    NodeChange
-);
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Endpoint {
-    PreReboot,
-    SteadyState,
-    Status,
-}
-
-impl Endpoint {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Endpoint::PreReboot => "pre_reboot",
-            Endpoint::SteadyState => "steady_state",
-            Endpoint::Status => "status",
-        }
+crate::metrics::label_enum! {
+    pub enum Endpoint {
+        PreReboot => "pre_reboot",
+        SteadyState => "steady_state",
+        Status => "status",
     }
 }
 
@@ -50,15 +33,17 @@ impl RequestOutcome {
         }
     }
 }
+crate::metrics::label_value_as_str!(RequestOutcome);
 
-/// The Eviction API's answer, without its message.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum EvictionKind {
-    Evicted,
-    AlreadyGone,
-    BlockedByPdb,
-    Unanswered,
-    Failed,
+crate::metrics::label_enum! {
+    /// The Eviction API's answer, without its message.
+    pub enum EvictionKind {
+        Evicted => "evicted",
+        AlreadyGone => "already_gone",
+        BlockedByPdb => "blocked_by_pdb",
+        Unanswered => "unanswered",
+        Failed => "failed",
+    }
 }
 
 impl EvictionKind {
@@ -71,49 +56,21 @@ impl EvictionKind {
             EvictionOutcome::Failed(_) => EvictionKind::Failed,
         }
     }
+}
 
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EvictionKind::Evicted => "evicted",
-            EvictionKind::AlreadyGone => "already_gone",
-            EvictionKind::BlockedByPdb => "blocked_by_pdb",
-            EvictionKind::Unanswered => "unanswered",
-            EvictionKind::Failed => "failed",
-        }
+crate::metrics::label_enum! {
+    pub enum LockChange {
+        Acquired => "acquired",
+        Released => "released",
+        ReclaimedNodeGone => "reclaimed_node_gone",
+        ReclaimedExpired => "reclaimed_expired",
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum LockChange {
-    Acquired,
-    Released,
-    ReclaimedNodeGone,
-    ReclaimedExpired,
-}
-
-impl LockChange {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LockChange::Acquired => "acquired",
-            LockChange::Released => "released",
-            LockChange::ReclaimedNodeGone => "reclaimed_node_gone",
-            LockChange::ReclaimedExpired => "reclaimed_expired",
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum NodeChange {
-    Cordoned,
-    Uncordoned,
-}
-
-impl NodeChange {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            NodeChange::Cordoned => "cordoned",
-            NodeChange::Uncordoned => "uncordoned",
-        }
+crate::metrics::label_enum! {
+    pub enum NodeChange {
+        Cordoned => "cordoned",
+        Uncordoned => "uncordoned",
     }
 }
 
