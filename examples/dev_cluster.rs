@@ -95,8 +95,14 @@ async fn run(cluster: &ControlPlane, injector: &InjectorArgs, out: &Path) -> any
                 resync_seconds: 300,
             };
             let (leading, _) = tokio::sync::watch::channel(false);
-            if let Err(error) =
-                controller::run(controller_client, args, metrics, leading, shutdown).await
+            if let Err(error) = controller::run(
+                controller_client,
+                args,
+                metrics,
+                leading,
+                shutdown.cancelled_owned(),
+            )
+            .await
             {
                 tracing::error!(%error, "controller stopped");
             }

@@ -45,16 +45,6 @@ pub enum Verdict {
     Denied,
 }
 
-impl Verdict {
-    pub fn as_label(self) -> &'static str {
-        match self {
-            Verdict::Patched => "patched",
-            Verdict::Unchanged => "unchanged",
-            Verdict::Denied => "denied",
-        }
-    }
-}
-
 /// The answer to a well-formed review.
 #[derive(Debug)]
 pub struct ReviewAnswer {

@@ -8,6 +8,7 @@ pub mod supporting;
 
 use crate::inject;
 use crate::names::{LABEL_MANAGED_BY, MANAGED_BY};
+use backon::{ExponentialBuilder, Retryable};
 use futures::StreamExt;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -45,16 +46,27 @@ pub enum Error {
     Election(#[from] kube_lease_manager::LeaseManagerError),
 }
 
+crate::metrics::label_enum! {
+    /// What kind of failure a reconciliation had: the errors metric's label.
+    pub enum ErrorKind {
+        Forbidden => "forbidden",
+        Conflict => "conflict",
+        Api => "api",
+        Transport => "transport",
+        InvalidStatefulSet => "invalid_statefulset",
+        Election => "election",
+    }
+}
+
 impl Error {
-    /// A bounded label for the errors metric.
-    pub fn metric_label(&self) -> &'static str {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::Kube(kube::Error::Api(s)) if s.code == 403 => "forbidden",
-            Error::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
-            Error::Kube(kube::Error::Api(_)) => "api",
-            Error::Kube(_) => "transport",
-            Error::Supporting(_) => "invalid_statefulset",
-            Error::Election(_) => "election",
+            Error::Kube(kube::Error::Api(s)) if s.code == 403 => ErrorKind::Forbidden,
+            Error::Kube(kube::Error::Api(s)) if s.code == 409 => ErrorKind::Conflict,
+            Error::Kube(kube::Error::Api(_)) => ErrorKind::Api,
+            Error::Kube(_) => ErrorKind::Transport,
+            Error::Supporting(_) => ErrorKind::InvalidStatefulSet,
+            Error::Election(_) => ErrorKind::Election,
         }
     }
 }
@@ -90,7 +102,7 @@ pub struct ControllerArgs {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
-    kind: &'static str,
+    kind: ErrorKind,
 }
 
 /// Controller metrics.
@@ -338,9 +350,7 @@ async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Action> {
 fn error_policy(sts: Arc<StatefulSet>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics
         .errors
-        .get_or_create(&ErrorLabels {
-            kind: error.metric_label(),
-        })
+        .get_or_create(&ErrorLabels { kind: error.kind() })
         .inc();
     tracing::warn!(namespace = sts.namespace().unwrap_or_default(), name = %sts.name_any(), %error, "reconcile failed");
     Action::requeue(Duration::from_secs(5))
@@ -363,23 +373,28 @@ pub async fn run_loops(
         metrics,
         resync,
     });
-    let config = watcher::Config::default();
-    Controller::new(Api::<StatefulSet>::all(client.clone()), config.clone())
-        .owns(Api::<Role>::all(client.clone()), config.clone())
-        .owns(Api::<RoleBinding>::all(client.clone()), config.clone())
-        .owns(Api::<Service>::all(client.clone()), config.clone())
-        .owns(
-            Api::<PodDisruptionBudget>::all(client.clone()),
-            config.clone(),
-        )
-        .owns(Api::<ServiceAccount>::all(client.clone()), config)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(error) = result {
-                tracing::debug!(%error, "controller event");
-            }
-        })
-        .await;
+    // Owned objects all carry the managed-by label: the API server filters the watches, so
+    // the cluster's other Roles, Services and PDBs never reach this process.
+    let ours = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}"));
+    Controller::new(
+        Api::<StatefulSet>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(Api::<Role>::all(client.clone()), ours.clone())
+    .owns(Api::<RoleBinding>::all(client.clone()), ours.clone())
+    .owns(Api::<Service>::all(client.clone()), ours.clone())
+    .owns(
+        Api::<PodDisruptionBudget>::all(client.clone()),
+        ours.clone(),
+    )
+    .owns(Api::<ServiceAccount>::all(client.clone()), ours)
+    .run(reconcile, error_policy, ctx)
+    .for_each(|result| async move {
+        if let Err(error) = result {
+            tracing::debug!(%error, "controller event");
+        }
+    })
+    .await;
 }
 
 /// Elects one replica with a Lease and runs the loops there until `shutdown` completes; on
@@ -399,8 +414,8 @@ pub async fn run(
     let lease_seconds = args.lease_seconds.max(3);
     tokio::pin!(shutdown);
     // The API server may be unreachable at start: keep trying, serving goes on meanwhile.
-    let manager = loop {
-        let built = LeaseManagerBuilder::new(client.clone(), &args.lease_name)
+    let build = || {
+        LeaseManagerBuilder::new(client.clone(), &args.lease_name)
             .with_namespace(&args.lease_namespace)
             .with_identity(&identity)
             .with_duration(lease_seconds)
@@ -409,21 +424,24 @@ pub async fn run(
             .with_grace((lease_seconds / 2).max(1))
             .with_field_manager(FIELD_MANAGER)
             .build()
-            .await;
-        match built {
-            Ok(manager) => break manager,
-            Err(error) => {
-                metrics
-                    .errors
-                    .get_or_create(&ErrorLabels { kind: "election" })
-                    .inc();
-                tracing::warn!(%error, lease = %args.lease_name, "cannot set up leader election; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_secs(5)) => {}
-                    () = &mut shutdown => return Ok(()),
-                }
-            }
-        }
+    };
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_secs(1))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times();
+    let building = build.retry(backoff).notify(|error, delay| {
+        metrics
+            .errors
+            .get_or_create(&ErrorLabels {
+                kind: ErrorKind::Election,
+            })
+            .inc();
+        tracing::warn!(%error, lease = %args.lease_name, ?delay, "cannot set up leader election; retrying");
+    });
+    let manager = tokio::select! {
+        built = building => built?,
+        () = &mut shutdown => return Ok(()),
     };
     let (mut leading, lease_task) = manager.watch().await;
     loop {
@@ -474,5 +492,27 @@ async fn release(
         Ok(Ok(Ok(_))) => Ok(()),
         Ok(Ok(Err(error))) => Err(error.into()),
         Ok(Err(_)) | Err(_) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_counted_by_a_bounded_kind() {
+        let mut registry = Registry::default();
+        let metrics = ControllerMetrics::register(&mut registry);
+        let error = Error::Supporting(SupportingError::NoMatchLabels("dkron".into()));
+        assert_eq!(error.kind(), ErrorKind::InvalidStatefulSet);
+        metrics
+            .errors
+            .get_or_create(&ErrorLabels { kind: error.kind() })
+            .inc();
+        let text = crate::metrics::encode(&registry).unwrap();
+        assert!(
+            text.contains(r#"dkron_ha_controller_errors_total{kind="invalid_statefulset"} 1"#),
+            "{text}"
+        );
     }
 }

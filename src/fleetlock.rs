@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod node;
 pub mod protocol;
 pub mod router;
+pub mod steps;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -48,10 +49,9 @@ pub use router::router;
 
 use drain::{CordonDecision, DrainPlan, Drainer, EvictionOutcome, PodKey, UncordonDecision};
 use lock::{AcquireOutcome, LockPolicy, LockRequest, LockStore, ReleaseReason};
-use metrics::FleetLockMetrics;
+use metrics::{FleetLockMetrics, LockChange, NodeChange};
+use steps::{Observed, PreReboot, SteadyState, Step};
 
-/// How often a pre-reboot request looks again at the pods of a draining Node.
-const DRAIN_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// `reportingController` of FleetLock's Events.
 const EVENT_CONTROLLER: &str = "dkron-ha-fleetlock";
 
@@ -62,32 +62,15 @@ fn default_namespace() -> String {
         .unwrap_or_else(|| "default".to_owned())
 }
 
-/// Parses `90`, `90s`, `500ms`, `15m`, `2h` or `1d` (no unit: seconds).
+/// Parses a duration such as `90s`, `500ms`, `15m`, `2h`, `1d` or `1h 30m` (humantime); a bare
+/// number is seconds, as these flags always took it and humantime refuses it.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 30s, 15m or 2h"))?;
-    let seconds = match unit.trim() {
-        "ms" => return Ok(Duration::from_millis(number)),
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        other => {
-            return Err(format!(
-                "unknown unit {other:?} in {text:?}; use ms, s, m, h or d"
-            ));
-        }
-    };
-    number
-        .checked_mul(seconds)
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("{text:?} is too long"))
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(seconds));
+    }
+    humantime::parse_duration(text)
+        .map_err(|error| format!("{text:?} is not a duration like 30s, 15m or 2h: {error}"))
 }
 
 /// FleetLock settings of `dkron-ha serve`.
@@ -254,18 +237,56 @@ impl FleetLock {
             .items)
     }
 
-    /// RecursiveLock, then drain: `Ok` means the Node holds a slot and is drained.
+    /// RecursiveLock, then drain: `Ok` means the Node holds a slot and is drained. The order
+    /// of the steps is [`PreReboot::next`]'s; this performs them and reports each.
     pub async fn pre_reboot(&self, params: &ClientParams) -> Result<(), FleetLockError> {
         let nodes = self.list_nodes().await?;
         let (node, matched_by) = node::find_node_for_id(&nodes, &params.id)?;
-        let node_name = node.name_any();
+        let name = node.name_any();
+        let slots = self.locks.slots(&params.group).await?;
+        let mut steps = PreReboot::new(&name, &params.group, slots);
+        let deadline = Instant::now() + self.config.drain_wait;
+        let time_left = || deadline.saturating_duration_since(Instant::now());
+        let mut observed = Observed::Arrived;
+        loop {
+            let step = steps.next(observed);
+            observed = match step {
+                Step::TakeSlot => self.take_slot(params, &name, slots, &nodes).await?,
+                Step::Cordon => Observed::Cordon(self.drainer.cordon(&name).await?),
+                Step::ListPods => Observed::Pods {
+                    plan: drain::plan_drain(&name, &self.drainer.pods_on(&name).await?),
+                    time_left: time_left(),
+                },
+                Step::Evict(pods) => Observed::Evicted {
+                    outcomes: self.drainer.evict(&pods).await,
+                    time_left: time_left(),
+                },
+                Step::Wait(pause) => {
+                    tokio::time::sleep(pause).await;
+                    Observed::Waited
+                }
+                Step::Answer(answer) => return answer,
+            };
+            self.report(node, &params.group, matched_by.as_str(), &nodes, &observed)
+                .await;
+        }
+    }
+
+    /// Takes or keeps a slot of the request's group, reclaiming those of gone or expired holders.
+    async fn take_slot(
+        &self,
+        params: &ClientParams,
+        node: &str,
+        slots: u32,
+        nodes: &[Node],
+    ) -> Result<Observed, FleetLockError> {
         let existing: BTreeSet<String> = nodes.iter().map(|n| n.name_any()).collect();
         let policy = LockPolicy {
-            slots: self.locks.slots(&params.group).await?,
+            slots,
             ttl: self.config.lock_ttl,
         };
         let request = LockRequest {
-            node: &node_name,
+            node,
             id: &params.id,
         };
         let decision = self
@@ -278,87 +299,64 @@ impl FleetLock {
                 (decision.state.clone(), decision)
             })
             .await?;
-        for reclaimed in &decision.reclaimed {
-            self.note_reclaimed(&params.group, reclaimed, &nodes).await;
-        }
-        match decision.outcome {
-            AcquireOutcome::Full { holders } => {
-                return Err(FleetLockError::SemaphoreFull {
-                    group: params.group.clone(),
-                    slots: policy.slots,
-                    holders,
-                });
-            }
-            AcquireOutcome::Acquired => {
-                self.metrics.count_lock_change("acquired");
-                tracing::info!(node = %node_name, group = %params.group, matched_by = matched_by.as_str(), "reboot slot acquired");
-                let note = format!("Reboot slot of group {} acquired", params.group);
-                self.publish(node, EventType::Normal, "RebootSlotAcquired", "Lock", note)
-                    .await;
-            }
-            AcquireOutcome::AlreadyHeld => {}
-        }
-        self.drain_node(node).await
+        Ok(Observed::Slot {
+            outcome: decision.outcome,
+            reclaimed: decision.reclaimed,
+        })
     }
 
-    /// Cordons `node` and evicts its pods until it is drained or `--fleetlock-drain-wait`
-    /// is over.
-    async fn drain_node(&self, node: &Node) -> Result<(), FleetLockError> {
+    /// The Events, metrics and logs of one observation of a pre-reboot request.
+    async fn report(
+        &self,
+        node: &Node,
+        group: &str,
+        matched_by: &str,
+        nodes: &[Node],
+        observed: &Observed,
+    ) {
         let name = node.name_any();
-        match self.drainer.cordon(&name).await? {
-            CordonDecision::Cordon | CordonDecision::Recordon => {
-                self.metrics.count_node_change("cordoned");
+        match observed {
+            Observed::Arrived | Observed::Waited => {}
+            Observed::Slot { outcome, reclaimed } => {
+                for reclaimed in reclaimed {
+                    self.note_reclaimed(group, reclaimed, nodes).await;
+                }
+                if *outcome == AcquireOutcome::Acquired {
+                    self.metrics.count_lock_change(LockChange::Acquired);
+                    tracing::info!(node = %name, %group, matched_by, "reboot slot acquired");
+                    let note = format!("Reboot slot of group {group} acquired");
+                    self.publish(node, EventType::Normal, "RebootSlotAcquired", "Lock", note)
+                        .await;
+                }
+            }
+            Observed::Cordon(CordonDecision::Cordon | CordonDecision::Recordon) => {
+                self.metrics.count_node_change(NodeChange::Cordoned);
                 tracing::info!(node = %name, "node cordoned for reboot");
                 let note = "Cordoned before a reboot approved by FleetLock".to_owned();
                 self.publish(node, EventType::Normal, "Cordoned", "Drain", note)
                     .await;
             }
-            CordonDecision::CordonedByOthers => {
+            Observed::Cordon(CordonDecision::CordonedByOthers) => {
                 tracing::debug!(node = %name, "node was cordoned already; it stays cordoned after the reboot");
             }
-            CordonDecision::AlreadyCordonedByUs => {}
-        }
-        let deadline = Instant::now() + self.config.drain_wait;
-        let mut last_outcomes: Option<BTreeMap<PodKey, EvictionOutcome>> = None;
-        loop {
-            let pods = self.drainer.pods_on(&name).await?;
-            let plan = drain::plan_drain(&name, &pods);
-            if plan.is_drained() {
+            Observed::Cordon(CordonDecision::AlreadyCordonedByUs) => {}
+            Observed::Pods { plan, .. } if plan.is_drained() => {
                 tracing::info!(node = %name, skipped = plan.skipped.len(), "node drained, reboot approved");
                 let note = "Drained; reboot approved".to_owned();
                 self.publish(node, EventType::Normal, "Drained", "Drain", note)
                     .await;
-                return Ok(());
             }
-            if let Some(outcomes) = &last_outcomes
-                && Instant::now() >= deadline
-            {
-                return Err(FleetLockError::DrainInProgress {
-                    node: name,
-                    remaining: drain::describe_remaining(&plan, outcomes),
-                });
-            }
-            let outcomes = self.evict(node, &plan).await;
-            last_outcomes = Some(outcomes);
-            let left = deadline.saturating_duration_since(Instant::now());
-            if !left.is_zero() {
-                tokio::time::sleep(left.min(DRAIN_POLL_INTERVAL)).await;
-            }
+            Observed::Pods { .. } => {}
+            Observed::Evicted { outcomes, .. } => self.report_evictions(node, outcomes).await,
         }
     }
 
-    async fn evict(&self, node: &Node, plan: &DrainPlan) -> BTreeMap<PodKey, EvictionOutcome> {
-        let outcomes = self.drainer.evict(&plan.to_evict).await;
+    async fn report_evictions(&self, node: &Node, outcomes: &BTreeMap<PodKey, EvictionOutcome>) {
         let mut blocked = Vec::new();
         let mut failed = Vec::new();
         let mut evicted = 0usize;
-        for (pod, outcome) in &outcomes {
-            self.metrics
-                .evictions
-                .get_or_create(&metrics::OutcomeLabels {
-                    outcome: outcome.as_str(),
-                })
-                .inc();
+        for (pod, outcome) in outcomes {
+            self.metrics.count_eviction(outcome);
             match outcome {
                 EvictionOutcome::Evicted => evicted += 1,
                 EvictionOutcome::AlreadyGone => {}
@@ -391,31 +389,29 @@ impl FleetLock {
             self.publish(node, EventType::Warning, "EvictionFailed", "Drain", note)
                 .await;
         }
-        outcomes
     }
 
     /// UnlockIfHeld: once the Node is Ready, uncordon it if we cordoned it and release its
-    /// slots in every group.
+    /// slots in every group ([`steps::plan_steady_state`]).
     pub async fn steady_state(&self, params: &ClientParams) -> Result<(), FleetLockError> {
         let nodes = self.list_nodes().await?;
         let (node, _) = node::find_node_for_id(&nodes, &params.id)?;
         let name = node.name_any();
         let held_in = self.locks.groups_held_by(&name).await?;
         let ours = drain::uncordon_decision(node) == UncordonDecision::Uncordon;
-        if held_in.is_empty() && !ours {
-            return Ok(());
-        }
-        if !node::node_is_ready(node) {
-            return Err(FleetLockError::NodeNotReady { node: name });
-        }
+        let groups = match steps::plan_steady_state(held_in, ours, node::node_is_ready(node)) {
+            SteadyState::NothingHeld => return Ok(()),
+            SteadyState::NotReady => return Err(FleetLockError::NodeNotReady { node: name }),
+            SteadyState::Unlock { groups } => groups,
+        };
         if self.drainer.uncordon(&name).await? == UncordonDecision::Uncordon {
-            self.metrics.count_node_change("uncordoned");
+            self.metrics.count_node_change(NodeChange::Uncordoned);
             tracing::info!(node = %name, "node uncordoned after its reboot");
             let note = "Uncordoned after the reboot".to_owned();
             self.publish(node, EventType::Normal, "Uncordoned", "Unlock", note)
                 .await;
         }
-        for group in &held_in {
+        for group in &groups {
             let released = self
                 .locks
                 .update(group, |state| {
@@ -424,7 +420,7 @@ impl FleetLock {
                 })
                 .await?;
             if released {
-                self.metrics.count_lock_change("released");
+                self.metrics.count_lock_change(LockChange::Released);
                 tracing::info!(node = %name, %group, "reboot slot released");
                 let note = format!("Reboot slot of group {group} released");
                 self.publish(
@@ -489,8 +485,8 @@ impl FleetLock {
 
     async fn note_reclaimed(&self, group: &str, reclaimed: &lock::Reclaimed, nodes: &[Node]) {
         let change = match reclaimed.reason {
-            ReleaseReason::NodeGone => "reclaimed_node_gone",
-            ReleaseReason::Expired => "reclaimed_expired",
+            ReleaseReason::NodeGone => LockChange::ReclaimedNodeGone,
+            ReleaseReason::Expired => LockChange::ReclaimedExpired,
         };
         self.metrics.count_lock_change(change);
         tracing::warn!(node = %reclaimed.holder.node, %group, reason = reclaimed.reason.as_str(), "reboot slot reclaimed");

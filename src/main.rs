@@ -122,10 +122,29 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             // The cause chain on one line; no backtrace for a user's mistake.
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", causes_once(&error));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, each cause once. kube's errors, like ours, put their
+/// cause in their own message (so a log line's `%error` says it) and return it from
+/// `source()` as well: anyhow's `{:#}` then repeats every cause, so a cause already written
+/// is skipped.
+fn causes_once(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -222,11 +241,11 @@ fn run_serve(
                 server.merge_http(fleetlock::router(std::sync::Arc::new(fleetlock)));
                 if controller_args.enabled {
                     let metrics = controller::ControllerMetrics::register(server.registry_mut());
-                    server.add_task(Box::new(move |shutdown| {
+                    server.add_task(Box::new(move |stop| {
                         Box::pin(async move {
                             let (leading, _) = tokio::sync::watch::channel(false);
                             if let Err(error) =
-                                controller::run(client, controller_args, metrics, leading, shutdown).await
+                                controller::run(client, controller_args, metrics, leading, stop.cancelled_owned()).await
                             {
                                 tracing::error!(%error, "controller stopped");
                             }

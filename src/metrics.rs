@@ -3,12 +3,51 @@
 
 use crate::admission::Verdict;
 use kube::core::admission::Operation;
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::time::Duration;
+
+/// Implements `EncodeLabelValue` for label enums by writing their `as_str()`.
+macro_rules! label_value_as_str {
+    ($($label:ty),+) => {$(
+        impl prometheus_client::encoding::EncodeLabelValue for $label {
+            fn encode(
+                &self,
+                encoder: &mut prometheus_client::encoding::LabelValueEncoder<'_>,
+            ) -> Result<(), std::fmt::Error> {
+                std::fmt::Write::write_str(encoder, self.as_str())
+            }
+        }
+    )+};
+}
+pub(crate) use label_value_as_str;
+
+/// A metric label with a fixed set of values: the enum, its `as_str()` and its encoding.
+macro_rules! label_enum {
+    ($(#[$doc:meta])* pub enum $name:ident {
+        $($(#[$variant_doc:meta])* $variant:ident => $text:literal),+ $(,)?
+    }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$variant_doc])* $variant),+
+        }
+
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+        }
+
+        $crate::metrics::label_value_as_str!($name);
+    };
+}
+pub(crate) use label_enum;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AdmissionLabels {
@@ -16,14 +55,16 @@ pub struct AdmissionLabels {
     pub result: ReviewResult,
 }
 
-/// The operation of a review, as the API server names it; `unknown` for a malformed review.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-pub enum ReviewOperation {
-    Create,
-    Update,
-    Delete,
-    Connect,
-    Unknown,
+label_enum! {
+    /// The operation of a review, as the API server names it.
+    pub enum ReviewOperation {
+        Create => "CREATE",
+        Update => "UPDATE",
+        Delete => "DELETE",
+        Connect => "CONNECT",
+        /// A malformed review: its operation was never read.
+        Unknown => "unknown",
+    }
 }
 
 impl From<&Operation> for ReviewOperation {
@@ -37,34 +78,24 @@ impl From<&Operation> for ReviewOperation {
     }
 }
 
-impl EncodeLabelValue for ReviewOperation {
-    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let label = match self {
-            Self::Create => "CREATE",
-            Self::Update => "UPDATE",
-            Self::Delete => "DELETE",
-            Self::Connect => "CONNECT",
-            Self::Unknown => "unknown",
-        };
-        EncodeLabelValue::encode(&label, encoder)
+label_enum! {
+    /// How a review was answered.
+    pub enum ReviewResult {
+        Patched => "patched",
+        Unchanged => "unchanged",
+        Denied => "denied",
+        /// HTTP 400: the body was no AdmissionReview.
+        Malformed => "malformed",
     }
 }
 
-/// How a review was answered.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-pub enum ReviewResult {
-    Answered(Verdict),
-    /// HTTP 400: the body was no AdmissionReview.
-    Malformed,
-}
-
-impl EncodeLabelValue for ReviewResult {
-    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let label = match self {
-            Self::Answered(verdict) => verdict.as_label(),
-            Self::Malformed => "malformed",
-        };
-        EncodeLabelValue::encode(&label, encoder)
+impl From<Verdict> for ReviewResult {
+    fn from(verdict: Verdict) -> Self {
+        match verdict {
+            Verdict::Patched => Self::Patched,
+            Verdict::Unchanged => Self::Unchanged,
+            Verdict::Denied => Self::Denied,
+        }
     }
 }
 

@@ -12,8 +12,8 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::service::TowerToHyperService;
+use axum_server::accept::NoDelayAcceptor;
+use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use prometheus_client::registry::Registry;
 use std::future::IntoFuture;
 use std::net::SocketAddr;
@@ -22,7 +22,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower_http::timeout::TimeoutLayer;
 
 /// An AdmissionReview carries the object twice (object and oldObject); objects are at most
@@ -136,7 +137,7 @@ async fn mutate(State(state): State<AdmissionState>, body: Bytes) -> Response {
         Ok(answer) => {
             state.metrics.observe(
                 (&answer.operation).into(),
-                ReviewResult::Answered(answer.verdict),
+                answer.verdict.into(),
                 started.elapsed(),
             );
             ([(header::CONTENT_TYPE, "application/json")], answer.body).into_response()
@@ -191,77 +192,36 @@ async fn metrics_handler(State(state): State<HttpState>) -> Response {
     }
 }
 
-/// Serves `router` over TLS on `listener` until `shutdown` completes. Each connection gets a
-/// bounded handshake; HTTP/1.1 keep-alive and HTTP/2 are both offered. At shutdown, open
-/// connections (the API server keeps them alive between reviews) finish their in-flight
-/// request and close, so a stopped webhook really stops.
+/// Serves `router` over TLS on `listener` until `shutdown` completes (axum-server: bounded
+/// handshake, HTTP/1.1 keep-alive and HTTP/2 by ALPN, accept errors backed off). At shutdown,
+/// open connections (the API server keeps them alive between reviews) finish their in-flight
+/// request and close, for at most [`REQUEST_TIMEOUT`], so a stopped webhook really stops.
 pub async fn serve_https(
     listener: TcpListener,
     tls_config: rustls::ServerConfig,
     router: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let acceptor = TlsAcceptor::from(Arc::new(tls_config));
-    let service = TowerToHyperService::new(router);
-    let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
-    let mut connections = tokio::task::JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(error) => {
-                    // Out of file descriptors and similar: back off instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        // Reap finished connection tasks so the set does not grow.
-        while connections.try_join_next().is_some() {}
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let service = service.clone();
-        let mut closing = closing_rx.clone();
-        connections.spawn(async move {
-            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-            {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(error)) => {
-                    tracing::debug!(%peer, %error, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let connection = builder.serve_connection(TokioIo::new(tls), service);
-            tokio::pin!(connection);
-            let result = tokio::select! {
-                result = connection.as_mut() => result,
-                () = async { let _ = closing.wait_for(|c| *c).await; } => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.as_mut().await
-                }
-            };
-            if let Err(error) = result {
-                tracing::debug!(%peer, %error, "connection ended with an error");
-            }
-        });
+    // The config's resolver is `tls::ReloadingCert`, which follows the files itself.
+    let tls = RustlsConfig::from_config(Arc::new(tls_config));
+    let acceptor = RustlsAcceptor::new(tls)
+        .handshake_timeout(TLS_HANDSHAKE_TIMEOUT)
+        .acceptor(NoDelayAcceptor::new());
+    let handle = axum_server::Handle::<SocketAddr>::new();
+    let serving = axum_server::Server::from_listener(listener)
+        .acceptor(acceptor)
+        .handle(handle.clone())
+        .accept_error_handler(|peer, error| match peer {
+            Some(peer) => tracing::debug!(%peer, %error, "TLS connection not accepted"),
+            None => tracing::warn!(%error, "accept failed"),
+        })
+        .serve(router.into_make_service());
+    tokio::pin!(serving);
+    tokio::select! {
+        result = &mut serving => return result.map_err(ServeError::Io),
+        () = shutdown => handle.graceful_shutdown(Some(REQUEST_TIMEOUT)),
     }
-    drop(listener);
-    let _ = closing_tx.send(true);
-    // In-flight requests are bounded by REQUEST_TIMEOUT; do not wait longer than that.
-    let _ = tokio::time::timeout(REQUEST_TIMEOUT, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
-    connections.abort_all();
-    Ok(())
+    serving.await.map_err(ServeError::Io)
 }
 
 /// Resolves when SIGTERM or SIGINT arrives.
@@ -280,12 +240,10 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// A background role started by [`Server::run`] (the controller, FleetLock upkeep); it gets a
-/// future that completes at shutdown.
-pub type BackgroundTask = Box<
-    dyn FnOnce(futures::future::BoxFuture<'static, ()>) -> futures::future::BoxFuture<'static, ()>
-        + Send,
->;
+/// A background role started by [`Server::run`] (the controller); its token is cancelled at
+/// shutdown.
+pub type BackgroundTask =
+    Box<dyn FnOnce(CancellationToken) -> futures::future::BoxFuture<'static, ()> + Send>;
 
 /// Everything `serve` runs, bound and ready; [`Server::run`] drives it.
 pub struct Server {
@@ -360,10 +318,7 @@ impl Server {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        };
+        let stop = CancellationToken::new();
         tracing::info!(
             https = %self.https.local_addr()?,
             http = %self.http.local_addr()?,
@@ -374,33 +329,34 @@ impl Server {
             ready: self.ready.clone(),
         })
         .merge(self.extra_http);
-        let background: Vec<_> = self
-            .tasks
-            .into_iter()
-            .map(|task| tokio::spawn(task(Box::pin(stopped(stop_rx.clone())))))
-            .collect();
+        let background = TaskTracker::new();
+        for task in self.tasks {
+            background.spawn(task(stop.child_token()));
+        }
+        background.close();
         self.ready.store(true, Ordering::Relaxed);
         let https = tokio::spawn(serve_https(
             self.https,
             self.tls_config,
             self.admission,
-            stopped(stop_rx.clone()),
+            stop.clone().cancelled_owned(),
         ));
         let http = tokio::spawn(
             axum::serve(self.http, http_router)
-                .with_graceful_shutdown(stopped(stop_rx))
+                .with_graceful_shutdown(stop.clone().cancelled_owned())
                 .into_future(),
         );
         shutdown.await;
         tracing::info!("shutting down");
         self.ready.store(false, Ordering::Relaxed);
-        let _ = stop_tx.send(true);
+        stop.cancel();
         // Background roles get a bounded time to hand over (e.g. release the Lease).
-        let _ = tokio::time::timeout(
-            Duration::from_secs(10),
-            futures::future::join_all(background),
-        )
-        .await;
+        if tokio::time::timeout(Duration::from_secs(10), background.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("background roles did not stop within 10 s");
+        }
         let (https, http) = tokio::join!(https, http);
         https.map_err(std::io::Error::other)??;
         http.map_err(std::io::Error::other)??;

@@ -45,6 +45,8 @@ struct Loaded {
 }
 
 /// A [`ResolvesServerCert`] that always hands out the newest valid pair from disk.
+/// Kept by hand: axum-server's `RustlsConfig::reload_from_pem_file` reloads only when called
+/// and replaces the whole config, with no watch and no content fingerprint to skip unchanged files.
 #[derive(Debug)]
 pub struct ReloadingCert {
     cert_path: PathBuf,

@@ -393,3 +393,31 @@ async fn a_rotated_certificate_is_served_without_a_restart() {
     assert!(with_old.is_err(), "the old certificate is still served");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn shutdown_closes_kept_alive_connections_and_stops_listening() {
+    let (_tmp, dir, certs) = secret_dir();
+    let mut server = start(&dir).await;
+    // Connections kept alive after an answer, as the API server keeps them between reviews.
+    let clients = clients_of_each_protocol(&certs.ca_cert_pem);
+    for (version, client) in &clients {
+        let (seen, (status, _)) = post_with_version(client, &server.https, REVIEW).await;
+        assert_eq!((seen, status), (*version, 200));
+    }
+    let _ = server.stop.take().map(|s| s.send(()));
+    tokio::time::timeout(Duration::from_secs(30), &mut server.task)
+        .await
+        .expect("serve stops although clients keep connections open")
+        .expect("serve ended without a panic");
+    for (_, client) in &clients {
+        let after = client
+            .post(format!("{}/mutate", server.https))
+            .body(REVIEW)
+            .send()
+            .await;
+        assert!(
+            after.is_err(),
+            "a stopped webhook still answered: {after:?}"
+        );
+    }
+}

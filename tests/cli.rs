@@ -187,6 +187,44 @@ fn install_copies_the_executable_and_it_runs_from_there() {
 }
 
 #[test]
+fn a_missing_kubeconfig_names_each_cause_once() {
+    let out = Command::new(BIN)
+        .args(["label-updater"])
+        .env_remove("RUST_LOG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .env("POD_NAME", "dkron-0")
+        .env("POD_NAMESPACE", "default")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let error_lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    assert_eq!(error_lines.len(), 1, "{stderr}");
+    let line = error_lines[0];
+    assert!(
+        line.contains("cannot build a Kubernetes client"),
+        "the error says what failed: {line}"
+    );
+    for cause in [
+        "/nonexistent/kubeconfig",
+        "No such file or directory",
+        "environment variable not found",
+    ] {
+        assert_eq!(
+            line.matches(cause).count(),
+            1,
+            "{cause:?} must appear exactly once in: {line}"
+        );
+    }
+}
+
+#[test]
 fn serve_answers_admission_with_no_kubernetes_api_reachable() {
     let dir = tempfile::tempdir().unwrap();
     let certs = dkron_ha::certs::generate(&dkron_ha::certs::CertRequest {

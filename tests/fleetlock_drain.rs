@@ -7,6 +7,7 @@ use dkron_ha::fleetlock::drain::{
     SkipReason, UncordonDecision, classify_pod, cordon_decision, cordon_patch, describe_remaining,
     plan_drain, uncordon_decision, uncordon_patch,
 };
+use dkron_ha::fleetlock::metrics::EvictionKind;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use serde_json::json;
 
@@ -161,7 +162,7 @@ fn eviction_answers_are_classified_by_status_code() {
     );
     let failed =
         EvictionOutcome::from_status(500, "This pod has more than one PodDisruptionBudget");
-    assert_eq!(failed.as_str(), "failed");
+    assert_eq!(EvictionKind::of(&failed).as_str(), "failed");
     assert!(matches!(failed, EvictionOutcome::Failed(m) if m.contains("more than one")));
 }
 
@@ -218,7 +219,10 @@ fn an_eviction_without_answer_is_reported_as_probably_a_budget() {
         describe_remaining(&plan, &outcomes),
         "1 pod remains: ns/slow (eviction not accepted within 5s, most likely a PodDisruptionBudget)"
     );
-    assert_eq!(EvictionOutcome::Unanswered.as_str(), "unanswered");
+    assert_eq!(
+        EvictionKind::of(&EvictionOutcome::Unanswered).as_str(),
+        "unanswered"
+    );
 }
 
 fn with_cordon(unschedulable: bool, ours: bool) -> Node {

@@ -305,6 +305,12 @@ fn durations_take_common_units() {
     assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
     assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
     assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86400)));
-    assert!(parse_duration("1w").is_err());
+    assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+    assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
     assert!(parse_duration("m").is_err());
+    let error = parse_duration("5 parsecs").unwrap_err();
+    assert!(
+        error.contains("\"5 parsecs\"") && error.contains("30s, 15m or 2h"),
+        "names the value and an example: {error}"
+    );
 }

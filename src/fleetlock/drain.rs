@@ -15,6 +15,7 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 
 use super::FleetLockError;
+use super::lock;
 
 /// `"true"` on a Node means FleetLock cordoned it, so steady-state uncordons it. A Node that
 /// was cordoned before FleetLock came never gets this annotation and stays cordoned.
@@ -151,17 +152,6 @@ pub enum EvictionOutcome {
 }
 
 impl EvictionOutcome {
-    /// A bounded metric label.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            EvictionOutcome::Evicted => "evicted",
-            EvictionOutcome::AlreadyGone => "already_gone",
-            EvictionOutcome::BlockedByDisruptionBudget(_) => "blocked_by_pdb",
-            EvictionOutcome::Unanswered => "unanswered",
-            EvictionOutcome::Failed(_) => "failed",
-        }
-    }
-
     /// Classifies the Eviction API's answer from its HTTP status code and message.
     pub fn from_status(code: u16, message: &str) -> EvictionOutcome {
         match code {
@@ -349,37 +339,25 @@ impl Drainer {
         action: &str,
         decide: impl Fn(&Node) -> (Option<serde_json::Value>, T),
     ) -> Result<T, FleetLockError> {
-        for attempt in 1..=MAX_NODE_PATCH_ATTEMPTS {
+        let decide = &decide;
+        let action = || format!("{action} Node {name}");
+        let action = &action;
+        lock::retry_conflicts(MAX_NODE_PATCH_ATTEMPTS, action, move || async move {
             let node = self
                 .nodes
                 .get(name)
                 .await
-                .map_err(FleetLockError::kube(format!("{action} Node {name}")))?;
+                .map_err(FleetLockError::kube(action()))?;
             let (patch, answer) = decide(&node);
-            let Some(patch) = patch else {
-                return Ok(answer);
-            };
-            match self
-                .nodes
-                .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
-                Ok(_) => return Ok(answer),
-                Err(kube::Error::Api(status)) if status.code == 409 => {
-                    tracing::debug!(node = %name, attempt, "node changed meanwhile, retrying");
-                }
-                Err(source) => {
-                    return Err(FleetLockError::Kubernetes {
-                        action: format!("{action} Node {name}"),
-                        source,
-                    });
-                }
+            if let Some(patch) = patch {
+                self.nodes
+                    .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map_err(|source| lock::Attempt::failed(action(), source))?;
             }
-        }
-        Err(FleetLockError::TooManyConflicts {
-            action: format!("{action} Node {name}"),
-            attempts: MAX_NODE_PATCH_ATTEMPTS,
+            Ok(answer)
         })
+        .await
     }
 
     /// The pods bound to `node`.

@@ -27,6 +27,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use backon::{ExponentialBuilder, Retryable};
+
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::jiff::Timestamp;
@@ -354,13 +356,15 @@ impl LockStore {
     pub async fn update<T>(
         &self,
         group: &str,
-        mut decide: impl FnMut(&LockState) -> (LockState, T),
+        decide: impl Fn(&LockState) -> (LockState, T),
     ) -> Result<T, FleetLockError> {
         let name = lease_name(group);
-        for attempt in 1..=MAX_WRITE_ATTEMPTS {
+        let (name, decide) = (&name, &decide);
+        let action = || format!("writing Lease {name}");
+        retry_conflicts(MAX_WRITE_ATTEMPTS, action, move || async move {
             let lease = self
                 .leases
-                .get_opt(&name)
+                .get_opt(name)
                 .await
                 .map_err(FleetLockError::kube(format!("reading Lease {name}")))?;
             let current = match &lease {
@@ -375,29 +379,15 @@ impl LockStore {
             let desired = lease_with_state(lease, &self.namespace, group, &next)?;
             let written = if exists {
                 self.leases
-                    .replace(&name, &PostParams::default(), &desired)
+                    .replace(name, &PostParams::default(), &desired)
                     .await
             } else {
                 self.leases.create(&PostParams::default(), &desired).await
             };
-            match written {
-                Ok(_) => return Ok(answer),
-                Err(kube::Error::Api(status)) if status.is_conflict() || status.code == 409 => {
-                    tracing::debug!(lease = %name, attempt, "lock write conflict, retrying");
-                    tokio::time::sleep(conflict_backoff(attempt)).await;
-                }
-                Err(error) => {
-                    return Err(FleetLockError::Kubernetes {
-                        action: format!("writing Lease {name}"),
-                        source: error,
-                    });
-                }
-            }
-        }
-        Err(FleetLockError::TooManyConflicts {
-            action: format!("writing Lease {name}"),
-            attempts: MAX_WRITE_ATTEMPTS,
+            written.map_err(|source| Attempt::failed(action(), source))?;
+            Ok(answer)
         })
+        .await
     }
 
     /// Every group with a Lease, and its holders.
@@ -430,11 +420,56 @@ impl LockStore {
     }
 }
 
-/// A few milliseconds, growing and spread out, so racing writers stop colliding.
-fn conflict_backoff(attempt: u32) -> Duration {
-    let spread = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos() % 20_000_000)
-        .unwrap_or(0);
-    Duration::from_millis(u64::from(attempt.min(10)) * 5) + Duration::from_nanos(spread.into())
+/// Why one optimistic-concurrency attempt did not succeed.
+#[derive(Debug)]
+pub(crate) enum Attempt {
+    /// Someone else wrote meanwhile (409): read, decide and write again.
+    Conflict,
+    Failed(FleetLockError),
+}
+
+impl Attempt {
+    /// A failed write: a 409 is a [`Attempt::Conflict`], anything else ends the retries.
+    pub(crate) fn failed(action: String, source: kube::Error) -> Self {
+        match source {
+            kube::Error::Api(status) if status.code == 409 => Attempt::Conflict,
+            source => Attempt::Failed(FleetLockError::Kubernetes { action, source }),
+        }
+    }
+}
+
+impl From<FleetLockError> for Attempt {
+    fn from(error: FleetLockError) -> Self {
+        Attempt::Failed(error)
+    }
+}
+
+/// Runs `attempt` until it succeeds, fails otherwise than by a conflict, or has conflicted
+/// `attempts` times; between conflicts a few milliseconds, growing and jittered, so racing
+/// writers stop colliding.
+pub(crate) async fn retry_conflicts<T, Fut>(
+    attempts: u32,
+    action: impl Fn() -> String,
+    attempt: impl FnMut() -> Fut,
+) -> Result<T, FleetLockError>
+where
+    Fut: std::future::Future<Output = Result<T, Attempt>>,
+{
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(5))
+        .with_max_delay(Duration::from_millis(100))
+        .with_jitter()
+        .with_max_times(attempts.saturating_sub(1) as usize);
+    attempt
+        .retry(backoff)
+        .when(|error| matches!(error, Attempt::Conflict))
+        .notify(|_, delay| tracing::debug!(action = %action(), ?delay, "write conflict, retrying"))
+        .await
+        .map_err(|error| match error {
+            Attempt::Conflict => FleetLockError::TooManyConflicts {
+                action: action(),
+                attempts,
+            },
+            Attempt::Failed(error) => error,
+        })
 }

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
 use super::FleetLock;
-use super::metrics::{EndpointLabels, RequestLabels};
+use super::metrics::{Endpoint, RequestOutcome};
 use super::protocol::{
     ClientParams, FleetLockError, MAX_BODY_BYTES, check_protocol_header, parse_client_params,
 };
@@ -30,18 +30,23 @@ pub fn router(fleetlock: Arc<FleetLock>) -> Router {
         .with_state(fleetlock)
 }
 
+/// The two endpoints of the protocol (status is served apart).
 #[derive(Clone, Copy)]
-enum Endpoint {
+enum Operation {
     PreReboot,
     SteadyState,
 }
 
-impl Endpoint {
-    fn as_str(self) -> &'static str {
+impl Operation {
+    fn endpoint(self) -> Endpoint {
         match self {
-            Endpoint::PreReboot => "pre_reboot",
-            Endpoint::SteadyState => "steady_state",
+            Operation::PreReboot => Endpoint::PreReboot,
+            Operation::SteadyState => Endpoint::SteadyState,
         }
+    }
+
+    fn as_str(self) -> &'static str {
+        self.endpoint().as_str()
     }
 }
 
@@ -50,7 +55,7 @@ async fn pre_reboot(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    answer(&fleetlock, Endpoint::PreReboot, &headers, body).await
+    answer(&fleetlock, Operation::PreReboot, &headers, body).await
 }
 
 async fn steady_state(
@@ -58,12 +63,12 @@ async fn steady_state(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    answer(&fleetlock, Endpoint::SteadyState, &headers, body).await
+    answer(&fleetlock, Operation::SteadyState, &headers, body).await
 }
 
 async fn answer(
     fleetlock: &FleetLock,
-    endpoint: Endpoint,
+    endpoint: Operation,
     headers: &HeaderMap,
     body: Body,
 ) -> Response {
@@ -73,8 +78,8 @@ async fn answer(
         Err(error) => return finish(fleetlock, endpoint, started, None, Err(error)),
     };
     let result = match endpoint {
-        Endpoint::PreReboot => fleetlock.pre_reboot(&params).await,
-        Endpoint::SteadyState => fleetlock.steady_state(&params).await,
+        Operation::PreReboot => fleetlock.pre_reboot(&params).await,
+        Operation::SteadyState => fleetlock.steady_state(&params).await,
     };
     finish(fleetlock, endpoint, started, Some(&params), result)
 }
@@ -98,29 +103,18 @@ async fn read_request(headers: &HeaderMap, body: Body) -> Result<ClientParams, F
 
 fn finish(
     fleetlock: &FleetLock,
-    endpoint: Endpoint,
+    endpoint: Operation,
     started: Instant,
     params: Option<&ClientParams>,
     result: Result<(), FleetLockError>,
 ) -> Response {
     let outcome = match &result {
-        Ok(()) => "ok",
-        Err(error) => error.kind().as_str(),
+        Ok(()) => RequestOutcome::Ok,
+        Err(error) => RequestOutcome::Failed(error.kind()),
     };
-    let metrics = fleetlock.metrics();
-    metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            endpoint: endpoint.as_str(),
-            outcome,
-        })
-        .inc();
-    metrics
-        .request_duration
-        .get_or_create(&EndpointLabels {
-            endpoint: endpoint.as_str(),
-        })
-        .observe(started.elapsed().as_secs_f64());
+    fleetlock
+        .metrics()
+        .observe_request(endpoint.endpoint(), outcome, started.elapsed());
     let id = params.map(|p| p.id.as_str()).unwrap_or("");
     let group = params.map(|p| p.group.as_str()).unwrap_or("");
     match result {
@@ -144,22 +138,12 @@ async fn status(State(fleetlock): State<Arc<FleetLock>>) -> Response {
     let started = Instant::now();
     let result = fleetlock.status().await;
     let outcome = match &result {
-        Ok(_) => "ok",
-        Err(error) => error.kind().as_str(),
+        Ok(_) => RequestOutcome::Ok,
+        Err(error) => RequestOutcome::Failed(error.kind()),
     };
     fleetlock
         .metrics()
-        .requests
-        .get_or_create(&RequestLabels {
-            endpoint: "status",
-            outcome,
-        })
-        .inc();
-    fleetlock
-        .metrics()
-        .request_duration
-        .get_or_create(&EndpointLabels { endpoint: "status" })
-        .observe(started.elapsed().as_secs_f64());
+        .observe_request(Endpoint::Status, outcome, started.elapsed());
     match result {
         Ok(report) => axum::Json(report).into_response(),
         Err(error) => {

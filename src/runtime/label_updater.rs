@@ -4,8 +4,9 @@
 //! Shell: poll `GET /v1/isleader` on the local Dkron, patch the own Pod. Core: [`decide`] says,
 //! from what was published and what was observed, which label value to publish next.
 
-use crate::dkron::{self, IsLeaderAnswer};
+use crate::dkron::{self, DkronClient, DkronError, IsLeaderAnswer};
 use crate::names::{self, LABEL_LEADER};
+use backon::{ConstantBuilder, Retryable};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
@@ -41,6 +42,8 @@ pub enum LabelUpdaterError {
     Client(#[source] kube::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Dkron(#[from] DkronError),
     #[error("--interval-ms must be at least 1")]
     ZeroInterval,
 }
@@ -96,8 +99,11 @@ pub fn decide(
     (next, patch)
 }
 
-async fn observe(args: &LabelUpdaterArgs, timeout: Duration) -> Observation {
-    match dkron::is_leader(&args.dkron_host, args.dkron_port, timeout).await {
+async fn observe(dkron: &DkronClient, args: &LabelUpdaterArgs, timeout: Duration) -> Observation {
+    match dkron
+        .is_leader(&args.dkron_host, args.dkron_port, timeout)
+        .await
+    {
         Ok(IsLeaderAnswer::Leader) => Observation::Leader,
         Ok(IsLeaderAnswer::Follower) => Observation::Follower,
         Ok(IsLeaderAnswer::Unexpected { status }) => {
@@ -134,6 +140,7 @@ pub async fn run(args: LabelUpdaterArgs) -> Result<(), LabelUpdaterError> {
         .await
         .map_err(LabelUpdaterError::Client)?;
     let pods: Api<Pod> = Api::namespaced(client, &args.pod_namespace);
+    let dkron = DkronClient::new()?;
     let interval = Duration::from_millis(args.interval_ms);
     // An answer later than one interval is as good as none.
     let poll_timeout = interval.clamp(Duration::from_millis(200), Duration::from_secs(2));
@@ -147,7 +154,7 @@ pub async fn run(args: LabelUpdaterArgs) -> Result<(), LabelUpdaterError> {
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
-        let observation = observe(&args, poll_timeout).await;
+        let observation = observe(&dkron, &args, poll_timeout).await;
         let (next, patch) = decide(state, observation, args.failures_before_follower);
         state = next;
         if let Some(leader) = patch {
@@ -164,19 +171,27 @@ pub async fn run(args: LabelUpdaterArgs) -> Result<(), LabelUpdaterError> {
     }
     // Leaving: the leader Service must stop selecting this pod now, not after Dkron is gone.
     tracing::info!(pod = %args.pod_name, "stopping: setting the leader label to false");
-    for attempt in 1..=3 {
+    let set_false = || async {
         match tokio::time::timeout(
             Duration::from_secs(3),
             patch_label(&pods, &args.pod_name, false),
         )
         .await
         {
-            Ok(Ok(())) => return Ok(()),
-            Ok(Err(error)) => {
-                tracing::warn!(attempt, %error, "cannot set the leader label to false")
-            }
-            Err(_) => tracing::warn!(attempt, "setting the leader label to false timed out"),
+            Ok(result) => result.map_err(|error| error.to_string()),
+            Err(_) => Err("no answer within 3 s".to_owned()),
         }
+    };
+    let backoff = ConstantBuilder::default()
+        .with_delay(Duration::from_millis(200))
+        .with_jitter()
+        .with_max_times(2);
+    if let Err(error) = set_false
+        .retry(backoff)
+        .notify(|error, _| tracing::warn!(%error, "cannot set the leader label to false; retrying"))
+        .await
+    {
+        tracing::warn!(pod = %args.pod_name, %error, "the leader label was not set to false");
     }
     Ok(())
 }

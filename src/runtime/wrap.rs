@@ -5,7 +5,7 @@
 //! flags or environment variables from the command and the observations, with no I/O.
 
 use super::peers::{ClusterSettings, SettingsError};
-use crate::dkron::{self, LeaderAnswer};
+use crate::dkron::{self, DkronClient, LeaderAnswer};
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
@@ -253,6 +253,8 @@ async fn resolve(name: &str) -> Vec<IpAddr> {
 
 /// Waits until this pod's name resolves to `POD_IP` and every peer resolves, at most
 /// `dns_timeout`; then proceeds anyway (logged). Returns whether everything resolved.
+/// A hand-written poll, not backon: its end depends on progress (since when the own name
+/// resolves), not on one operation failing or succeeding.
 pub async fn wait_for_names(settings: &ClusterSettings) -> bool {
     let own = settings.own_fqdn();
     let peers = settings.other_peers();
@@ -298,8 +300,18 @@ pub async fn wait_for_names(settings: &ClusterSettings) -> bool {
 
 /// Asks every other peer `GET /v1/leader` concurrently; unreachable peers are `NoAnswer`.
 pub async fn ask_peers_for_leader(peers: &[String]) -> Vec<PeerAnswer> {
+    let dkron = match DkronClient::new() {
+        Ok(dkron) => dkron,
+        Err(error) => {
+            tracing::warn!(%error, "cannot ask the peers for a leader");
+            return vec![PeerAnswer::NoAnswer; peers.len()];
+        }
+    };
+    let dkron = &dkron;
     let asks = peers.iter().map(|peer| async move {
-        let answer = dkron::leader(peer, dkron::HTTP_PORT, LEADER_QUERY_TIMEOUT).await;
+        let answer = dkron
+            .leader(peer, dkron::HTTP_PORT, LEADER_QUERY_TIMEOUT)
+            .await;
         match answer {
             Ok(LeaderAnswer::Known { name }) => {
                 tracing::info!(peer = %peer, leader = ?name, "peer knows a leader");
