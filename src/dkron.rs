@@ -1,5 +1,6 @@
-//! The HTTP client for the two Dkron endpoints the in-pod runtime needs: `GET /v1/leader`
-//! (does the cluster have a leader?) and `GET /v1/isleader` (is this server the leader?).
+//! The HTTP client for the Dkron endpoints the in-pod runtime needs: `GET /v1/leader` (does the
+//! cluster have a leader?), `GET /v1/isleader` (is this server the leader?) and `POST /v1/leave`
+//! (leave the cluster before stopping).
 //! reqwest without TLS or proxies: Dkron's API is plain HTTP on the pod network.
 
 use std::time::Duration;
@@ -33,10 +34,14 @@ pub struct HttpAnswer {
     pub body: Vec<u8>,
 }
 
+/// serf's `StatusAlive` in `/v1/members` and `/v1/leader` answers (1 alive, 3 left, 4 failed).
+pub const SERF_ALIVE: u64 = 1;
+
 /// What a server said to `GET /v1/leader`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LeaderAnswer {
-    /// 200 with the leader's serf member; `name` is its node name when the body has one.
+    /// 200 with the leader's serf member, alive and with an `rpc_addr` tag; `name` is its node
+    /// name when the body has one.
     Known { name: Option<String> },
     /// The server runs but knows no leader. Dkron answers 500 with body `null`
     /// (`leaderMember` fails with ErrLeaderNotFound, then the handler still renders `nil`).
@@ -51,12 +56,27 @@ pub fn parse_leader_answer(answer: &HttpAnswer) -> LeaderAnswer {
         200 => {
             let value: Option<serde_json::Value> = serde_json::from_slice(&answer.body).ok();
             match value {
-                Some(serde_json::Value::Object(member)) => LeaderAnswer::Known {
-                    name: member
-                        .get("Name")
-                        .and_then(|n| n.as_str())
-                        .map(str::to_owned),
-                },
+                // Dkron's `leaderMember` returns the first serf member whose `rpc_addr` tag
+                // equals `raft.Leader()`. With no leader that is "", which a member still
+                // joining (no tag yet) matches: only an alive member with an address leads.
+                Some(serde_json::Value::Object(member)) => {
+                    let rpc_addr = member
+                        .get("Tags")
+                        .and_then(|t| t.get("rpc_addr"))
+                        .and_then(|a| a.as_str())
+                        .unwrap_or_default();
+                    let alive = member.get("Status").and_then(|s| s.as_u64()) == Some(SERF_ALIVE);
+                    if rpc_addr.is_empty() || !alive {
+                        LeaderAnswer::NoLeader
+                    } else {
+                        LeaderAnswer::Known {
+                            name: member
+                                .get("Name")
+                                .and_then(|n| n.as_str())
+                                .map(str::to_owned),
+                        }
+                    }
+                }
                 // `null` with 200 cannot name a leader.
                 Some(serde_json::Value::Null) => LeaderAnswer::NoLeader,
                 _ => LeaderAnswer::Unexpected { status: 200 },
@@ -130,9 +150,33 @@ impl DkronClient {
         Ok(parse_isleader_answer(&answer))
     }
 
+    /// `POST /v1/leave` on `host:port`: Dkron's agent leaves serf gracefully and stops before it
+    /// answers (what `dkron leave` does), so its peers see it `left`, not `failed`.
+    pub async fn leave(
+        &self,
+        host: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<HttpAnswer, DkronError> {
+        self.call(reqwest::Method::POST, host, port, "/v1/leave", timeout)
+            .await
+    }
+
     /// One `GET` with the whole exchange (connect, send, read the body) bounded by `timeout`.
     pub async fn get(
         &self,
+        host: &str,
+        port: u16,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<HttpAnswer, DkronError> {
+        self.call(reqwest::Method::GET, host, port, path, timeout)
+            .await
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
         host: &str,
         port: u16,
         path: &str,
@@ -154,7 +198,7 @@ impl DkronClient {
         };
         let mut response = self
             .http
-            .get(format!("http://{addr}{path}"))
+            .request(method, format!("http://{addr}{path}"))
             .header(reqwest::header::ACCEPT, "application/json")
             .timeout(timeout)
             .send()
@@ -185,13 +229,31 @@ mod tests {
 
     #[test]
     fn leader_known_from_serf_member() {
-        let body = r#"{"Name":"dkron-1","Addr":"10.0.0.7","Port":8946,"Tags":{"server":"true"},"Status":1}"#;
+        let body = r#"{"Name":"dkron-1","Addr":"10.0.0.7","Port":8946,"Tags":{"server":"true","rpc_addr":"10.0.0.7:6868"},"Status":1}"#;
         assert_eq!(
             parse_leader_answer(&answer(200, body)),
             LeaderAnswer::Known {
                 name: Some("dkron-1".into())
             }
         );
+    }
+
+    #[test]
+    fn a_member_still_joining_or_not_alive_is_no_leader() {
+        // During a cold start Dkron answers 200 naming a member without `rpc_addr`: its
+        // `raft.Leader()` is "" and that member's missing tag reads as "" too.
+        for body in [
+            r#"{"Name":"dkron-2","Addr":"10.0.0.8","Port":8946,"Tags":{"server":"true"},"Status":1}"#,
+            r#"{"Name":"dkron-2","Tags":{"server":"true","rpc_addr":""},"Status":1}"#,
+            r#"{"Name":"dkron-2","Tags":{"rpc_addr":"10.0.0.8:6868"},"Status":4}"#,
+            r#"{"Name":"dkron-2","Tags":{"rpc_addr":"10.0.0.8:6868"}}"#,
+        ] {
+            assert_eq!(
+                parse_leader_answer(&answer(200, body)),
+                LeaderAnswer::NoLeader,
+                "{body}"
+            );
+        }
     }
 
     #[test]

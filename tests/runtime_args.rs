@@ -142,7 +142,52 @@ fn community_chart_bootstrap_expect_is_replaced_by_the_cluster_size_on_cold_star
             &format!("--retry-join={PEER0}"),
             &format!("--retry-join={PEER2}"),
             "--node-name=dkron-1",
+            "--retry-interval=1s",
         ])
+    );
+}
+
+#[test]
+fn joins_are_retried_every_second_unless_the_user_chose_an_interval() {
+    let plain = s(&["dkron", "agent", "--server"]);
+    let planned = plan_dkron_args(&plain, &leader_exists());
+    assert_eq!(
+        planned
+            .iter()
+            .filter(|a| a.starts_with("--retry-interval"))
+            .collect::<Vec<_>>(),
+        ["--retry-interval=1s"]
+    );
+    for user in [
+        s(&["dkron", "agent", "--server", "--retry-interval=10s"]),
+        s(&["dkron", "agent", "--server", "--retry-interval", "10s"]),
+    ] {
+        let planned = plan_dkron_args(&user, &leader_exists());
+        assert!(planned.starts_with(&user), "{planned:?}");
+        assert_eq!(
+            planned
+                .iter()
+                .filter(|a| a.starts_with("--retry-interval"))
+                .count(),
+            1,
+            "{planned:?}"
+        );
+    }
+    // Set in the environment (flag > env: a flag of ours would win over the user's variable).
+    let inherited = |name: &str| (name == "DKRON_RETRY_INTERVAL").then(|| "5s".to_string());
+    let plan = plan_launch(&plain, &leader_exists(), inherited).unwrap();
+    assert!(
+        !plan.args.iter().any(|a| a.starts_with("--retry-interval")),
+        "{:?}",
+        plan.args
+    );
+    let script = s(&["/bin/sh", "-c", "exec dkron agent --server"]);
+    let plan = plan_launch(&script, &leader_exists(), inherited).unwrap();
+    assert!(
+        !plan
+            .set_env
+            .iter()
+            .any(|(k, _)| k == "DKRON_RETRY_INTERVAL")
     );
 }
 
@@ -208,6 +253,7 @@ fn users_retry_join_and_node_name_are_kept() {
             "--retry-join=10.0.0.9",
             "--node-name=custom",
             &format!("--retry-join={PEER2}"),
+            "--retry-interval=1s",
         ])
     );
 }
@@ -281,6 +327,7 @@ fn shell_command_gets_dkron_environment_variables() {
             ("DKRON_BOOTSTRAP_EXPECT".to_owned(), "3".to_owned()),
             ("DKRON_RETRY_JOIN".to_owned(), format!("{PEER0},{PEER2}")),
             ("DKRON_NODE_NAME".to_owned(), "dkron-1".to_owned()),
+            ("DKRON_RETRY_INTERVAL".to_owned(), "1s".to_owned()),
         ]
     );
     assert!(plan.warnings.is_empty());

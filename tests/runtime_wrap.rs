@@ -76,6 +76,81 @@ async fn sigterm_reaches_the_child_and_its_status_is_returned() {
 }
 
 #[tokio::test]
+async fn sigterm_asks_dkron_to_leave_before_the_child_gets_it() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (ready, term) = (dir.path().join("ready"), dir.path().join("term"));
+    // Dkron's HTTP API as far as the leave goes: it records whether the child had its SIGTERM
+    // yet when the leave came, and answers once it has "left".
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let leaves = std::sync::Arc::new(std::sync::Mutex::new(Vec::<bool>::new()));
+    let app = axum::Router::new().route(
+        "/v1/leave",
+        axum::routing::post({
+            let (leaves, term) = (leaves.clone(), term.clone());
+            move || async move {
+                leaves.lock().unwrap().push(term.exists());
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                "[]"
+            }
+        }),
+    );
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut signals = SupervisorSignals::install().unwrap();
+    let plan = LaunchPlan {
+        leave_first: Some(("127.0.0.1".into(), port)),
+        ..sh(&format!(
+            "trap 'touch {}; exit 0' TERM; touch {}; sleep 100 & wait",
+            term.display(),
+            ready.display()
+        ))
+    };
+    let supervisor = run_child(&plan, &mut signals);
+    let terminator = async {
+        wait_for_file(&ready).await;
+        kill(Pid::this(), Signal::SIGTERM).unwrap();
+    };
+    let (exit, ()) = tokio::join!(supervisor, terminator);
+    server.abort();
+    assert_eq!(exit.unwrap().code, 0);
+    assert!(term.exists(), "the child got its SIGTERM");
+    assert_eq!(
+        *leaves.lock().unwrap(),
+        [false],
+        "one leave, before the child's SIGTERM"
+    );
+}
+
+#[tokio::test]
+async fn a_dkron_that_cannot_leave_still_gets_its_sigterm() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ready = dir.path().join("ready");
+    // Nothing listens there: the leave fails at once and the signal is forwarded anyway.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut signals = SupervisorSignals::install().unwrap();
+    let plan = LaunchPlan {
+        leave_first: Some(("127.0.0.1".into(), port)),
+        ..sh(&format!(
+            "trap 'exit 7' TERM; touch {}; sleep 100 & wait",
+            ready.display()
+        ))
+    };
+    let supervisor = run_child(&plan, &mut signals);
+    let terminator = async {
+        wait_for_file(&ready).await;
+        kill(Pid::this(), Signal::SIGTERM).unwrap();
+    };
+    let (exit, ()) = tokio::join!(supervisor, terminator);
+    assert_eq!(exit.unwrap().code, 7);
+}
+
+#[tokio::test]
 async fn child_killed_by_a_signal_gives_128_plus_the_signal() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let mut signals = SupervisorSignals::install().unwrap();

@@ -24,6 +24,11 @@ const PEER_GRACE: Duration = Duration::from_secs(15);
 /// Bound of one DNS look-up.
 const DNS_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// `--retry-interval` unless the user set one: Dkron's default of 30 s makes every failed join
+/// attempt cost 30 s, and during a cold start the first attempt of one server always finds
+/// nobody listening yet (measured: 32 s to a leader for 3 servers started at once).
+pub const JOIN_RETRY_INTERVAL: &str = "1s";
+
 #[derive(Debug, thiserror::Error)]
 pub enum WrapError {
     #[error(transparent)]
@@ -64,6 +69,9 @@ pub struct LaunchPlan {
     pub remove_env: Vec<String>,
     /// Things the wrapper could not do for this command, for the log.
     pub warnings: Vec<String>,
+    /// `host:port` of the local Dkron HTTP API to `POST /v1/leave` to before a SIGTERM or SIGINT
+    /// is forwarded; `None` forwards at once.
+    pub leave_first: Option<(String, u16)>,
 }
 
 /// Is `command` Dkron's server agent itself (`.../dkron agent ...`)? Then flags are rewritten;
@@ -103,19 +111,21 @@ fn join_host(value: &str) -> &str {
 /// Rewrites the full Dkron command line (`dkron agent ...`, program included):
 /// `--bootstrap-expect` becomes N on a cold start and disappears when a leader exists (Dkron
 /// issue #683: a restarting server must not bootstrap); every other peer not already joined gets
-/// `--retry-join=<peer>`; `--node-name=<pod>` unless one is given. Args after `--` are untouched.
+/// `--retry-join=<peer>`; `--node-name=<pod>` and `--retry-interval=1s` unless given. Args after
+/// `--` are untouched.
 pub fn plan_dkron_args(original: &[String], flags: &ClusterFlags) -> Vec<String> {
-    plan_dkron_args_with(original, flags, false)
+    plan_dkron_args_with(original, flags, |_| None)
 }
 
 fn plan_dkron_args_with(
     original: &[String],
     flags: &ClusterFlags,
-    node_name_from_env: bool,
+    inherited: impl Fn(&str) -> Option<String>,
 ) -> Vec<String> {
-    let mut out = Vec::with_capacity(original.len() + flags.retry_join.len() + 2);
+    let mut out = Vec::with_capacity(original.len() + flags.retry_join.len() + 3);
     let mut joined: Vec<String> = Vec::new();
-    let mut has_node_name = node_name_from_env;
+    let mut has_node_name = inherited("DKRON_NODE_NAME").is_some();
+    let mut has_retry_interval = inherited("DKRON_RETRY_INTERVAL").is_some();
     let mut i = 0;
     let mut tail: &[String] = &[];
     while i < original.len() {
@@ -138,6 +148,9 @@ fn plan_dkron_args_with(
         if flag_at(original, i, "node-name").is_some() {
             has_node_name = true;
         }
+        if flag_at(original, i, "retry-interval").is_some() {
+            has_retry_interval = true;
+        }
         out.push(original[i].clone());
         i += 1;
     }
@@ -151,6 +164,9 @@ fn plan_dkron_args_with(
     }
     if !has_node_name {
         out.push(format!("--node-name={}", flags.node_name));
+    }
+    if !has_retry_interval {
+        out.push(format!("--retry-interval={JOIN_RETRY_INTERVAL}"));
     }
     out.extend_from_slice(tail);
     out
@@ -183,7 +199,7 @@ pub fn plan_launch(
     }
     let node_name_from_env = inherited("DKRON_NODE_NAME").is_some();
     if is_dkron_agent(command) {
-        let rewritten = plan_dkron_args_with(command, flags, node_name_from_env);
+        let rewritten = plan_dkron_args_with(command, flags, inherited);
         plan.args = rewritten[1..].to_vec();
         return Ok(plan);
     }
@@ -212,6 +228,13 @@ pub fn plan_launch(
     if !node_name_from_env {
         plan.set_env
             .push(("DKRON_NODE_NAME".to_owned(), flags.node_name.clone()));
+    }
+    // A flag in the script wins over the variable, as the user meant.
+    if inherited("DKRON_RETRY_INTERVAL").is_none() {
+        plan.set_env.push((
+            "DKRON_RETRY_INTERVAL".to_owned(),
+            JOIN_RETRY_INTERVAL.to_owned(),
+        ));
     }
     if command[1..]
         .iter()
@@ -417,11 +440,41 @@ pub async fn run_child(
             _ = safety_tick.tick() => None,
         };
         if let Some(sig) = forward {
+            if sig != Signal::SIGHUP
+                && let Some((host, port)) = &plan.leave_first
+            {
+                leave(host, *port).await;
+            }
             tracing::info!(signal = %sig, pid = child_pid.as_raw(), "forwarding signal to child");
             if let Err(error) = kill(child_pid, sig) {
                 tracing::warn!(signal = %sig, %error, "cannot forward signal");
             }
         }
+    }
+}
+
+/// Bound of the leave before a stop signal is forwarded: well inside the default 30 s grace
+/// period, so Dkron still gets its SIGTERM in time when the leave hangs.
+pub const LEAVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Asks the local Dkron to leave the cluster and waits (bounded) for it to have left. Dkron's
+/// own SIGTERM handler returns while its stop still runs, so without this its peers mark it
+/// `failed` and refuse its name from a new IP for 40–67 s (measured on v4.0.9 and v4.1.2).
+async fn leave(host: &str, port: u16) {
+    let started = std::time::Instant::now();
+    let result = match dkron::DkronClient::new() {
+        Ok(client) => client.leave(host, port, LEAVE_TIMEOUT).await,
+        Err(error) => Err(error),
+    };
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    match result {
+        Ok(answer) if answer.status == 200 => {
+            tracing::info!(elapsed_ms, "Dkron left the cluster");
+        }
+        Ok(answer) => {
+            tracing::warn!(status = answer.status, elapsed_ms, "Dkron refused to leave");
+        }
+        Err(error) => tracing::warn!(%error, elapsed_ms, "cannot ask Dkron to leave"),
     }
 }
 
@@ -476,7 +529,8 @@ pub async fn run(command: Vec<String>) -> Result<i32, WrapError> {
         node_name: settings.pod_name.clone(),
     };
     tracing::info!(bootstrap_expect = ?flags.bootstrap_expect, ?answers, "leader search done");
-    let plan = plan_launch(&command, &flags, |name| std::env::var(name).ok())?;
+    let mut plan = plan_launch(&command, &flags, |name| std::env::var(name).ok())?;
+    plan.leave_first = Some(("127.0.0.1".to_owned(), dkron::HTTP_PORT));
     for warning in &plan.warnings {
         tracing::warn!(%warning, "cannot apply every cluster setting");
     }
