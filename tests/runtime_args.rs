@@ -142,7 +142,6 @@ fn community_chart_bootstrap_expect_is_replaced_by_the_cluster_size_on_cold_star
             &format!("--retry-join={PEER0}"),
             &format!("--retry-join={PEER2}"),
             "--node-name=dkron-1",
-            "--retry-interval=1s",
         ])
     );
 }
@@ -327,7 +326,6 @@ fn shell_command_gets_dkron_environment_variables() {
             ("DKRON_BOOTSTRAP_EXPECT".to_owned(), "3".to_owned()),
             ("DKRON_RETRY_JOIN".to_owned(), format!("{PEER0},{PEER2}")),
             ("DKRON_NODE_NAME".to_owned(), "dkron-1".to_owned()),
-            ("DKRON_RETRY_INTERVAL".to_owned(), "1s".to_owned()),
         ]
     );
     assert!(plan.warnings.is_empty());

@@ -24,9 +24,14 @@ const PEER_GRACE: Duration = Duration::from_secs(15);
 /// Bound of one DNS look-up.
 const DNS_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// `--retry-interval` unless the user set one: Dkron's default of 30 s makes every failed join
-/// attempt cost 30 s, and during a cold start the first attempt of one server always finds
-/// nobody listening yet (measured: 32 s to a leader for 3 servers started at once).
+/// `--retry-interval` of a server that joins an existing leader, unless the user set one: Dkron's
+/// default of 30 s makes every failed join attempt cost 30 s.
+///
+/// Not on a cold start: Dkron bootstraps raft only on a serf member-join event (`nodeJoin`), and
+/// serf coalesces a join with the `rpc_addr` tag update that follows it within 3 s into a
+/// member-update, which never bootstraps. With fast retries all servers join before their tags
+/// are set and no leader forms (real Dkron v4.1.2, 3 servers: 133 s); with the default interval
+/// one server's late join comes after the tags and bootstraps the cluster (about 32 s).
 pub const JOIN_RETRY_INTERVAL: &str = "1s";
 
 #[derive(Debug, thiserror::Error)]
@@ -111,8 +116,8 @@ fn join_host(value: &str) -> &str {
 /// Rewrites the full Dkron command line (`dkron agent ...`, program included):
 /// `--bootstrap-expect` becomes N on a cold start and disappears when a leader exists (Dkron
 /// issue #683: a restarting server must not bootstrap); every other peer not already joined gets
-/// `--retry-join=<peer>`; `--node-name=<pod>` and `--retry-interval=1s` unless given. Args after
-/// `--` are untouched.
+/// `--retry-join=<peer>`; `--node-name=<pod>` unless given, and `--retry-interval=1s` when a
+/// leader exists unless given ([`JOIN_RETRY_INTERVAL`]). Args after `--` are untouched.
 pub fn plan_dkron_args(original: &[String], flags: &ClusterFlags) -> Vec<String> {
     plan_dkron_args_with(original, flags, |_| None)
 }
@@ -125,7 +130,8 @@ fn plan_dkron_args_with(
     let mut out = Vec::with_capacity(original.len() + flags.retry_join.len() + 3);
     let mut joined: Vec<String> = Vec::new();
     let mut has_node_name = inherited("DKRON_NODE_NAME").is_some();
-    let mut has_retry_interval = inherited("DKRON_RETRY_INTERVAL").is_some();
+    let mut has_retry_interval =
+        flags.bootstrap_expect.is_some() || inherited("DKRON_RETRY_INTERVAL").is_some();
     let mut i = 0;
     let mut tail: &[String] = &[];
     while i < original.len() {
@@ -230,7 +236,7 @@ pub fn plan_launch(
             .push(("DKRON_NODE_NAME".to_owned(), flags.node_name.clone()));
     }
     // A flag in the script wins over the variable, as the user meant.
-    if inherited("DKRON_RETRY_INTERVAL").is_none() {
+    if flags.bootstrap_expect.is_none() && inherited("DKRON_RETRY_INTERVAL").is_none() {
         plan.set_env.push((
             "DKRON_RETRY_INTERVAL".to_owned(),
             JOIN_RETRY_INTERVAL.to_owned(),
