@@ -37,6 +37,16 @@ async fn wait_for_file(path: &Path) {
     }
 }
 
+/// Runs the supervisor and sends this process SIGTERM, as the kubelet does, once the child has
+/// written `ready`.
+async fn sigterm_once<F: std::future::Future>(ready: &Path, supervisor: F) -> F::Output {
+    let terminator = async {
+        wait_for_file(ready).await;
+        kill(Pid::this(), Signal::SIGTERM).unwrap();
+    };
+    tokio::join!(supervisor, terminator).0
+}
+
 #[tokio::test]
 async fn exit_status_is_passed_through() {
     let _serial = ONE_AT_A_TIME.lock().await;
@@ -60,12 +70,7 @@ async fn sigterm_reaches_the_child_and_its_status_is_returned() {
         ready.display()
     ));
     let started = Instant::now();
-    let supervisor = run_child(&plan, &mut signals);
-    let terminator = async {
-        wait_for_file(&ready).await;
-        kill(Pid::this(), Signal::SIGTERM).unwrap();
-    };
-    let (exit, ()) = tokio::join!(supervisor, terminator);
+    let exit = sigterm_once(&ready, run_child(&plan, &mut signals)).await;
     let exit = exit.unwrap();
     assert_eq!(exit.code, 7);
     assert!(
@@ -106,12 +111,7 @@ async fn sigterm_asks_dkron_to_leave_before_the_child_gets_it() {
             ready.display()
         ))
     };
-    let supervisor = run_child(&plan, &mut signals);
-    let terminator = async {
-        wait_for_file(&ready).await;
-        kill(Pid::this(), Signal::SIGTERM).unwrap();
-    };
-    let (exit, ()) = tokio::join!(supervisor, terminator);
+    let exit = sigterm_once(&ready, run_child(&plan, &mut signals)).await;
     server.abort();
     assert_eq!(exit.unwrap().code, 0);
     assert!(term.exists(), "the child got its SIGTERM");
@@ -141,12 +141,7 @@ async fn a_dkron_that_cannot_leave_still_gets_its_sigterm() {
             ready.display()
         ))
     };
-    let supervisor = run_child(&plan, &mut signals);
-    let terminator = async {
-        wait_for_file(&ready).await;
-        kill(Pid::this(), Signal::SIGTERM).unwrap();
-    };
-    let (exit, ()) = tokio::join!(supervisor, terminator);
+    let exit = sigterm_once(&ready, run_child(&plan, &mut signals)).await;
     assert_eq!(exit.unwrap().code, 7);
 }
 
