@@ -4,9 +4,14 @@
 
 mod support;
 
-use k8s_openapi::api::core::v1::Node;
-use kube::api::{Api, ListParams};
-use support::cluster::Cluster;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use kube::api::{Api, ListParams, PostParams};
+use serde_json::json;
+use support::cluster::{Cluster, LOCAL_STORAGE_CLASS};
+use support::images::TESTBED_IMAGE;
 
 const NODES: u8 = 3;
 
@@ -48,4 +53,268 @@ async fn every_node_reports_its_own_machine_id() {
         host_forwarding,
         "the host's forwarding changed"
     );
+}
+
+/// A pod of the test workload answering on :8080 (see examples/testbed.rs).
+async fn get(http: &reqwest::Client, pod_ip: &str, path: &str) -> (u16, String) {
+    match http.get(format!("http://{pod_ip}:8080{path}")).send().await {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            (status, response.text().await.unwrap_or_default())
+        }
+        Err(error) => (0, format!("{error:#}")),
+    }
+}
+
+fn workload(name: &str) -> (Service, StatefulSet) {
+    let service = serde_json::from_value(json!({
+        "metadata": { "name": name },
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": true,
+            "selector": { "app": name },
+            "ports": [{ "name": "http", "port": 8080 }],
+        },
+    }))
+    .unwrap();
+    let statefulset = serde_json::from_value(json!({
+        "metadata": { "name": name },
+        "spec": {
+            "replicas": NODES,
+            "serviceName": name,
+            "podManagementPolicy": "Parallel",
+            "selector": { "matchLabels": { "app": name } },
+            "template": {
+                "metadata": { "labels": { "app": name } },
+                "spec": {
+                    "terminationGracePeriodSeconds": 2,
+                    "affinity": { "podAntiAffinity": { "requiredDuringSchedulingIgnoredDuringExecution": [{
+                        "labelSelector": { "matchLabels": { "app": name } },
+                        "topologyKey": "kubernetes.io/hostname",
+                    }] } },
+                    "containers": [{
+                        "name": "workload",
+                        "image": TESTBED_IMAGE,
+                        "imagePullPolicy": "Never",
+                        "command": ["/testbed", "serve", "--data", "/data"],
+                        "env": [{ "name": "POD_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } }],
+                        "ports": [{ "containerPort": 8080 }],
+                        "readinessProbe": { "tcpSocket": { "port": 8080 }, "periodSeconds": 1 },
+                        "volumeMounts": [{ "name": "data", "mountPath": "/data" }],
+                    }],
+                },
+            },
+            "volumeClaimTemplates": [{
+                "metadata": { "name": "data" },
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "storageClassName": LOCAL_STORAGE_CLASS,
+                    "resources": { "requests": { "storage": "100Mi" } },
+                },
+            }],
+        },
+    }))
+    .unwrap();
+    (service, statefulset)
+}
+
+/// When the pod's containers started (RFC 3339 strings, by container).
+fn started_at(pod: &Pod) -> Vec<Option<String>> {
+    let statuses = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.clone());
+    statuses
+        .unwrap_or_default()
+        .iter()
+        .map(|c| {
+            let running = c.state.as_ref().and_then(|s| s.running.as_ref());
+            running
+                .and_then(|r| r.started_at.as_ref())
+                .map(|t| serde_json::to_string(t).unwrap())
+        })
+        .collect()
+}
+
+/// Waits until the StatefulSet's `replicas` pods are all Running and ready, and none of them
+/// still shows the container starts `stale` lists for its name (from before a reboot);
+/// returns them by name. Fails with the nodes' log tails.
+async fn running_pods(
+    cluster: &Cluster,
+    pods: &Api<Pod>,
+    app: &str,
+    replicas: usize,
+    stale: &[(Option<String>, Vec<Option<String>>)],
+) -> Vec<Pod> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let listed = pods
+            .list(&ListParams::default().labels(&format!("app={app}")))
+            .await
+            .unwrap();
+        let ready: Vec<Pod> = listed
+            .items
+            .iter()
+            .filter(|pod| {
+                let status = pod.status.as_ref();
+                let running = status.and_then(|s| s.phase.as_deref()) == Some("Running");
+                let ready = status
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+                let seen = (pod.metadata.name.clone(), started_at(pod));
+                running && ready && !stale.contains(&seen)
+            })
+            .cloned()
+            .collect();
+        if ready.len() == replicas {
+            let mut ready = ready;
+            ready.sort_by_key(|pod| pod.metadata.name.clone());
+            return ready;
+        }
+        if Instant::now() > deadline {
+            let states: Vec<String> = listed
+                .items
+                .iter()
+                .map(|pod| {
+                    format!(
+                        "{} on {:?}: {:?}",
+                        pod.metadata.name.as_deref().unwrap_or_default(),
+                        pod.spec.as_ref().and_then(|s| s.node_name.as_deref()),
+                        pod.status
+                    )
+                })
+                .collect();
+            let logs: Vec<String> = cluster
+                .node_names()
+                .iter()
+                .map(|node| cluster.node_logs(node))
+                .collect();
+            panic!(
+                "pods of {app} not all Running after 180s:\n{}\n{}",
+                states.join("\n"),
+                logs.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn pod_ip(pod: &Pod) -> String {
+    pod.status.as_ref().unwrap().pod_ip.clone().unwrap()
+}
+
+fn node_of(pod: &Pod) -> String {
+    pod.spec.as_ref().unwrap().node_name.clone().unwrap()
+}
+
+#[tokio::test]
+async fn a_statefulset_with_volumes_runs_on_every_node_resolves_its_peers_and_survives_a_reboot() {
+    let cluster = cluster();
+    let ns = cluster.control_plane.namespace("nodes").await;
+    let client = cluster.client().await;
+    let (service, statefulset) = workload("web");
+    Api::<Service>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &service)
+        .await
+        .unwrap();
+    let created = Instant::now();
+    Api::<StatefulSet>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &statefulset)
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let running = running_pods(cluster, &pods, "web", NODES.into(), &[]).await;
+    eprintln!(
+        "StatefulSet of {NODES} with PVCs: all pods Running and ready {:.1}s after create",
+        created.elapsed().as_secs_f64()
+    );
+    let mut nodes: Vec<String> = running.iter().map(node_of).collect();
+    nodes.sort();
+    nodes.dedup();
+    assert_eq!(nodes.len(), usize::from(NODES), "one pod per node");
+
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()
+        .unwrap();
+    // Every pod resolves every peer's headless name (CoreDNS through the kube-dns Service) and
+    // reaches the API server as its ServiceAccount through the `kubernetes` Service.
+    for pod in &running {
+        for peer in &running {
+            let peer_name = peer.metadata.name.clone().unwrap();
+            let fqdn = format!("{peer_name}.web.{ns}.svc.cluster.local");
+            let (status, body) = get(&http, &pod_ip(pod), &format!("/resolve/{fqdn}")).await;
+            assert_eq!(
+                (status, body.trim()),
+                (200, pod_ip(peer).as_str()),
+                "{:?} resolving {fqdn}",
+                pod.metadata.name
+            );
+        }
+        let (status, body) = get(&http, &pod_ip(pod), "/whoami").await;
+        assert_eq!(
+            status, 201,
+            "SelfSubjectReview from {:?}: {body}",
+            pod.metadata.name
+        );
+        assert!(
+            body.contains(&format!("system:serviceaccount:{ns}:default")),
+            "{body}"
+        );
+    }
+
+    // A reboot of web-0's node keeps what web-0 wrote on its volume, and web-0 comes back.
+    let first = &running[0];
+    let marker = format!("written before {} rebooted", node_of(first));
+    let response = http
+        .put(format!("http://{}:8080/files/marker", pod_ip(first)))
+        .body(marker.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let rebooted = Instant::now();
+    cluster.reboot_node(&node_of(first)).await.unwrap();
+    eprintln!(
+        "{} rebooted: Ready again after {:.1}s",
+        node_of(first),
+        rebooted.elapsed().as_secs_f64()
+    );
+    let back = running_pods(
+        cluster,
+        &pods,
+        "web",
+        NODES.into(),
+        &[(first.metadata.name.clone(), started_at(first))],
+    )
+    .await;
+    let back_first = back
+        .iter()
+        .find(|pod| pod.metadata.name == first.metadata.name)
+        .unwrap();
+    let (status, boots) = eventually_ok(&http, &pod_ip(back_first), "/boots").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        boots.lines().count(),
+        2,
+        "web-0 started twice on its volume: {boots}"
+    );
+    eprintln!(
+        "web-0 serving again {:.1}s after the reboot began",
+        rebooted.elapsed().as_secs_f64()
+    );
+    let (status, text) = get(&http, &pod_ip(back_first), "/files/marker").await;
+    assert_eq!((status, text), (200, marker));
+}
+
+/// GETs `path` until it answers 200 (the container may still be starting), at most a minute.
+async fn eventually_ok(http: &reqwest::Client, pod_ip: &str, path: &str) -> (u16, String) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = get(http, pod_ip, path).await;
+        if status == 200 || Instant::now() > deadline {
+            return (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

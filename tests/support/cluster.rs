@@ -55,6 +55,8 @@ const NODE_PACKAGES: &[(&str, &str)] = &[
 ];
 /// The StorageClass of the nodes' local PersistentVolumes.
 pub const LOCAL_STORAGE_CLASS: &str = "local";
+/// Local PersistentVolumes each node starts with.
+pub const VOLUMES_PER_NODE: usize = 3;
 
 /// Kills what is left in the cluster's cgroups, then removes its namespaces, cgroups, bridge
 /// and dir, once this process is gone. Args: cluster number, dir.
@@ -194,6 +196,7 @@ impl Cluster {
             for k in 1..=nodes {
                 cluster.wait_node_ready(&node_name(k)).await?;
             }
+            cluster.local_volumes(VOLUMES_PER_NODE).await?;
             Ok::<_, String>(())
         })?;
         eprintln!(
@@ -743,6 +746,21 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     /// Waits until Node `name` is Ready with no taints; on failure the error carries the
     /// node's log tails.
     pub async fn wait_node_ready(&self, name: &str) -> Result<(), String> {
+        self.wait_node_ready_since(name, None).await
+    }
+
+    /// Same, with a Ready condition whose heartbeat is not older than `since` (a status the
+    /// node posted after a boot, not the one from before it).
+    async fn wait_node_ready_since(
+        &self,
+        name: &str,
+        since: Option<std::time::SystemTime>,
+    ) -> Result<(), String> {
+        let since_seconds = since.map(|t| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs() as i64
+        });
         let nodes: Api<KubeNode> = Api::all(self.client().await);
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -755,9 +773,14 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                     .as_ref()
                     .and_then(|s| s.conditions.as_ref())
                     .is_some_and(|conditions| {
-                        conditions
-                            .iter()
-                            .any(|c| c.type_ == "Ready" && c.status == "True")
+                        conditions.iter().any(|c| {
+                            let fresh = match (since_seconds, &c.last_heartbeat_time) {
+                                (None, _) => true,
+                                (Some(since), Some(beat)) => beat.0.as_second() >= since,
+                                (Some(_), None) => false,
+                            };
+                            c.type_ == "Ready" && c.status == "True" && fresh
+                        })
                     });
                 let tainted = node
                     .spec
@@ -792,12 +815,17 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         kill_cgroup(&self.cgroup(name))?;
         // Their components are dead: the watchdogs have exited or exit now.
         drop(processes);
+        // The namespace's links go when the kernel frees it, which can be later: the veth
+        // pair goes now, so a boot can make it again at once.
+        let number = self.nodes.lock().unwrap()[name].number;
+        let _ = ip(&["link", "del", &format!("dkha{}n{number}", self.number)]);
         let _ = ip(&["netns", "del", &netns]);
         Ok(())
     }
 
     /// Reboots node `name` (stop, then boot again) and waits until it is Ready.
     pub async fn reboot_node(&self, name: &str) -> Result<(), String> {
+        let began = std::time::SystemTime::now();
         let name_owned = name.to_owned();
         let this: &Cluster = self;
         // The stop and boot block; keep the caller's runtime free.
@@ -810,7 +838,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 .join()
                 .unwrap_or_else(|_| Err("reboot thread panicked".into()))
         })?;
-        self.wait_node_ready(name).await
+        self.wait_node_ready_since(name, Some(began)).await
     }
 
     /// Deletes node `name`: stops it, removes its Node object, disk and namespace files.

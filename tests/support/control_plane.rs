@@ -623,6 +623,13 @@ async fn start_components(
     if address.is_loopback() {
         // The `kubernetes` Endpoints may not hold a loopback address.
         apiserver_args.push("--endpoint-reconciler-type=none".to_owned());
+    } else {
+        // Off loopback there may be kubelets: `logs` and `exec` call them with this identity.
+        apiserver_args.push(format!(
+            "--kubelet-client-certificate={}",
+            path("admin.crt")
+        ));
+        apiserver_args.push(format!("--kubelet-client-key={}", path("admin.key")));
     }
     // A flag in the options replaces the default (list flags such as --authorization-mode
     // would otherwise add up).

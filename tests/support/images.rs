@@ -87,6 +87,8 @@ fn build() -> Result<Images, String> {
                 DKRON_HA_IMAGE,
                 &[(&dkron_ha, "dkron-ha")],
                 &["/dkron-ha"],
+                // As the shipped image (distroless nonroot): the chart runs it non-root.
+                Some("65532:65532"),
             )?,
         ),
         (
@@ -96,6 +98,7 @@ fn build() -> Result<Images, String> {
                 PAUSE_IMAGE,
                 &[(&testbed, "pause")],
                 &["/pause", "pause"],
+                None,
             )?,
         ),
         (
@@ -105,6 +108,7 @@ fn build() -> Result<Images, String> {
                 TESTBED_IMAGE,
                 &[(&testbed, "testbed"), (&testbed, "usr/local/bin/dkron")],
                 &["/testbed"],
+                None,
             )?,
         ),
     ];
@@ -149,12 +153,13 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Writes `<out>/<file-name of name>.tar`: an OCI image layout archive of one uncompressed
 /// layer holding `files` (source, path in the image) as root-owned executables, with
-/// `entrypoint`, named `name` for containerd.
+/// `entrypoint` and `user` (default root), named `name` for containerd.
 fn oci_archive(
     out: &Path,
     name: &str,
     files: &[(&Path, &str)],
     entrypoint: &[&str],
+    user: Option<&str>,
 ) -> Result<PathBuf, String> {
     let io = |what: &str, error: std::io::Error| format!("{what}: {error}");
     let short = name.rsplit('/').next().unwrap_or(name).replace(':', "-");
@@ -185,7 +190,11 @@ fn oci_archive(
     let config = serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
-        "config": { "Entrypoint": entrypoint, "Env": ["PATH=/usr/local/bin:/"] },
+        "config": {
+            "Entrypoint": entrypoint,
+            "Env": ["PATH=/usr/local/bin:/"],
+            "User": user.unwrap_or_default(),
+        },
         "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{layer_digest}")] },
     })
     .to_string();
