@@ -10,7 +10,8 @@
 //! - invoked as `dkron` (the image's `/usr/local/bin/dkron`): a stand-in for a Dkron server agent
 //!   as far as the pod's other containers see one: `GET /v1/leader`, `/v1/isleader`,
 //!   `/v1/members`, `/health` and `POST /v1/leave` on :8080. The server whose `--node-name`
-//!   ends in `-0` says it is the leader. It prints the arguments it was started with.
+//!   ends in `-0` says it is the leader. It prints the arguments it was started with, and
+//!   `GET /testbed/pid1` answers the command line of the container's PID 1.
 //!
 //! Built by the tests' cluster support (tests/support/images.rs) with `+crt-static`.
 
@@ -228,8 +229,18 @@ async fn dkron_stand_in(args: &[String]) -> anyhow::Result<()> {
         .route("/v1/members", get(members))
         .route("/v1/leave", post(|| async { "[]" }))
         .route("/health", get(|| async { "ok" }))
+        // Not Dkron's: what runs as PID 1 of the container (the injected `wrap`).
+        .route("/testbed/pid1", get(pid1))
         .with_state(state);
     listen(app).await
+}
+
+async fn pid1() -> String {
+    let cmdline = std::fs::read("/proc/1/cmdline").unwrap_or_default();
+    String::from_utf8_lossy(&cmdline)
+        .replace('\0', " ")
+        .trim()
+        .to_owned()
 }
 
 fn member(state: &StandIn) -> serde_json::Value {

@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -11,7 +12,7 @@ use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
 use support::cluster::{Cluster, LOCAL_STORAGE_CLASS};
-use support::images::TESTBED_IMAGE;
+use support::images::{DKRON_HA_IMAGE, TESTBED_IMAGE};
 
 const NODES: u8 = 3;
 
@@ -316,5 +317,213 @@ async fn eventually_ok(http: &reqwest::Client, pod_ip: &str, path: &str) -> (u16
             return (status, body);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Installs the chart as users do (helm, release namespace `dkron-ha`), with the locally built
+/// image, and waits for its Deployment to be ready.
+fn helm_install(cluster: &Cluster) {
+    let home = tempfile::tempdir().unwrap();
+    let (repository, tag) = DKRON_HA_IMAGE.rsplit_once(':').unwrap();
+    let output = Command::new(support::ControlPlane::tool("helm"))
+        .args([
+            "install",
+            "dkron-ha",
+            "chart",
+            "--namespace",
+            "dkron-ha",
+            "--create-namespace",
+        ])
+        .arg(format!("--set=image.repository={repository}"))
+        .arg(format!("--set=image.tag={tag}"))
+        .args(["--set=image.pullPolicy=Never", "--wait", "--timeout=3m"])
+        .arg("--kubeconfig")
+        .arg(&cluster.control_plane.kubeconfig)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("HELM_CACHE_HOME", home.path().join("cache"))
+        .env("HELM_CONFIG_HOME", home.path().join("config"))
+        .env("HELM_DATA_HOME", home.path().join("data"))
+        .output()
+        .expect("run helm");
+    let logs: Vec<String> = cluster
+        .node_names()
+        .iter()
+        .map(|node| cluster.node_logs(node))
+        .collect();
+    assert!(
+        output.status.success(),
+        "helm install failed:\n{}{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+        logs.join("\n")
+    );
+}
+
+fn opted_in_dkron() -> (Service, StatefulSet) {
+    let service = serde_json::from_value(json!({
+        "metadata": { "name": "dkron" },
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": true,
+            "selector": { "app": "dkron" },
+            "ports": [{ "name": "http", "port": 8080 }, { "name": "serf", "port": 8946 }],
+        },
+    }))
+    .unwrap();
+    let statefulset = serde_json::from_value(json!({
+        "metadata": { "name": "dkron", "annotations": { "dkron-ha/enabled": "true" } },
+        "spec": {
+            "replicas": NODES,
+            "serviceName": "dkron",
+            "selector": { "matchLabels": { "app": "dkron" } },
+            "template": {
+                "metadata": { "labels": { "app": "dkron" } },
+                "spec": {
+                    "terminationGracePeriodSeconds": 5,
+                    "containers": [{
+                        "name": "dkron",
+                        "image": TESTBED_IMAGE,
+                        "imagePullPolicy": "Never",
+                        "command": ["/usr/local/bin/dkron"],
+                        "args": ["agent", "--server", "--bootstrap-expect=3"],
+                        "ports": [{ "containerPort": 8080 }],
+                    }],
+                },
+            },
+        },
+    }))
+    .unwrap();
+    (service, statefulset)
+}
+
+#[tokio::test]
+async fn the_charts_webhook_injects_a_statefulset_whose_pods_run_wrap_and_the_label_updater() {
+    let cluster = cluster();
+    helm_install(cluster);
+    let ns = cluster.control_plane.namespace("dkron").await;
+    let client = cluster.client().await;
+    let (service, statefulset) = opted_in_dkron();
+    Api::<Service>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &service)
+        .await
+        .unwrap();
+    let created = Instant::now();
+    let sts = Api::<StatefulSet>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &statefulset)
+        .await
+        .unwrap();
+    let template = sts.spec.unwrap().template.spec.unwrap();
+    let init = template.init_containers.unwrap_or_default();
+    assert_eq!(init[0].name, "dkron-ha-install");
+    assert_eq!(init[0].image.as_deref(), Some(DKRON_HA_IMAGE));
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let running = loop {
+        let listed = pods
+            .list(&ListParams::default().labels("app=dkron"))
+            .await
+            .unwrap();
+        let all_running: Vec<Pod> = listed
+            .items
+            .iter()
+            .filter(|pod| {
+                let status = pod.status.as_ref();
+                let phase = status.and_then(|s| s.phase.as_deref());
+                let containers = status.and_then(|s| s.container_statuses.as_ref());
+                let each_running = containers.is_some_and(|c| {
+                    c.len() == 2
+                        && c.iter()
+                            .all(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+                });
+                phase == Some("Running") && each_running
+            })
+            .cloned()
+            .collect();
+        if all_running.len() == usize::from(NODES) {
+            break all_running;
+        }
+        if Instant::now() > deadline {
+            let states: Vec<String> = listed
+                .items
+                .iter()
+                .map(|pod| format!("{:?}: {:?}", pod.metadata.name, pod.status))
+                .collect();
+            let logs: Vec<String> = cluster
+                .node_names()
+                .iter()
+                .map(|node| cluster.node_logs(node))
+                .collect();
+            panic!(
+                "injected pods not all Running after 180s:\n{}\n{}",
+                states.join("\n"),
+                logs.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    eprintln!(
+        "injected StatefulSet of {NODES}: every pod Running with both containers {:.1}s after create",
+        created.elapsed().as_secs_f64()
+    );
+
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()
+        .unwrap();
+    for pod in &running {
+        let name = pod.metadata.name.clone().unwrap();
+        let status = pod.status.as_ref().unwrap();
+        let install = &status.init_container_statuses.as_ref().unwrap()[0];
+        let done = install.state.as_ref().and_then(|s| s.terminated.as_ref());
+        assert_eq!(done.map(|t| t.exit_code), Some(0), "{name}: {install:?}");
+        let (code, pid1) = eventually_ok(&http, &pod_ip(pod), "/testbed/pid1").await;
+        assert_eq!(code, 200, "{name}: {pid1}");
+        assert!(
+            pid1.starts_with("/dkron-ha/bin/dkron-ha wrap -- /usr/local/bin/dkron agent"),
+            "{name}: PID 1 is {pid1:?}"
+        );
+        // What the wrapper did, through the API server's log endpoint (kubelet).
+        let logs = pods
+            .logs(
+                &name,
+                &kube::api::LogParams {
+                    container: Some("dkron".into()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert!(logs.contains("DNS names resolve"), "{name} logs:\n{logs}");
+        assert!(logs.contains("--retry-join="), "{name} logs:\n{logs}");
+    }
+    // The label-updater sidecar labels the stand-in that says it leads, and only that one.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let listed = pods
+            .list(&ListParams::default().labels("app=dkron"))
+            .await
+            .unwrap();
+        let labels: Vec<(String, Option<String>)> = listed
+            .items
+            .iter()
+            .map(|pod| {
+                let label = pod
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("dkron-ha/leader").cloned());
+                (pod.metadata.name.clone().unwrap(), label)
+            })
+            .collect();
+        let want = |name: &str| Some(if name == "dkron-0" { "true" } else { "false" }.to_owned());
+        if labels.iter().all(|(name, label)| *label == want(name)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dkron-ha/leader labels after 60s: {labels:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }

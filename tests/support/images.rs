@@ -85,8 +85,9 @@ fn build() -> Result<Images, String> {
             oci_archive(
                 &out,
                 DKRON_HA_IMAGE,
-                &[(&dkron_ha, "dkron-ha")],
-                &["/dkron-ha"],
+                // Where the Dockerfile puts it (the injected pod mounts /dkron-ha/bin).
+                &[(&dkron_ha, "usr/local/bin/dkron-ha")],
+                &["/usr/local/bin/dkron-ha"],
                 // As the shipped image (distroless nonroot): the chart runs it non-root.
                 Some("65532:65532"),
             )?,
