@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -275,7 +274,10 @@ async fn a_statefulset_with_volumes_runs_on_every_node_resolves_its_peers_and_su
         .unwrap();
     assert_eq!(response.status().as_u16(), 200);
     let rebooted = Instant::now();
-    cluster.reboot_node(&node_of(first)).await.unwrap();
+    cluster
+        .reboot_node(&node_of(first))
+        .await
+        .unwrap_or_else(|error| panic!("{error}"));
     eprintln!(
         "{} rebooted: Ready again after {:.1}s",
         node_of(first),
@@ -320,45 +322,6 @@ async fn eventually_ok(http: &reqwest::Client, pod_ip: &str, path: &str) -> (u16
     }
 }
 
-/// Installs the chart as users do (helm, release namespace `dkron-ha`), with the locally built
-/// image, and waits for its Deployment to be ready.
-fn helm_install(cluster: &Cluster) {
-    let home = tempfile::tempdir().unwrap();
-    let (repository, tag) = DKRON_HA_IMAGE.rsplit_once(':').unwrap();
-    let output = Command::new(support::ControlPlane::tool("helm"))
-        .args([
-            "install",
-            "dkron-ha",
-            "chart",
-            "--namespace",
-            "dkron-ha",
-            "--create-namespace",
-        ])
-        .arg(format!("--set=image.repository={repository}"))
-        .arg(format!("--set=image.tag={tag}"))
-        .args(["--set=image.pullPolicy=Never", "--wait", "--timeout=3m"])
-        .arg("--kubeconfig")
-        .arg(&cluster.control_plane.kubeconfig)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("HELM_CACHE_HOME", home.path().join("cache"))
-        .env("HELM_CONFIG_HOME", home.path().join("config"))
-        .env("HELM_DATA_HOME", home.path().join("data"))
-        .output()
-        .expect("run helm");
-    let logs: Vec<String> = cluster
-        .node_names()
-        .iter()
-        .map(|node| cluster.node_logs(node))
-        .collect();
-    assert!(
-        output.status.success(),
-        "helm install failed:\n{}{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr),
-        logs.join("\n")
-    );
-}
-
 fn opted_in_dkron() -> (Service, StatefulSet) {
     let service = serde_json::from_value(json!({
         "metadata": { "name": "dkron" },
@@ -399,7 +362,9 @@ fn opted_in_dkron() -> (Service, StatefulSet) {
 #[tokio::test]
 async fn the_charts_webhook_injects_a_statefulset_whose_pods_run_wrap_and_the_label_updater() {
     let cluster = cluster();
-    helm_install(cluster);
+    cluster
+        .install_chart(&[])
+        .unwrap_or_else(|error| panic!("{error}"));
     let ns = cluster.control_plane.namespace("dkron").await;
     let client = cluster.client().await;
     let (service, statefulset) = opted_in_dkron();

@@ -38,7 +38,7 @@ use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, DeleteParams, PostParams};
 
 use super::control_plane::{ControlPlane, Options, Supervised};
-use super::images::{Images, PAUSE_IMAGE};
+use super::images::{DKRON_HA_IMAGE, Images, PAUSE_IMAGE};
 
 /// Set to keep the cluster's dir (logs, node disks) after the test binary exits.
 const KEEP_ENV: &str = "DKRON_HA_KEEP_CLUSTER";
@@ -860,13 +860,70 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         Ok(())
     }
 
+    /// Imports an image archive (OCI or `docker save` format) into every running node's
+    /// containerd, as `ctr images import` does.
+    pub fn import_image(&self, archive: &Path) -> Result<(), String> {
+        let nodes: Vec<(String, PathBuf)> = self
+            .nodes
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(name, node)| (name.clone(), node.dir.join("boot.pid")))
+            .collect();
+        for (name, pid_file) in nodes {
+            let pid = fs::read_to_string(&pid_file)
+                .map_err(|error| format!("{name} is not running ({error})"))?;
+            output(
+                Command::new("nsenter")
+                    .arg(format!("--target={}", pid.trim()))
+                    .args(["--mount", "--net", "--", "ctr"])
+                    .args(["--address", "/run/containerd/containerd.sock"])
+                    .args(["--namespace", "k8s.io", "images", "import"])
+                    .arg(archive),
+            )
+            .map_err(|error| format!("{name}: import {}: {error}", archive.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Installs the chart as users do (`helm install dkron-ha chart -n dkron-ha`) with the
+    /// locally built dkron-ha image and `sets` (`key=value`), and waits until it is ready.
+    pub fn install_chart(&self, sets: &[&str]) -> Result<(), String> {
+        let home = tempfile::tempdir().map_err(|error| format!("helm home: {error}"))?;
+        let (repository, tag) = DKRON_HA_IMAGE.rsplit_once(':').expect("image:tag");
+        let mut command = Command::new(ControlPlane::tool("helm"));
+        command
+            .args(["install", "dkron-ha", "chart", "--namespace", "dkron-ha"])
+            .args(["--create-namespace", "--wait", "--timeout=3m"])
+            .arg(format!("--set=image.repository={repository}"))
+            .arg(format!("--set=image.tag={tag}"))
+            .arg("--set=image.pullPolicy=Never")
+            .args(sets.iter().map(|set| format!("--set={set}")))
+            .arg("--kubeconfig")
+            .arg(&self.control_plane.kubeconfig)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("HELM_CACHE_HOME", home.path().join("cache"))
+            .env("HELM_CONFIG_HOME", home.path().join("config"))
+            .env("HELM_DATA_HOME", home.path().join("data"));
+        output(&mut command).map(|_| ()).map_err(|error| {
+            let logs: Vec<String> = self
+                .node_names()
+                .iter()
+                .map(|node| self.node_logs(node))
+                .collect();
+            format!("helm install: {error}\n{}", logs.join("\n"))
+        })
+    }
+
     /// Makes `per_node` local PersistentVolumes of 1Gi on every node (directories on the
     /// node's disk, bound only on that node) and the StorageClass [`LOCAL_STORAGE_CLASS`]
     /// (WaitForFirstConsumer, so the scheduler picks the node first).
     pub async fn local_volumes(&self, per_node: usize) -> Result<(), String> {
         let client = self.client().await;
         let class: StorageClass = serde_json::from_value(serde_json::json!({
-            "metadata": { "name": LOCAL_STORAGE_CLASS },
+            // Default, so claims that name no class (examples/dkron.yaml's) bind here too.
+            "metadata": { "name": LOCAL_STORAGE_CLASS, "annotations": {
+                "storageclass.kubernetes.io/is-default-class": "true" } },
             "provisioner": "kubernetes.io/no-provisioner",
             "volumeBindingMode": "WaitForFirstConsumer",
             "reclaimPolicy": "Retain",

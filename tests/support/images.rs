@@ -155,7 +155,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 /// Writes `<out>/<file-name of name>.tar`: an OCI image layout archive of one uncompressed
 /// layer holding `files` (source, path in the image) as root-owned executables, with
 /// `entrypoint` and `user` (default root), named `name` for containerd.
-fn oci_archive(
+pub fn oci_archive(
     out: &Path,
     name: &str,
     files: &[(&Path, &str)],
