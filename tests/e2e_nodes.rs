@@ -492,3 +492,29 @@ async fn the_charts_webhook_injects_a_statefulset_whose_pods_run_wrap_and_the_la
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+#[tokio::test]
+async fn a_node_whose_kubelet_fails_shows_the_kubelet_log_and_deleting_it_leaves_nothing() {
+    let cluster = cluster();
+    let error = cluster
+        .add_node(&["--no-such-flag"])
+        .await
+        .expect_err("a kubelet with an unknown flag never gets Ready");
+    assert!(
+        error.contains("kubelet died") && error.contains("unknown flag: --no-such-flag"),
+        "the error shows the kubelet's log tail: {error}"
+    );
+    let name = format!("node-{}", NODES + 1);
+    let netns = cluster
+        .netns(&name)
+        .expect("the failed node is still listed");
+    cluster
+        .delete_node(&name)
+        .await
+        .unwrap_or_else(|error| panic!("{error}"));
+    assert!(cluster.netns(&name).is_none());
+    assert!(!std::path::Path::new("/run/netns").join(&netns).exists());
+    assert!(!std::path::Path::new("/etc/netns").join(&netns).exists());
+    let nodes: Api<Node> = Api::all(cluster.client().await);
+    assert!(nodes.get_opt(&name).await.unwrap().is_none());
+}

@@ -122,6 +122,8 @@ struct Node {
     dir: PathBuf,
     /// containerd, kubelet, kube-proxy while it runs.
     processes: Vec<Supervised>,
+    /// Added to kubelet's flags.
+    kubelet_args: Vec<String>,
 }
 
 impl Cluster {
@@ -191,7 +193,7 @@ impl Cluster {
         runtime.block_on(async {
             cluster.start_scheduler_and_dns().await?;
             for k in 1..=nodes {
-                cluster.create_node(k)?;
+                cluster.create_node(k, &[])?;
             }
             for k in 1..=nodes {
                 cluster.wait_node_ready(&node_name(k)).await?;
@@ -289,14 +291,40 @@ impl Cluster {
         Ok(())
     }
 
+    /// Adds a node (the next number) whose kubelet also gets `kubelet_args`, boots it and
+    /// waits until it is Ready; returns its name. An error carries the node's log tails.
+    pub async fn add_node(&self, kubelet_args: &[&str]) -> Result<String, String> {
+        let k = self
+            .nodes
+            .lock()
+            .unwrap()
+            .values()
+            .map(|n| n.number)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        if k > 200 {
+            return Err("at most 200 nodes".into());
+        }
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| self.create_node(k, kubelet_args))
+                .join()
+                .unwrap_or_else(|_| Err("node creation panicked".into()))
+        })?;
+        self.wait_node_ready(&node_name(k)).await?;
+        Ok(node_name(k))
+    }
+
     /// Creates node `k` (namespace, disk, credentials, images) and boots it.
-    fn create_node(&self, k: u8) -> Result<(), String> {
+    fn create_node(&self, k: u8, kubelet_args: &[&str]) -> Result<(), String> {
         let name = node_name(k);
         let node = Node {
             number: k,
             netns: format!("dkha{}-{name}", self.number),
             dir: self.dir.join(&name),
             processes: Vec::new(),
+            kubelet_args: kubelet_args.iter().map(|arg| (*arg).to_owned()).collect(),
         };
         for sub in [
             "var-lib-cni",
@@ -664,6 +692,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             ),
             "--v=1".into(),
         ]);
+        args.extend(
+            self.nodes.lock().unwrap()[name]
+                .kubelet_args
+                .iter()
+                .cloned(),
+        );
         let kubelet = Supervised::start(
             &format!("{name}/kubelet"),
             Path::new("/usr/bin/nsenter"),
