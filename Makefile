@@ -10,17 +10,20 @@ endif
 inject:
 	cargo run --quiet -- inject -f examples/dkron.yaml
 
-# Every test. Builds the real control plane (etcd, kube-apiserver, kube-controller-manager)
-# from pinned Go modules first; cached in ~/.cache/dkron-ha/tools, so only the first run pays.
+# Every test. Builds the real control plane and node components (etcd, Kubernetes, CoreDNS,
+# helm) from pinned Go modules first, after installing the nodes' Debian packages if missing
+# (as root on Debian); cached in ~/.cache/dkron-ha/tools, so only the first run pays.
 test: tools
 	cargo test --workspace
 
 tools:
 	bash tests/tools/build.sh
 
-# A real control plane with `dkron-ha serve` registered as its webhook; Ctrl-C stops it all.
+# A cluster with real nodes and dkron-ha installed from the chart; Ctrl-C stops it all.
+# DKRON_BIN=/path/to/static/dkron imports Dkron; DEV_CLUSTER_ARGS="--nodes 2" etc.
+DEV_CLUSTER_ARGS ?=
 dev-cluster: tools
-	cargo run --example dev_cluster
+	cargo run --example dev_cluster -- $(DEV_CLUSTER_ARGS)
 
 bench:
 	cargo bench --bench admission
