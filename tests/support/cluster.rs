@@ -37,7 +37,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, DeleteParams, PostParams};
 
-use super::control_plane::{ControlPlane, Options, Supervised};
+use super::control_plane::{ControlPlane, Options, Supervised, build_tools};
 use super::images::{DKRON_HA_IMAGE, Images, PAUSE_IMAGE};
 
 /// Set to keep the cluster's dir (logs, node disks) after the test binary exits.
@@ -145,7 +145,17 @@ impl Cluster {
     /// Starts a cluster with `nodes` nodes (blocking; never on a tokio runtime's thread).
     pub fn start(nodes: u8) -> Result<Cluster, String> {
         let started = Instant::now();
+        // Installs the nodes' packages too (as root on Debian), so it goes first.
+        build_tools()?;
         check_node_packages()?;
+        for tool in ["kube-scheduler", "kubelet", "kube-proxy", "coredns", "helm"] {
+            if !ControlPlane::tool(tool).is_file() {
+                return Err(format!(
+                    "tests/tools/build.sh did not produce {}",
+                    ControlPlane::tool(tool).display()
+                ));
+            }
+        }
         let images = Images::shared()?;
         let (number, janitor, dir) = claim_cluster_number()?;
         let host_address = Ipv4Addr::new(10, 233, number, 1);

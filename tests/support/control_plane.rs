@@ -467,7 +467,7 @@ fn start_with_retries(options: &Options) -> Result<ControlPlane, String> {
 
 /// Runs tests/tools/build.sh, which rebuilds a binary only when it is missing or its pinned
 /// go.mod/go.sum changed; on a warm cache it only hashes two files per module.
-fn build_tools() -> Result<(), String> {
+pub fn build_tools() -> Result<(), String> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/build.sh");
     let status = Command::new("bash")
         .arg(&script)
