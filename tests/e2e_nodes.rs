@@ -518,3 +518,73 @@ async fn a_node_whose_kubelet_fails_shows_the_kubelet_log_and_deleting_it_leaves
     let nodes: Api<Node> = Api::all(cluster.client().await);
     assert!(nodes.get_opt(&name).await.unwrap().is_none());
 }
+
+/// Set in the child process of the SIGKILL test: the child starts a cluster and waits.
+const SIGKILL_CHILD_ENV: &str = "DKRON_HA_SIGKILL_CHILD";
+
+/// Only does something as the child of the next test (run by it with the env var set).
+#[test]
+fn cluster_in_a_child_process() {
+    if std::env::var_os(SIGKILL_CHILD_ENV).is_none() {
+        return;
+    }
+    let cluster = Cluster::start(1).unwrap_or_else(|error| panic!("{error}"));
+    println!(
+        "READY {} {}",
+        cluster.netns("node-1").unwrap(),
+        cluster.dir.display()
+    );
+    // The parent SIGKILLs this process; bounded in case it does not.
+    std::thread::sleep(Duration::from_secs(300));
+}
+
+#[test]
+fn a_sigkilled_test_binary_leaves_no_node_namespace_cgroup_process_or_dir_behind() {
+    use std::io::BufRead as _;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "cluster_in_a_child_process", "--nocapture"])
+        .env(SIGKILL_CHILD_ENV, "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(ready) = line.strip_prefix("READY ") {
+                let _ = sender.send(ready.to_owned());
+            }
+        }
+    });
+    let ready = receiver.recv_timeout(Duration::from_secs(240));
+    let _ = child.kill(); // SIGKILL
+    let _ = child.wait();
+    let ready = ready.expect("the child's cluster did not start within 240s");
+    let (netns, dir) = ready.split_once(' ').unwrap();
+    let cluster_number = netns
+        .strip_prefix("dkha")
+        .and_then(|rest| rest.split('-').next())
+        .unwrap()
+        .to_owned();
+    let leftovers = || {
+        let mut left = Vec::new();
+        let netns_path = std::path::Path::new("/run/netns").join(netns);
+        let cgroup = format!("/sys/fs/cgroup/pids/dkron-ha-{cluster_number}");
+        let bridge = format!("/sys/class/net/dkha{cluster_number}");
+        for path in [netns_path.to_str().unwrap(), &cgroup, &bridge, dir] {
+            if std::path::Path::new(path).exists() {
+                left.push(path.to_owned());
+            }
+        }
+        left
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !leftovers().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(leftovers(), Vec::<String>::new(), "left after SIGKILL");
+}
