@@ -10,17 +10,21 @@ endif
 inject:
 	cargo run --quiet -- inject -f examples/dkron.yaml
 
-# Every test: formatting and clippy first, then the real components from pinned Go modules
-# (cached in ~/.cache/dkron-ha/tools, so only the first run pays), then cargo test.
+# Every test: formatting and clippy first; then the real control plane and node components
+# (etcd, Kubernetes, CoreDNS, helm) from pinned Go modules, after installing the nodes' Debian
+# packages if missing (as root on Debian); cached in ~/.cache/dkron-ha/tools, so only the first
+# run pays.
 test: lint tools
 	cargo test --workspace
 
 tools:
 	bash tests/tools/build.sh
 
-# A real control plane with `dkron-ha serve` registered as its webhook; Ctrl-C stops it all.
+# A cluster with real nodes and dkron-ha installed from the chart; Ctrl-C stops it all.
+# DKRON_BIN=/path/to/static/dkron imports Dkron; DEV_CLUSTER_ARGS="--nodes 2" etc.
+DEV_CLUSTER_ARGS ?=
 dev-cluster: tools
-	cargo run --example dev_cluster
+	cargo run --example dev_cluster -- $(DEV_CLUSTER_ARGS)
 
 bench:
 	cargo bench --bench admission

@@ -1,217 +1,176 @@
-//! A throwaway Kubernetes control plane with `dkron-ha serve` registered in it as the mutating
-//! webhook, to try the injection with kubectl:
+//! A throwaway Kubernetes cluster with real nodes and dkron-ha installed from the chart, to try
+//! it with kubectl:
 //!
 //! ```text
-//! cargo run --example dev_cluster [-- --inject-image IMAGE --native-sidecar]
+//! cargo run --example dev_cluster [-- --nodes 3 --dkron-bin PATH | --dkron-image ARCHIVE]
 //! ```
 //!
-//! The control plane is the tests' (tests/support/control_plane.rs): etcd, kube-apiserver and
-//! kube-controller-manager built from the Go modules pinned in tests/tools, on loopback. The
-//! admin kubeconfig goes to `target/dev-cluster/kubeconfig`. Runs until Ctrl-C or SIGTERM; then
-//! every component stops with this process. There is no kubelet, so Pods stay Pending.
+//! The cluster is the tests' (tests/support/cluster.rs): a control plane, kube-scheduler and
+//! CoreDNS on a host bridge, and N nodes, each a network namespace with its own containerd,
+//! kubelet and kube-proxy. dkron-ha runs on the nodes from an image built here from the
+//! project's own static executable, installed with `helm install` as users do (webhook,
+//! companion controller and FleetLock). Nothing can be pulled: Dkron runs only if a static Dkron
+//! binary (`--dkron-bin`, env `DKRON_BIN`) or an image archive (`--dkron-image`) is given; it is
+//! imported as examples/dkron.yaml's image. Needs root. Runs until Ctrl-C or SIGTERM; then every
+//! component, namespace and cgroup goes with this process.
 
-// The tests' control plane, as is; this example uses only part of its API.
-#[allow(dead_code)]
-#[path = "../tests/support/control_plane.rs"]
-mod control_plane;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use control_plane::ControlPlane;
-use dkron_ha::certs::{self, CertRequest};
-use dkron_ha::controller;
-use dkron_ha::serve::{self, InjectorArgs, ServeArgs, Server};
-use dkron_ha::telemetry::{self, LogFormat};
-use k8s_openapi::ByteString;
-use k8s_openapi::api::admissionregistration::v1::{
-    MutatingWebhookConfiguration, WebhookClientConfig,
-};
-use k8s_openapi::api::apps::v1::StatefulSet;
-use kube::api::{Api, PostParams};
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{Api, ListParams};
+use support::cluster::Cluster;
+use support::images;
 
-/// The configuration users install (rendered from the chart); only its clientConfig changes.
-const SHIPPED_WEBHOOK: &str = include_str!("../webhook-config/webhook.yaml");
+/// examples/dkron.yaml's image, as containerd names it.
+const DKRON_IMAGE: &str = "docker.io/dkron/dkron:4.1.1";
 const EXAMPLE: &str = include_str!("dkron.yaml");
 
-/// Starts a local control plane with the dkron-ha webhook registered in it.
+/// Starts a local cluster with real nodes and dkron-ha installed from the chart.
 #[derive(Parser)]
 struct Args {
-    #[command(flatten)]
-    injector: InjectorArgs,
+    /// How many nodes.
+    #[arg(long, default_value_t = 3, env = "DKRON_HA_DEV_NODES")]
+    nodes: u8,
+    /// A static Dkron executable: imported into every node as examples/dkron.yaml's image
+    /// (`/usr/local/bin/dkron`, the image's entrypoint).
+    #[arg(long, env = "DKRON_BIN", conflicts_with = "dkron_image")]
+    dkron_bin: Option<PathBuf>,
+    /// An image archive (OCI or `docker save`) to import into every node, e.g. Dkron's own
+    /// image saved elsewhere.
+    #[arg(long, env = "DKRON_HA_DEV_DKRON_IMAGE")]
+    dkron_image: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,dkron_ha=info".into());
-    telemetry::init(LogFormat::Text, &filter).map_err(anyhow::Error::msg)?;
-
-    eprintln!(
-        "starting etcd, kube-apiserver and kube-controller-manager (the first run builds them from Go modules)..."
+    assert!(
+        EXAMPLE.contains(DKRON_IMAGE.trim_start_matches("docker.io/")),
+        "examples/dkron.yaml names another Dkron image than {DKRON_IMAGE}"
     );
-    let cluster = ControlPlane::shared();
+    if args.nodes == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    eprintln!(
+        "starting the control plane and {} nodes (the first run builds the components from Go modules and the static executables)...",
+        args.nodes
+    );
+    let cluster = Cluster::start(args.nodes).map_err(anyhow::Error::msg)?;
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/dev-cluster");
+    std::fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
+    let dkron = match (&args.dkron_bin, &args.dkron_image) {
+        (Some(binary), _) => {
+            if !images::has_interpreter(binary).map_err(anyhow::Error::msg)? {
+                let archive = images::oci_archive(
+                    &out,
+                    DKRON_IMAGE,
+                    &[(binary.as_path(), "usr/local/bin/dkron")],
+                    &["/usr/local/bin/dkron"],
+                    None,
+                )
+                .map_err(anyhow::Error::msg)?;
+                cluster
+                    .import_image(&archive)
+                    .map_err(anyhow::Error::msg)?;
+                format!("{DKRON_IMAGE} from {}", binary.display())
+            } else {
+                bail!(
+                    "{} is dynamically linked; the image holds nothing else, so it needs a static Dkron",
+                    binary.display()
+                );
+            }
+        }
+        (None, Some(archive)) => {
+            cluster.import_image(archive).map_err(anyhow::Error::msg)?;
+            format!("imported {}", archive.display())
+        }
+        (None, None) => "none: examples/dkron.yaml's pods will stay in ErrImagePull/ImagePullBackOff (no registry); give --dkron-bin or --dkron-image".into(),
+    };
+    eprintln!("installing dkron-ha from the chart (helm install)...");
+    cluster.install_chart(&[]).map_err(anyhow::Error::msg)?;
+
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("start the async runtime")?;
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/dev-cluster");
-    let result = runtime.block_on(run(cluster, &args.injector, &out));
-    // Everything in it points at this control plane, which is gone once we return.
+    let result = runtime.block_on(report_and_wait(&cluster, &out, &dkron));
+    // Everything in it points at this cluster, which is gone once we return.
     let _ = std::fs::remove_dir_all(&out);
     result
 }
 
-async fn run(cluster: &ControlPlane, injector: &InjectorArgs, out: &Path) -> anyhow::Result<()> {
-    let certs_dir = out.join("certs");
-    let certs = certs::generate(&CertRequest {
-        service: "dkron-ha".into(),
-        namespace: "dkron-ha".into(),
-        extra_names: vec!["127.0.0.1".into()],
-        valid_days: 30,
-    })?;
-    certs.write_to(&certs_dir)?;
-    let mut server = Server::bind(&ServeArgs {
-        https_addr: "127.0.0.1:0".parse()?,
-        http_addr: "127.0.0.1:0".parse()?,
-        tls_cert: certs_dir.join("tls.crt"),
-        tls_key: certs_dir.join("tls.key"),
-        tls_reload_seconds: 2,
-        injector: injector.clone(),
-    })
-    .await?;
-    // The companion controller too, as `serve` runs it: Lease-elected, in namespace default.
-    let controller_client = cluster.client().await;
-    let metrics = controller::ControllerMetrics::register(server.registry_mut());
-    server.add_task(Box::new(move |shutdown| {
-        Box::pin(async move {
-            let args = controller::ControllerArgs {
-                enabled: true,
-                lease_name: "dkron-ha-controller".into(),
-                lease_namespace: "default".into(),
-                identity: Some("dev-cluster".into()),
-                lease_seconds: 15,
-                resync_seconds: 300,
-            };
-            let (leading, _) = tokio::sync::watch::channel(false);
-            if let Err(error) = controller::run(
-                controller_client,
-                args,
-                metrics,
-                leading,
-                shutdown.cancelled_owned(),
-            )
-            .await
-            {
-                tracing::error!(%error, "controller stopped");
-            }
-        })
-    }));
-    let webhook_url = format!("https://127.0.0.1:{}/mutate", server.https_addr()?.port());
-    let metrics_url = format!("http://127.0.0.1:{}/metrics", server.http_addr()?.port());
-    let mut serving = tokio::spawn(server.run(serve::shutdown_signal()));
-
-    let setup = async {
-        let client = cluster.client().await;
-        Api::<MutatingWebhookConfiguration>::all(client.clone())
-            .create(
-                &PostParams::default(),
-                &webhook_configuration(&webhook_url, &certs.ca_cert_pem)?,
-            )
-            .await
-            .context("register the MutatingWebhookConfiguration")?;
-        wait_until_webhook_is_called(&client).await?;
-        copy_kubeconfig(&cluster.kubeconfig, out)
-    };
-    // A Ctrl-C during set-up stops the server, and with it everything.
-    let kubeconfig = tokio::select! {
-        stopped = &mut serving => {
-            stopped.context("the webhook server task")??;
-            return Ok(());
-        }
-        ready = setup => ready?,
-    };
-
+async fn report_and_wait(cluster: &Cluster, out: &Path, dkron: &str) -> anyhow::Result<()> {
+    let kubeconfig = copy_kubeconfig(&cluster.control_plane.kubeconfig, out)?;
+    let client = cluster.client().await;
+    let service = Api::<Service>::namespaced(client.clone(), "dkron-ha")
+        .get("dkron-ha")
+        .await
+        .context("the chart's Service dkron-ha")?;
+    let service_ip = service
+        .spec
+        .and_then(|spec| spec.cluster_ip)
+        .unwrap_or_default();
+    let pods = Api::<Pod>::namespaced(client, "dkron-ha")
+        .list(&ListParams::default().labels("app.kubernetes.io/name=dkron-ha"))
+        .await
+        .context("list the dkron-ha pods")?;
+    let pod_ips: Vec<String> = pods
+        .items
+        .iter()
+        .filter_map(|pod| pod.status.as_ref()?.pod_ip.clone())
+        .collect();
+    let first = pod_ips.first().cloned().unwrap_or_else(|| "POD_IP".into());
+    let nodes = cluster.node_names();
     println!(
         r#"
-dkron-ha dev cluster is up.
+dkron-ha dev cluster is up: {count} nodes ({nodes}), dkron-ha installed from the chart.
   API server   {server}
-  webhook      {webhook_url} (webhook-config/webhook.yaml: every namespace but kube-system and dkron-ha)
-  metrics      {metrics_url}
-  logs         {logs}/{{etcd,kube-apiserver,kube-controller-manager}}.log
+  kubeconfig   {kubeconfig}
+  webhook      https://{first}:8443/mutate (pods {pod_ips}; Service dkron-ha.dkron-ha.svc, called by the API server)
+  FleetLock    http://{first}:8081/fleetlock/ from this machine; Zincati on a node uses http://{service_ip}/fleetlock/
+  metrics      http://{first}:8081/metrics
+  Dkron image  {dkron}
+  logs         {cluster_dir}/node-*/{{containerd,kubelet,kube-proxy}}.log, {control_plane_dir}/*.log
 
-Try it (with your own kubectl):
-  export KUBECONFIG={kubeconfig}
+Try it (kubectl is in the tools cache):
+  export KUBECONFIG={kubeconfig} PATH={tools}:$PATH
   kubectl apply -f examples/dkron.yaml
-  kubectl get sts dkron -o yaml
+  kubectl get pods -o wide -w
 
-The companion controller runs too: it creates the ServiceAccount, Role, RoleBinding, the
-dkron-leader Service and the PodDisruptionBudget (kubectl get sa,role,rolebinding,svc,pdb).
-There is no kubelet: Pods are created from the injected template but stay Pending.
-
-Ctrl-C stops everything."#,
-        server = cluster.server,
-        logs = cluster.dir.display(),
+Inside a node: ip netns exec {netns} ...   Ctrl-C stops everything."#,
+        count = nodes.len(),
+        nodes = nodes.join(", "),
+        server = cluster.control_plane.server,
         kubeconfig = kubeconfig.display(),
+        pod_ips = pod_ips.join(", "),
+        cluster_dir = cluster.dir.display(),
+        control_plane_dir = cluster.control_plane.dir.display(),
+        tools = support::ControlPlane::tool("kubectl")
+            .parent()
+            .unwrap_or(Path::new("."))
+            .display(),
+        netns = cluster.netns(&nodes[0]).unwrap_or_default(),
     );
-
-    serving.await.context("the webhook server task")??;
-    eprintln!("stopped; the control plane stops with this process");
+    shutdown_signal().await;
+    eprintln!("stopped; the cluster stops with this process");
     Ok(())
 }
 
-/// The shipped configuration, calling `url` instead of the in-cluster Service. Its
-/// namespaceSelector stays: every namespace but kube-system and dkron-ha.
-fn webhook_configuration(url: &str, ca_pem: &str) -> anyhow::Result<MutatingWebhookConfiguration> {
-    let mut configuration: MutatingWebhookConfiguration =
-        serde_yaml_ng::from_str(SHIPPED_WEBHOOK).context("parse webhook-config/webhook.yaml")?;
-    for webhook in configuration.webhooks.iter_mut().flatten() {
-        webhook.client_config = WebhookClientConfig {
-            url: Some(url.into()),
-            ca_bundle: Some(ByteString(ca_pem.as_bytes().to_vec())),
-            service: None,
-        };
-    }
-    Ok(configuration)
-}
-
-/// The API server picks the configuration up from an informer: dry-run create the example's
-/// StatefulSet until it comes back injected.
-async fn wait_until_webhook_is_called(client: &kube::Client) -> anyhow::Result<()> {
-    let mut probe: StatefulSet = serde_yaml_ng::Deserializer::from_str(EXAMPLE)
-        .filter_map(|document| serde::Deserialize::deserialize(document).ok())
-        .find(|document: &serde_json::Value| document["kind"] == "StatefulSet")
-        .map(serde_json::from_value)
-        .context("examples/dkron.yaml has no StatefulSet")??;
-    // Named so that the webhook's log line for it explains itself.
-    probe.metadata.name = Some("dkron-ha-self-check".into());
-    let statefulsets = Api::<StatefulSet>::namespaced(client.clone(), "default");
-    let dry_run = PostParams {
-        dry_run: true,
-        ..PostParams::default()
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return;
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let answer = statefulsets.create(&dry_run, &probe).await;
-        let injected = answer.as_ref().ok().and_then(|sts| {
-            let annotations = sts
-                .spec
-                .as_ref()?
-                .template
-                .metadata
-                .as_ref()?
-                .annotations
-                .as_ref()?;
-            Some(annotations.contains_key("dkron-ha/injected"))
-        });
-        if injected == Some(true) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("the API server did not call the webhook within 60 s (last answer: {answer:?})");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
     }
 }
 

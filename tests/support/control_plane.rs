@@ -8,7 +8,7 @@
 //! never dropped). A janitor watchdog removes the temp dir the same way.
 
 use std::fs::{self, File};
-use std::net::TcpListener;
+use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
@@ -69,15 +69,41 @@ const CONTROLLERS: &[&str] = &[
 ];
 const START_ATTEMPTS: usize = 3;
 
+/// What a control plane other than the shared loopback one needs (the real nodes' cluster).
+pub struct Options {
+    /// Where kube-apiserver listens and what it advertises (the `kubernetes` Service's endpoint
+    /// unless that is loopback); etcd stays on loopback.
+    pub address: Ipv4Addr,
+    /// Added to kube-apiserver's flags (a flag given twice: the last wins).
+    pub apiserver_args: Vec<String>,
+    /// Controllers to run besides the default set.
+    pub controllers: Vec<&'static str>,
+    /// Added to kube-controller-manager's flags.
+    pub controller_manager_args: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            address: Ipv4Addr::LOCALHOST,
+            apiserver_args: Vec::new(),
+            controllers: Vec::new(),
+            controller_manager_args: Vec::new(),
+        }
+    }
+}
+
 pub struct ControlPlane {
     /// Admin kubeconfig (client certificate in `system:masters`).
     pub kubeconfig: PathBuf,
-    /// `https://127.0.0.1:PORT`
+    /// `https://ADDRESS:PORT` (loopback unless [`Options::address`] says otherwise)
     pub server: String,
     /// Temp dir with logs (`<component>.log`), certs and etcd data; removed after the test
     /// binary exits unless `DKRON_HA_KEEP_CONTROL_PLANE` is set.
     pub dir: PathBuf,
     ca_pem: String,
+    /// Signs further certificates (node credentials) with the control plane's CA.
+    ca: CertifiedIssuer<'static, KeyPair>,
     /// Never read: holding the watchdogs' stdin pipes is what keeps the components alive.
     _processes: Vec<Supervised>,
 }
@@ -90,7 +116,7 @@ impl ControlPlane {
         static SHARED: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
         let started = SHARED.get_or_init(|| {
             // Its own thread, so that its runtime never nests inside the caller's.
-            std::thread::spawn(start_with_retries)
+            std::thread::spawn(|| start_with_retries(&Options::default()))
                 .join()
                 .unwrap_or_else(|panic| {
                     let message = panic
@@ -107,6 +133,50 @@ impl ControlPlane {
             Ok(control_plane) => control_plane,
             Err(message) => panic!("{message}"),
         }
+    }
+
+    /// Starts a control plane of its own with `options` (blocking; never call it on a tokio
+    /// runtime's thread). It lives until the returned value is dropped or this process exits.
+    pub fn start(options: &Options) -> Result<ControlPlane, String> {
+        start_with_retries(options)
+    }
+
+    /// The CA certificate (PEM) that signed the API server's and every client's certificate.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// A client certificate and key (PEM) from the control plane's CA, for `common_name` in
+    /// groups `organizations` (e.g. a kubelet: `system:node:NAME` in `system:nodes`).
+    pub fn client_certificate(
+        &self,
+        common_name: &str,
+        organizations: &[&str],
+    ) -> Result<(String, String), String> {
+        let tls = |error: rcgen::Error| format!("client certificate for {common_name}: {error}");
+        let key = KeyPair::generate().map_err(tls)?;
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        for organization in organizations {
+            params
+                .distinguished_name
+                .push(DnType::OrganizationName, *organization);
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &self.ca).map_err(tls)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// A kubeconfig (JSON) for this API server with a client certificate.
+    pub fn certificate_kubeconfig(&self, user: &str, cert_pem: &str, key_pem: &str) -> String {
+        let credentials = serde_json::json!({
+            "client-certificate-data": base64_pem(cert_pem),
+            "client-key-data": base64_pem(key_pem),
+        });
+        let kubeconfig = kubeconfig_json(&self.server, &self.ca_pem, user, credentials, "default");
+        serde_json::to_string_pretty(&kubeconfig).expect("kubeconfig serializes")
     }
 
     /// A fresh admin client (system:masters). Create one per test: each #[tokio::test] has its own runtime.
@@ -270,17 +340,17 @@ fn base64_pem(pem: &str) -> String {
 }
 
 /// A process under a watchdog (see [`WATCHDOG`]); dropping it ends the process.
-struct Supervised {
-    name: &'static str,
-    log: PathBuf,
+pub struct Supervised {
+    pub name: String,
+    pub log: PathBuf,
     child: Child,
     stdin: Option<ChildStdin>,
 }
 
 impl Supervised {
     /// Starts `program args` under the watchdog, with stdout and stderr going to `log`.
-    fn start(
-        name: &'static str,
+    pub fn start(
+        name: &str,
         program: &Path,
         args: &[String],
         log: PathBuf,
@@ -304,6 +374,11 @@ impl Supervised {
         Ok(Self::adopt(name, log, child))
     }
 
+    /// The pid of the watchdog's `sh` (the component is its child).
+    pub fn watchdog_pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The janitor that removes `dir` after this process exits (see [`JANITOR`]).
     fn janitor(dir: &Path) -> Result<Self, String> {
         let child = Command::new("sh")
@@ -320,21 +395,22 @@ impl Supervised {
         Ok(Self::adopt("janitor", PathBuf::new(), child))
     }
 
-    fn adopt(name: &'static str, log: PathBuf, mut child: Child) -> Self {
+    /// Adopts `child`, whose stdin pipe keeps it alive (a watchdog or a janitor of its own).
+    pub fn adopt(name: &str, log: PathBuf, mut child: Child) -> Self {
         let stdin = child.stdin.take();
         Self {
-            name,
+            name: name.to_owned(),
             log,
             child,
             stdin,
         }
     }
 
-    fn exited(&mut self) -> Option<ExitStatus> {
+    pub fn exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()
     }
 
-    fn log_tail(&self) -> String {
+    pub fn log_tail(&self) -> String {
         let text = fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         let tail = &lines[lines.len().saturating_sub(40)..];
@@ -347,7 +423,7 @@ impl Supervised {
     }
 
     /// An error about this process, with its exit status if it died and the tail of its log.
-    fn failure(&mut self, what: &str) -> String {
+    pub fn failure(&mut self, what: &str) -> String {
         let status = match self.exited() {
             Some(status) => format!(" ({} exited: {status})", self.name),
             None => String::new(),
@@ -363,12 +439,12 @@ impl Drop for Supervised {
     }
 }
 
-fn start_with_retries() -> Result<ControlPlane, String> {
+fn start_with_retries(options: &Options) -> Result<ControlPlane, String> {
     build_tools()?;
     let mut attempt = 1;
     loop {
         let started = Instant::now();
-        match start() {
+        match start(options) {
             Ok(control_plane) => {
                 eprintln!(
                     "control plane ready in {:.1}s: {} (dir {})",
@@ -391,7 +467,7 @@ fn start_with_retries() -> Result<ControlPlane, String> {
 
 /// Runs tests/tools/build.sh, which rebuilds a binary only when it is missing or its pinned
 /// go.mod/go.sum changed; on a warm cache it only hashes two files per module.
-fn build_tools() -> Result<(), String> {
+pub fn build_tools() -> Result<(), String> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/build.sh");
     let status = Command::new("bash")
         .arg(&script)
@@ -417,7 +493,7 @@ fn build_tools() -> Result<(), String> {
     Ok(())
 }
 
-fn start() -> Result<ControlPlane, String> {
+fn start(options: &Options) -> Result<ControlPlane, String> {
     let dir = tempfile::Builder::new()
         .prefix("dkron-ha-control-plane-")
         .tempdir()
@@ -431,13 +507,14 @@ fn start() -> Result<ControlPlane, String> {
         .enable_all()
         .build()
         .map_err(|error| format!("start-up runtime: {error}"))?;
-    let started = runtime.block_on(start_components(&dir, &mut processes));
+    let started = runtime.block_on(start_components(&dir, options, &mut processes));
     match started {
-        Ok((server, ca_pem, kubeconfig)) => Ok(ControlPlane {
+        Ok((server, pki, kubeconfig)) => Ok(ControlPlane {
             kubeconfig,
             server,
             dir,
-            ca_pem,
+            ca_pem: pki.ca_pem,
+            ca: pki.ca,
             _processes: processes,
         }),
         Err(error) => {
@@ -457,12 +534,14 @@ fn keep(dir: &Path) {
 }
 
 /// Starts the three components in order, each once its dependency is ready, and returns the
-/// server URL, the CA (PEM) and the admin kubeconfig's path.
+/// server URL, the PKI and the admin kubeconfig's path.
 async fn start_components(
     dir: &Path,
+    options: &Options,
     processes: &mut Vec<Supervised>,
-) -> Result<(String, String, PathBuf), String> {
-    let pki = Pki::write(dir)?;
+) -> Result<(String, Pki, PathBuf), String> {
+    let address = options.address;
+    let pki = Pki::write(dir, address)?;
     let [etcd_port, etcd_peer_port, apiserver_port] = free_ports()?;
     let http = reqwest::Client::builder()
         .add_root_certificate(
@@ -511,7 +590,7 @@ async fn start_components(
     )
     .await?;
 
-    let server = format!("https://127.0.0.1:{apiserver_port}");
+    let server = format!("https://{address}:{apiserver_port}");
     let kubeconfig = dir.join("kubeconfig");
     let admin = serde_json::json!({
         "client-certificate-data": base64_pem(&pki.admin_cert_pem),
@@ -524,10 +603,10 @@ async fn start_components(
         .map_err(|error| format!("write {}: {error}", kubeconfig.display()))?;
 
     let path = |file: &str| dir.join(file).display().to_string();
-    let apiserver_args = [
+    let mut apiserver_args = vec![
         format!("--etcd-servers={etcd_url}"),
-        "--bind-address=127.0.0.1".to_owned(),
-        "--advertise-address=127.0.0.1".to_owned(),
+        format!("--bind-address={address}"),
+        format!("--advertise-address={address}"),
         format!("--secure-port={apiserver_port}"),
         format!("--cert-dir={}", path("apiserver-certs")),
         format!("--tls-cert-file={}", path("apiserver.crt")),
@@ -538,11 +617,26 @@ async fn start_components(
         format!("--service-account-key-file={}", path("sa.pub")),
         format!("--service-account-signing-key-file={}", path("sa.key")),
         "--service-cluster-ip-range=10.0.0.0/24".to_owned(),
-        // The advertise address is loopback, which the `kubernetes` Endpoints may not hold.
-        "--endpoint-reconciler-type=none".to_owned(),
         "--allow-privileged=true".to_owned(),
         "--profiling=false".to_owned(),
     ];
+    if address.is_loopback() {
+        // The `kubernetes` Endpoints may not hold a loopback address.
+        apiserver_args.push("--endpoint-reconciler-type=none".to_owned());
+    } else {
+        // Off loopback there may be kubelets: `logs` and `exec` call them with this identity.
+        apiserver_args.push(format!(
+            "--kubelet-client-certificate={}",
+            path("admin.crt")
+        ));
+        apiserver_args.push(format!("--kubelet-client-key={}", path("admin.key")));
+    }
+    // A flag in the options replaces the default (list flags such as --authorization-mode
+    // would otherwise add up).
+    let flag = |arg: &String| arg.split('=').next().unwrap_or_default().to_owned();
+    let overridden: Vec<String> = options.apiserver_args.iter().map(flag).collect();
+    apiserver_args.retain(|arg| !overridden.contains(&flag(arg)));
+    apiserver_args.extend(options.apiserver_args.iter().cloned());
     processes.push(Supervised::start(
         "kube-apiserver",
         &ControlPlane::tool("kube-apiserver"),
@@ -564,9 +658,14 @@ async fn start_components(
     )
     .await?;
 
-    let controller_manager_args = [
+    let controllers: Vec<&str> = CONTROLLERS
+        .iter()
+        .chain(&options.controllers)
+        .copied()
+        .collect();
+    let mut controller_manager_args = vec![
         format!("--kubeconfig={}", kubeconfig.display()),
-        format!("--controllers={}", CONTROLLERS.join(",")),
+        format!("--controllers={}", controllers.join(",")),
         "--leader-elect=false".to_owned(),
         format!("--root-ca-file={}", path("ca.crt")),
         format!("--service-account-private-key-file={}", path("sa.key")),
@@ -574,6 +673,7 @@ async fn start_components(
         "--secure-port=0".to_owned(),
         "--profiling=false".to_owned(),
     ];
+    controller_manager_args.extend(options.controller_manager_args.iter().cloned());
     processes.push(Supervised::start(
         "kube-controller-manager",
         &ControlPlane::tool("kube-controller-manager"),
@@ -594,12 +694,12 @@ async fn start_components(
     )
     .await?;
 
-    Ok((server, pki.ca_pem, kubeconfig))
+    Ok((server, pki, kubeconfig))
 }
 
 /// Polls `ready` until it yields a value, failing as soon as the last started process dies or
 /// `timeout` passes, with that process's log tail in the error.
-async fn wait_ready(
+pub async fn wait_ready(
     processes: &mut [Supervised],
     what: &str,
     timeout: Duration,
@@ -633,7 +733,7 @@ async fn wait_ready(
 }
 
 /// Polls `check` every 250ms until it yields a value, errs, or `timeout` passes.
-async fn poll<T>(
+pub async fn poll<T>(
     timeout: Duration,
     mut check: impl AsyncFnMut() -> Result<Option<T>, String>,
 ) -> Result<T, String> {
@@ -668,12 +768,13 @@ fn free_ports<const N: usize>() -> Result<[u16; N], String> {
 /// The control plane's keys and certificates (ECDSA P-256), written to `dir`.
 struct Pki {
     ca_pem: String,
+    ca: CertifiedIssuer<'static, KeyPair>,
     admin_cert_pem: String,
     admin_key_pem: String,
 }
 
 impl Pki {
-    fn write(dir: &Path) -> Result<Self, String> {
+    fn write(dir: &Path, address: Ipv4Addr) -> Result<Self, String> {
         let tls = |error: rcgen::Error| format!("generate test PKI: {error}");
         let ca_key = KeyPair::generate().map_err(tls)?;
         let mut ca_params = CertificateParams::default();
@@ -701,6 +802,11 @@ impl Pki {
             SanType::IpAddress([127, 0, 0, 1].into()),
             SanType::IpAddress([10, 0, 0, 1].into()),
         ]);
+        if !address.is_loopback() {
+            apiserver_params
+                .subject_alt_names
+                .push(SanType::IpAddress(address.into()));
+        }
         apiserver_params
             .distinguished_name
             .push(DnType::CommonName, "kube-apiserver");
@@ -724,6 +830,7 @@ impl Pki {
 
         let pki = Self {
             ca_pem: ca.pem(),
+            ca,
             admin_cert_pem: admin_cert.pem(),
             admin_key_pem: admin_key.serialize_pem(),
         };

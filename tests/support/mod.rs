@@ -1,8 +1,10 @@
 //! Shared test support. Every test binary includes it with `mod support;` and uses only part of
 //! it, so unused items are expected here.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
+pub mod cluster;
 pub mod control_plane;
+pub mod images;
 
 pub use control_plane::ControlPlane;
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the real components dkron-ha's tests run (kube-apiserver, kube-controller-manager,
-# etcd, helm) from their pinned Go modules into a gitignored cache. A module's binaries are
+# Builds the real components dkron-ha's tests run (etcd, the Kubernetes control plane and node
+# components, CoreDNS, helm) from their pinned Go modules into a gitignored cache, after making
+# sure the Debian packages the test nodes run (containerd, runc, CNI plugins, iptables) are there. A module's binaries are
 # rebuilt only when the go.mod/go.sum that pins them (or their version stamp) changes or one is
 # missing, so a warm machine pays nothing. Prints the cache's bin directory.
 set -euo pipefail
@@ -13,6 +14,34 @@ mkdir -p "$cache/bin"
 # Test binaries run this at start-up: two at once must not write the same files.
 exec 9>"$cache/.lock"
 if command -v flock >/dev/null; then flock 9; fi
+
+# The test nodes' own packages: PACKAGE=a file it installs. Installed when missing if this runs
+# as root on Debian (saying so), otherwise the script stops with the command that installs them.
+node_packages=(
+	containerd=/usr/bin/containerd
+	runc=/usr/sbin/runc
+	containernetworking-plugins=/usr/lib/cni/bridge
+	iptables=/usr/sbin/iptables
+	conntrack=/usr/sbin/conntrack
+)
+ensure_node_packages() {
+	local missing=() spec
+	for spec in "${node_packages[@]}"; do
+		if [ ! -e "${spec#*=}" ]; then missing+=("${spec%%=*}"); fi
+	done
+	if [ "${#missing[@]}" -eq 0 ]; then return 0; fi
+	local install="apt-get install -y --no-install-recommends ${missing[*]}"
+	if [ "$(id -u)" = 0 ] && [ -f /etc/debian_version ] && command -v apt-get >/dev/null; then
+		echo "installing the Debian packages the test nodes need: ${missing[*]} (apt-get update; $install)" >&2
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+		DEBIAN_FRONTEND=noninteractive $install -qq >&2
+	else
+		echo "the test nodes need these Debian packages: ${missing[*]}; install them with:" >&2
+		echo "  sudo apt-get update && sudo $install" >&2
+		exit 1
+	fi
+}
+ensure_node_packages
 
 # [EXTRA_LDFLAGS=...] build_module DIR NAME=PACKAGE... : builds each PACKAGE of the Go module
 # in tests/tools/DIR as $cache/bin/NAME, linked with EXTRA_LDFLAGS (-X version stamps) if set.
@@ -59,6 +88,7 @@ EXTRA_LDFLAGS="-X k8s.io/component-base/version.gitVersion=v1.36.3 \
 	kubelet=k8s.io/kubernetes/cmd/kubelet \
 	kube-proxy=k8s.io/kubernetes/cmd/kube-proxy \
 	kubectl=k8s.io/kubernetes/cmd/kubectl
+build_module coredns coredns=github.com/coredns/coredns
 # Stamped like helm's own Makefile: its version, and the Kubernetes version of its client-go
 # (v0.37 -> 1.37) as the default for `helm template` and `helm lint`.
 EXTRA_LDFLAGS="-X helm.sh/helm/v3/internal/version.version=v3.22.0 \
