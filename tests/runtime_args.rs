@@ -4,7 +4,7 @@
 use dkron_ha::runtime::peers::{ClusterSettings, SettingsError};
 use dkron_ha::runtime::wrap::{
     ClusterFlags, PeerAnswer, WrapError, bootstrap_expect, is_dkron_agent, plan_dkron_args,
-    plan_launch,
+    plan_launch, starts_last,
 };
 use std::collections::HashMap;
 use std::time::Duration;
@@ -142,7 +142,30 @@ fn community_chart_bootstrap_expect_is_replaced_by_the_cluster_size_on_cold_star
             &format!("--retry-join={PEER0}"),
             &format!("--retry-join={PEER2}"),
             "--node-name=dkron-1",
+            "--retry-interval=1s",
         ])
+    );
+}
+
+#[test]
+fn on_a_cold_start_the_first_server_starts_after_the_others_to_bootstrap_them() {
+    let mut env = pod_env();
+    env.insert("POD_NAME", "dkron-0".to_owned());
+    let first = settings_from(&env).unwrap();
+    let second = settings_from(&pod_env()).unwrap();
+    assert!(starts_last(&first, &cold_start()));
+    assert!(!starts_last(&second, &cold_start()), "only ordinal 0 waits");
+    assert!(
+        !starts_last(&first, &leader_exists()),
+        "a restart joins the leader at once"
+    );
+    let alone = ClusterFlags {
+        retry_join: vec![],
+        ..cold_start()
+    };
+    assert!(
+        !starts_last(&first, &alone),
+        "a single server has nobody to wait for"
     );
 }
 
@@ -326,6 +349,7 @@ fn shell_command_gets_dkron_environment_variables() {
             ("DKRON_BOOTSTRAP_EXPECT".to_owned(), "3".to_owned()),
             ("DKRON_RETRY_JOIN".to_owned(), format!("{PEER0},{PEER2}")),
             ("DKRON_NODE_NAME".to_owned(), "dkron-1".to_owned()),
+            ("DKRON_RETRY_INTERVAL".to_owned(), "1s".to_owned()),
         ]
     );
     assert!(plan.warnings.is_empty());

@@ -24,14 +24,9 @@ const PEER_GRACE: Duration = Duration::from_secs(15);
 /// Bound of one DNS look-up.
 const DNS_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// `--retry-interval` of a server that joins an existing leader, unless the user set one: Dkron's
-/// default of 30 s makes every failed join attempt cost 30 s.
-///
-/// Not on a cold start: Dkron bootstraps raft only on a serf member-join event (`nodeJoin`), and
-/// serf coalesces a join with the `rpc_addr` tag update that follows it within 3 s into a
-/// member-update, which never bootstraps. With fast retries all servers join before their tags
-/// are set and no leader forms (real Dkron v4.1.2, 3 servers: 133 s); with the default interval
-/// one server's late join comes after the tags and bootstraps the cluster (about 32 s).
+/// `--retry-interval` unless the user set one: Dkron's default of 30 s makes every failed join
+/// attempt cost 30 s, and Dkron starts its HTTP API and raft only after its first join
+/// succeeds. (The cold-start bootstrap that fast joins alone would break: [`starts_last`].)
 pub const JOIN_RETRY_INTERVAL: &str = "1s";
 
 #[derive(Debug, thiserror::Error)]
@@ -116,8 +111,8 @@ fn join_host(value: &str) -> &str {
 /// Rewrites the full Dkron command line (`dkron agent ...`, program included):
 /// `--bootstrap-expect` becomes N on a cold start and disappears when a leader exists (Dkron
 /// issue #683: a restarting server must not bootstrap); every other peer not already joined gets
-/// `--retry-join=<peer>`; `--node-name=<pod>` unless given, and `--retry-interval=1s` when a
-/// leader exists unless given ([`JOIN_RETRY_INTERVAL`]). Args after `--` are untouched.
+/// `--retry-join=<peer>`; `--node-name=<pod>` and `--retry-interval=1s` unless given
+/// ([`JOIN_RETRY_INTERVAL`]). Args after `--` are untouched.
 pub fn plan_dkron_args(original: &[String], flags: &ClusterFlags) -> Vec<String> {
     plan_dkron_args_with(original, flags, |_| None)
 }
@@ -130,8 +125,7 @@ fn plan_dkron_args_with(
     let mut out = Vec::with_capacity(original.len() + flags.retry_join.len() + 3);
     let mut joined: Vec<String> = Vec::new();
     let mut has_node_name = inherited("DKRON_NODE_NAME").is_some();
-    let mut has_retry_interval =
-        flags.bootstrap_expect.is_some() || inherited("DKRON_RETRY_INTERVAL").is_some();
+    let mut has_retry_interval = inherited("DKRON_RETRY_INTERVAL").is_some();
     let mut i = 0;
     let mut tail: &[String] = &[];
     while i < original.len() {
@@ -236,7 +230,7 @@ pub fn plan_launch(
             .push(("DKRON_NODE_NAME".to_owned(), flags.node_name.clone()));
     }
     // A flag in the script wins over the variable, as the user meant.
-    if flags.bootstrap_expect.is_none() && inherited("DKRON_RETRY_INTERVAL").is_none() {
+    if inherited("DKRON_RETRY_INTERVAL").is_none() {
         plan.set_env.push((
             "DKRON_RETRY_INTERVAL".to_owned(),
             JOIN_RETRY_INTERVAL.to_owned(),
@@ -358,6 +352,63 @@ pub async fn ask_peers_for_leader(peers: &[String]) -> Vec<PeerAnswer> {
         }
     });
     futures::future::join_all(asks).await
+}
+
+/// How long the first server of a cold start waits for the other initial servers' Dkron.
+pub const COLD_START_PEER_WAIT: Duration = Duration::from_secs(60);
+const PEER_POLL: Duration = Duration::from_millis(250);
+
+/// Whether this server starts its Dkron only once the other initial servers run theirs (pure):
+/// the server of ordinal 0 on a cold start.
+///
+/// Why: Dkron bootstraps raft only on a serf member-join event, and serf coalesces a join with
+/// the `rpc_addr` tag update that follows it within 3 s into a member-update, which never
+/// bootstraps. Servers started together all join before their tags are set, and then no leader
+/// forms until some later join (real Dkron v4.1.2, 3 servers: 31–134 s). Dkron answers HTTP
+/// only once it has joined and set its tags, so a server that starts after the others answer
+/// sees their joins whole, and bootstraps the cluster.
+pub fn starts_last(settings: &ClusterSettings, flags: &ClusterFlags) -> bool {
+    flags.bootstrap_expect.is_some()
+        && !flags.retry_join.is_empty()
+        && settings.pod_name == format!("{}-0", settings.statefulset)
+}
+
+/// Waits (bounded by [`COLD_START_PEER_WAIT`]) until every peer's Dkron answers HTTP; `true`
+/// when all did.
+pub async fn wait_for_peers_running(peers: &[String]) -> bool {
+    let started = Instant::now();
+    let Ok(dkron) = DkronClient::new() else {
+        return false;
+    };
+    loop {
+        let mut waiting = Vec::new();
+        for peer in peers {
+            if dkron
+                .get(peer, dkron::HTTP_PORT, "/v1/leader", LEADER_QUERY_TIMEOUT)
+                .await
+                .is_err()
+            {
+                waiting.push(peer.as_str());
+            }
+        }
+        let waited_ms = started.elapsed().as_millis() as u64;
+        if waiting.is_empty() {
+            tracing::info!(
+                waited_ms,
+                "the other initial servers run Dkron; starting last, to bootstrap"
+            );
+            return true;
+        }
+        if started.elapsed() >= COLD_START_PEER_WAIT {
+            tracing::warn!(
+                ?waiting,
+                waited_ms,
+                "other initial servers still do not answer; starting anyway"
+            );
+            return false;
+        }
+        tokio::time::sleep(PEER_POLL).await;
+    }
 }
 
 /// Signal streams of the supervisor. Created before anything else so that a SIGTERM during
@@ -535,6 +586,15 @@ pub async fn run(command: Vec<String>) -> Result<i32, WrapError> {
         node_name: settings.pod_name.clone(),
     };
     tracing::info!(bootstrap_expect = ?flags.bootstrap_expect, ?answers, "leader search done");
+    if starts_last(&settings, &flags) {
+        tokio::select! {
+            _ = wait_for_peers_running(&flags.retry_join) => {}
+            sig = signals.stop_request() => {
+                tracing::info!(signal = %sig, "stopped before the child started");
+                return Ok(128 + sig as i32);
+            }
+        }
+    }
     let mut plan = plan_launch(&command, &flags, |name| std::env::var(name).ok())?;
     plan.leave_first = Some(("127.0.0.1".to_owned(), dkron::HTTP_PORT));
     for warning in &plan.warnings {
