@@ -545,10 +545,19 @@ fn a_sigkilled_test_binary_leaves_no_node_namespace_cgroup_process_or_dir_behind
         .args(["--exact", "cluster_in_a_child_process", "--nocapture"])
         .env(SIGKILL_CHILD_ENV, "1")
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
+    // The child's own output, to show why it stopped if it never gets ready.
+    let stderr = child.stderr.take().unwrap();
+    let errors = std::thread::spawn(move || {
+        let lines: Vec<String> = std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    });
     let (sender, receiver) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stdout)
@@ -563,7 +572,12 @@ fn a_sigkilled_test_binary_leaves_no_node_namespace_cgroup_process_or_dir_behind
     let ready = receiver.recv_timeout(Duration::from_secs(240));
     let _ = child.kill(); // SIGKILL
     let _ = child.wait();
-    let ready = ready.expect("the child's cluster did not start within 240s");
+    let ready = ready.unwrap_or_else(|error| {
+        panic!(
+            "the child's cluster did not start within 240s ({error}); its stderr ends:\n{}",
+            errors.join().unwrap_or_default()
+        )
+    });
     let (netns, dir) = ready.split_once(' ').unwrap();
     let cluster_number = netns
         .strip_prefix("dkha")

@@ -164,7 +164,8 @@ pub fn oci_archive(
 ) -> Result<PathBuf, String> {
     let io = |what: &str, error: std::io::Error| format!("{what}: {error}");
     let short = name.rsplit('/').next().unwrap_or(name).replace(':', "-");
-    let work = out.join(&short);
+    // Per process: test binaries (and a test's child process) build the same images at once.
+    let work = out.join(format!("{short}.{}.work", std::process::id()));
     let _ = fs::remove_dir_all(&work);
     let rootfs = work.join("rootfs");
     for (source, path) in files {
@@ -245,12 +246,15 @@ pub fn oci_archive(
         fs::write(&file, contents).map_err(|e| io(&format!("write {}", file.display()), e))?;
     }
     let archive = out.join(format!("{short}.tar"));
+    let written = work.join("image.tar");
     run(Command::new("tar")
         .arg("-C")
         .arg(&layout)
         .arg("-cf")
-        .arg(&archive)
+        .arg(&written)
         .args(["oci-layout", "index.json", "blobs"]))?;
+    // Renamed into place, so a reader never sees a half-written archive.
+    fs::rename(&written, &archive).map_err(|e| io("image archive", e))?;
     fs::remove_dir_all(&work).map_err(|e| io("remove image work dir", e))?;
     Ok(archive)
 }
