@@ -168,6 +168,12 @@ pub fn oci_archive(
     let work = out.join(format!("{short}.{}.work", std::process::id()));
     let _ = fs::remove_dir_all(&work);
     let rootfs = work.join("rootfs");
+    // A world-writable /tmp, as distroless and Alpine images have: real Dkron starts its
+    // built-in executors as go-plugin processes whose sockets live there.
+    let tmp = rootfs.join("tmp");
+    fs::create_dir_all(&tmp).map_err(|e| io("image /tmp", e))?;
+    fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o1777))
+        .map_err(|e| io("image /tmp mode", e))?;
     for (source, path) in files {
         let target = rootfs.join(path);
         fs::create_dir_all(target.parent().unwrap()).map_err(|e| io("image dir", e))?;
