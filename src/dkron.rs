@@ -3,6 +3,8 @@
 //! (leave the cluster before stopping).
 //! reqwest without TLS or proxies: Dkron's API is plain HTTP on the pod network.
 
+pub mod grpc;
+
 use std::time::Duration;
 
 /// Dkron's HTTP API port on servers.

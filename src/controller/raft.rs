@@ -1,21 +1,16 @@
-//! The raft peer decision: which servers of a Dkron cluster to remove, as a pure function of
-//! the raft configuration, serf membership, the StatefulSet and its pods. Dkron never removes
-//! dead or failed servers itself; leaving them makes every later failure cost quorum.
+//! The raft decisions, as pure functions of the leader's raft configuration, the leader's serf
+//! members and the StatefulSet's pods: which server to remove (Dkron never removes a server
+//! that is gone for good), and which pods are raft voters (the `dkron-ha/raft-voter` readiness
+//! condition).
 //!
-//! The rule that bounds everything: a server whose pod exists and whose serf member is alive is
-//! never removed, and neither is the leader.
+//! A StatefulSet's replaced pod keeps its name, so its raft id, and Dkron re-addresses it in
+//! place when it returns; for 40–60 s after every restart with a new IP serf shows it failed at
+//! its old address and raft keeps the old address (measured on Dkron v4.1.2). So a server is
+//! removed only when its pod must not exist any more: ordinal >= replicas, once that pod is gone.
 
 use std::collections::HashMap;
 
-/// One server of the raft configuration (`RaftGetConfiguration`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RaftServer {
-    /// Raft server id = Dkron node name = pod name.
-    pub id: String,
-    /// `host:port` of raft (6868).
-    pub address: String,
-    pub leader: bool,
-}
+use crate::dkron::grpc::RaftServer;
 
 /// Serf member status as Dkron's `/v1/members` reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,7 +24,7 @@ pub enum MemberStatus {
 
 impl MemberStatus {
     /// Serf's numeric status: 1 alive, 2 leaving, 3 left, 4 failed.
-    pub fn from_code(code: i64) -> Self {
+    pub fn from_code(code: u64) -> Self {
         match code {
             1 => Self::Alive,
             2 => Self::Leaving,
@@ -40,110 +35,133 @@ impl MemberStatus {
     }
 }
 
-/// A pod of the StatefulSet as the API server has it.
+/// A serf member as the leader sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub status: MemberStatus,
+    /// The address serf last heard it at.
+    pub addr: String,
+}
+
+/// A pod of the StatefulSet as the API server has it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodState {
     pub name: String,
     pub ip: Option<String>,
+    /// The pod's `dkron-ha/raft-voter` condition: `None` while it has none.
+    pub voter_condition: Option<bool>,
 }
 
-/// What the StatefulSet says should exist; `None` when it is gone.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StatefulSetState {
-    pub name: String,
-    pub replicas: i32,
+/// What the leader says: its raft configuration and its serf members by name.
+#[derive(Clone, Debug, Default)]
+pub struct LeaderView {
+    pub servers: Vec<RaftServer>,
+    pub members: HashMap<String, Member>,
 }
 
-/// Why a server goes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RemovalReason {
-    /// Ordinal at or above `spec.replicas` and its pod is gone (scale-down).
-    ScaledDown { ordinal: i32, replicas: i32 },
-    /// The StatefulSet is deleted and the pod is gone.
-    StatefulSetGone,
-    /// Failed in serf and its pod was replaced (new IP) or deleted.
-    FailedAndReplaced,
-}
-
+/// One raft server to remove, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Removal {
     pub id: String,
-    pub reason: RemovalReason,
+    pub ordinal: i32,
+    pub replicas: i32,
+    pub status: MemberStatus,
+}
+
+impl std::fmt::Display for Removal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "raft server {} has ordinal {} >= replicas {}, its pod is gone and serf says {:?}",
+            self.id, self.ordinal, self.replicas, self.status
+        )
+    }
 }
 
 /// The ordinal of `pod` in StatefulSet `sts` (`<sts>-<n>`), if it is one of its names.
 pub fn ordinal(sts: &str, pod: &str) -> Option<i32> {
     let n = pod.strip_prefix(sts)?.strip_prefix('-')?;
-    if n.is_empty() || (n.len() > 1 && n.starts_with('0')) {
+    if n.is_empty() || (n.len() > 1 && n.starts_with('0')) || !n.bytes().all(|b| b.is_ascii_digit())
+    {
         return None;
     }
     n.parse().ok()
 }
 
-fn host(address: &str) -> &str {
-    address
-        .rsplit_once(':')
-        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
-        .unwrap_or(address)
+/// A majority of `n` voters.
+fn majority(n: i32) -> i32 {
+    n / 2 + 1
 }
 
-/// Decides which raft servers of StatefulSet `sts_name` to remove.
-pub fn raft_servers_to_remove(
-    sts_name: &str,
-    statefulset: Option<&StatefulSetState>,
-    servers: &[RaftServer],
-    members: &HashMap<String, MemberStatus>,
+/// The one raft server of StatefulSet `sts` (with `replicas` wanted) to remove now, if any:
+/// the highest ordinal >= `replicas` whose pod is gone and whose serf member is not alive, as long
+/// as the voters left are still a majority of `replicas`. Never the leader, never a server whose
+/// pod exists, never a server id that is not one of this StatefulSet's pod names. One at a time:
+/// the caller asks again once the removal is in the configuration.
+pub fn raft_server_to_remove(
+    sts: &str,
+    replicas: i32,
+    view: &LeaderView,
     pods: &[PodState],
-) -> Vec<Removal> {
-    let pods: HashMap<&str, &PodState> = pods.iter().map(|p| (p.name.as_str(), p)).collect();
-    let mut removals = Vec::new();
-    for server in servers {
-        let Some(n) = ordinal(sts_name, &server.id) else {
-            continue; // not one of ours
-        };
-        if server.leader {
-            continue;
-        }
-        let pod = pods.get(server.id.as_str());
-        let status = members
-            .get(&server.id)
-            .copied()
-            .unwrap_or(MemberStatus::Unknown);
-        let alive = status == MemberStatus::Alive;
-        if alive && pod.is_some() {
-            continue;
-        }
-        let reason = match (statefulset, pod) {
-            (None, None) => Some(RemovalReason::StatefulSetGone),
-            (Some(s), None) if n >= s.replicas => Some(RemovalReason::ScaledDown {
+) -> Option<Removal> {
+    let voters = view.servers.iter().filter(|s| s.voter).count() as i32;
+    view.servers
+        .iter()
+        .filter(|s| !s.leader)
+        .filter(|s| !pods.iter().any(|p| p.name == s.id))
+        .filter_map(|s| {
+            let n = ordinal(sts, &s.id)?;
+            let status = view
+                .members
+                .get(&s.id)
+                .map_or(MemberStatus::Unknown, |m| m.status);
+            // An alive (or leaving) member still runs somewhere: wait until serf sees it go.
+            let running = matches!(status, MemberStatus::Alive | MemberStatus::Leaving);
+            let left_after = voters - i32::from(s.voter);
+            (n >= replicas && !running && left_after >= majority(replicas)).then(|| Removal {
+                id: s.id.clone(),
                 ordinal: n,
-                replicas: s.replicas,
-            }),
-            (Some(_), None) if status == MemberStatus::Failed => {
-                Some(RemovalReason::FailedAndReplaced)
-            }
-            (Some(_), Some(p))
-                if status == MemberStatus::Failed
-                    && p.ip
-                        .as_deref()
-                        .is_some_and(|ip| ip != host(&server.address)) =>
-            {
-                Some(RemovalReason::FailedAndReplaced)
-            }
-            _ => None,
-        };
-        if let Some(reason) = reason {
-            removals.push(Removal {
-                id: server.id.clone(),
-                reason,
-            });
-        }
+                replicas,
+                status,
+            })
+        })
+        .max_by_key(|r| r.ordinal)
+}
+
+/// Whether `pod` is a raft voter in the leader's view: a voter of the configuration under its
+/// name, alive in serf at the pod's own IP (so not a previous incarnation at an old address).
+fn is_voter(view: &LeaderView, pod: &PodState) -> bool {
+    let voter = view.servers.iter().any(|s| s.id == pod.name && s.voter);
+    let alive_here = view.members.get(&pod.name).is_some_and(|m| {
+        m.status == MemberStatus::Alive && Some(m.addr.as_str()) == pod.ip.as_deref()
+    });
+    voter && alive_here
+}
+
+/// The `dkron-ha/raft-voter` conditions to write: `(pod, value)` for each pod whose condition
+/// differs from what it should be.
+///
+/// With a leader's view, a pod is True exactly while [`is_voter`]. Without one (no leader found:
+/// an election, or a cluster not formed yet) nothing changes, with one exception: while no pod of
+/// the StatefulSet is True at all (a cold start, or every server restarted), pods with an IP and
+/// no condition yet become True. Otherwise an `OrderedReady` StatefulSet would never create the
+/// pods a first leader needs (`--bootstrap-expect`), and a raft-unaware start order deadlocks.
+pub fn voter_conditions(view: Option<&LeaderView>, pods: &[PodState]) -> Vec<(String, bool)> {
+    match view {
+        Some(view) => pods
+            .iter()
+            .filter_map(|p| {
+                let want = is_voter(view, p);
+                (p.voter_condition != Some(want)).then(|| (p.name.clone(), want))
+            })
+            .collect(),
+        None if pods.iter().all(|p| p.voter_condition != Some(true)) => pods
+            .iter()
+            .filter(|p| p.voter_condition.is_none() && p.ip.is_some())
+            .map(|p| (p.name.clone(), true))
+            .collect(),
+        None => Vec::new(),
     }
-    // Never empty the configuration.
-    if removals.len() >= servers.len() {
-        removals.clear();
-    }
-    removals
 }
 
 #[cfg(test)]
@@ -153,8 +171,11 @@ mod tests {
     fn server(id: &str, ip: &str, leader: bool) -> RaftServer {
         RaftServer {
             id: id.into(),
+            node: id.into(),
             address: format!("{ip}:6868"),
             leader,
+            voter: true,
+            raft_protocol: "3".into(),
         }
     }
 
@@ -162,121 +183,189 @@ mod tests {
         PodState {
             name: name.into(),
             ip: Some(ip.into()),
+            voter_condition: None,
         }
     }
 
-    fn members(list: &[(&str, MemberStatus)]) -> HashMap<String, MemberStatus> {
-        list.iter().map(|(n, s)| (n.to_string(), *s)).collect()
-    }
-
-    fn sts(replicas: i32) -> StatefulSetState {
-        StatefulSetState {
-            name: "dkron".into(),
-            replicas,
+    fn member(status: MemberStatus, ip: &str) -> Member {
+        Member {
+            status,
+            addr: ip.into(),
         }
     }
+
+    /// `n` voters dkron-0..n (dkron-0 leads) with the given serf statuses, all at 10.0.0.i.
+    fn view(statuses: &[MemberStatus]) -> LeaderView {
+        LeaderView {
+            servers: (0..statuses.len())
+                .map(|i| server(&format!("dkron-{i}"), &format!("10.0.0.{i}"), i == 0))
+                .collect(),
+            members: statuses
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("dkron-{i}"), member(*s, &format!("10.0.0.{i}"))))
+                .collect(),
+        }
+    }
+
+    fn pods(n: usize) -> Vec<PodState> {
+        (0..n)
+            .map(|i| pod(&format!("dkron-{i}"), &format!("10.0.0.{i}")))
+            .collect()
+    }
+
+    use MemberStatus::*;
 
     #[test]
     fn ordinals_parse_only_our_names() {
         assert_eq!(ordinal("dkron", "dkron-2"), Some(2));
         assert_eq!(ordinal("dkron", "dkron-12"), Some(12));
         assert_eq!(ordinal("dkron", "dkron-02"), None);
+        assert_eq!(ordinal("dkron", "dkron-+2"), None);
         assert_eq!(ordinal("dkron", "dkron-ha-0"), None);
         assert_eq!(ordinal("dkron", "other-0"), None);
     }
 
     #[test]
     fn a_healthy_cluster_loses_nobody() {
-        let servers = [
-            server("dkron-0", "10.0.0.1", true),
-            server("dkron-1", "10.0.0.2", false),
-            server("dkron-2", "10.0.0.3", false),
-        ];
-        let m = members(&[
-            ("dkron-0", MemberStatus::Alive),
-            ("dkron-1", MemberStatus::Alive),
-            ("dkron-2", MemberStatus::Alive),
-        ]);
-        let pods = [
-            pod("dkron-0", "10.0.0.1"),
-            pod("dkron-1", "10.0.0.2"),
-            pod("dkron-2", "10.0.0.3"),
-        ];
-        assert!(raft_servers_to_remove("dkron", Some(&sts(3)), &servers, &m, &pods).is_empty());
+        let v = view(&[Alive, Alive, Alive]);
+        assert_eq!(raft_server_to_remove("dkron", 3, &v, &pods(3)), None);
     }
 
     #[test]
-    fn scale_down_removes_the_ordinals_above_replicas_once_their_pods_are_gone() {
-        let servers: Vec<_> = (0..5)
-            .map(|i| server(&format!("dkron-{i}"), &format!("10.0.0.{i}"), i == 0))
-            .collect();
-        let m = members(&[
-            ("dkron-0", MemberStatus::Alive),
-            ("dkron-1", MemberStatus::Alive),
-            ("dkron-2", MemberStatus::Alive),
-            ("dkron-3", MemberStatus::Left),
-            ("dkron-4", MemberStatus::Failed),
-        ]);
-        let pods: Vec<_> = (0..3)
-            .map(|i| pod(&format!("dkron-{i}"), &format!("10.0.0.{i}")))
-            .collect();
-        let ids: Vec<_> = raft_servers_to_remove("dkron", Some(&sts(3)), &servers, &m, &pods)
-            .into_iter()
-            .map(|r| r.id)
-            .collect();
-        assert_eq!(ids, ["dkron-3", "dkron-4"]);
-        // While dkron-4's pod still terminates (and is alive), it stays.
-        let mut with_pod = pods.clone();
-        with_pod.push(pod("dkron-4", "10.0.0.4"));
-        let m2 = members(&[
-            ("dkron-4", MemberStatus::Alive),
-            ("dkron-3", MemberStatus::Left),
-        ]);
-        let ids: Vec<_> = raft_servers_to_remove("dkron", Some(&sts(3)), &servers, &m2, &with_pod)
-            .into_iter()
-            .map(|r| r.id)
-            .collect();
-        assert_eq!(ids, ["dkron-3"]);
+    fn scale_down_removes_the_highest_ordinal_above_replicas_once_its_pod_is_gone() {
+        let v = view(&[Alive, Alive, Alive, Left, Failed]);
+        let removal = raft_server_to_remove("dkron", 3, &v, &pods(3)).expect("a removal");
+        assert_eq!((removal.id.as_str(), removal.ordinal), ("dkron-4", 4));
+        assert_eq!(removal.status, Failed);
+        // Then the next one, once dkron-4 is out of the configuration.
+        let mut after = v.clone();
+        after.servers.retain(|s| s.id != "dkron-4");
+        let removal = raft_server_to_remove("dkron", 3, &after, &pods(3)).expect("a removal");
+        assert_eq!(removal.id, "dkron-3");
     }
 
     #[test]
-    fn a_failed_member_whose_pod_came_back_with_a_new_ip_is_removed() {
-        let servers = [
-            server("dkron-0", "10.0.0.1", true),
-            server("dkron-1", "10.0.0.2", false),
-        ];
-        let m = members(&[
-            ("dkron-0", MemberStatus::Alive),
-            ("dkron-1", MemberStatus::Failed),
-        ]);
-        let pods = [pod("dkron-0", "10.0.0.1"), pod("dkron-1", "10.0.9.9")];
-        let removals = raft_servers_to_remove("dkron", Some(&sts(2)), &servers, &m, &pods);
-        assert_eq!(removals[0].reason, RemovalReason::FailedAndReplaced);
-        // Same IP: it is restarting in place, leave it.
-        let pods = [pod("dkron-0", "10.0.0.1"), pod("dkron-1", "10.0.0.2")];
-        assert!(raft_servers_to_remove("dkron", Some(&sts(2)), &servers, &m, &pods).is_empty());
+    fn a_scaled_down_server_whose_pod_still_exists_or_still_runs_stays() {
+        let v = view(&[Alive, Alive, Alive, Failed]);
+        assert_eq!(raft_server_to_remove("dkron", 3, &v, &pods(4)), None);
+        let v = view(&[Alive, Alive, Alive, Alive]);
+        assert_eq!(raft_server_to_remove("dkron", 3, &v, &pods(3)), None);
+        let v = view(&[Alive, Alive, Alive, Leaving]);
+        assert_eq!(raft_server_to_remove("dkron", 3, &v, &pods(3)), None);
+        // Unknown to serf (reaped) and its pod gone: it goes.
+        let mut v = view(&[Alive, Alive, Alive, Failed]);
+        v.members.remove("dkron-3");
+        let removal = raft_server_to_remove("dkron", 3, &v, &pods(3)).expect("a removal");
+        assert_eq!(removal.status, Unknown);
+    }
+
+    #[test]
+    fn a_server_restarting_with_a_new_ip_is_never_removed() {
+        // Every restart with a new IP: serf says failed at the old address, raft keeps the old
+        // address, the pod exists with its new IP (or is briefly gone between two pods).
+        let v = view(&[Alive, Failed, Alive]);
+        let mut p = pods(3);
+        p[1].ip = Some("10.0.9.9".into());
+        assert_eq!(raft_server_to_remove("dkron", 3, &v, &p), None);
+        p.remove(1);
+        assert_eq!(raft_server_to_remove("dkron", 3, &v, &p), None);
     }
 
     #[test]
     fn the_leader_and_foreign_servers_are_never_removed() {
-        let servers = [
-            server("dkron-0", "10.0.0.1", true),
-            server("someone-else", "10.0.0.7", false),
-            server("dkron-1", "10.0.0.2", false),
-        ];
-        let m = members(&[("someone-else", MemberStatus::Failed)]);
-        let removals = raft_servers_to_remove("dkron", None, &servers, &m, &[]);
-        assert_eq!(removals.len(), 1);
-        assert_eq!(removals[0].id, "dkron-1");
-        assert_eq!(removals[0].reason, RemovalReason::StatefulSetGone);
+        let mut v = view(&[Failed, Alive, Alive, Failed]);
+        v.servers.push(server("someone-else", "10.0.0.7", false));
+        v.members
+            .insert("someone-else".into(), member(Failed, "10.0.0.7"));
+        v.servers.push(server("dkron-ha-5", "10.0.0.8", false));
+        // Scaled to 1, dkron-0 (the leader, failed in serf) has no pod: still never removed.
+        let p = vec![pod("dkron-1", "10.0.0.1")];
+        let removal = raft_server_to_remove("dkron", 1, &v, &p);
+        assert_eq!(removal.map(|r| r.id), Some("dkron-3".into()));
+        let p = pods(4);
+        assert_eq!(raft_server_to_remove("dkron", 1, &v, &p), None);
     }
 
     #[test]
-    fn the_configuration_is_never_emptied() {
-        let servers = [server("dkron-3", "10.0.0.1", false)];
-        assert!(
-            raft_servers_to_remove("dkron", Some(&sts(1)), &servers, &HashMap::new(), &[])
-                .is_empty()
+    fn removals_never_leave_fewer_voters_than_a_majority_of_replicas() {
+        // replicas 3, only 2 voters left plus a dead ordinal 3: removing it would leave 1 < 2.
+        let mut v = view(&[Alive, Failed, Alive, Failed]);
+        v.servers.retain(|s| s.id != "dkron-1");
+        assert_eq!(v.servers.iter().filter(|s| s.voter).count(), 3);
+        v.servers.retain(|s| s.id != "dkron-2");
+        assert_eq!(raft_server_to_remove("dkron", 3, &v, &pods(2)), None);
+        // A non-voter does not count, and may go.
+        let mut v = view(&[Alive, Alive, Alive, Failed]);
+        v.servers[3].voter = false;
+        v.servers.truncate(4);
+        let p = pods(3);
+        assert_eq!(
+            raft_server_to_remove("dkron", 3, &v, &p).map(|r| r.id),
+            Some("dkron-3".into())
         );
+        // Scale 3 -> 1 goes all the way down to the one server.
+        let v = view(&[Alive, Failed]);
+        assert_eq!(
+            raft_server_to_remove("dkron", 1, &v, &pods(1)).map(|r| r.id),
+            Some("dkron-1".into())
+        );
+    }
+
+    #[test]
+    fn a_pod_is_a_voter_only_while_alive_at_its_own_ip_and_voting() {
+        let v = view(&[Alive, Alive, Failed]);
+        let mut p = pods(3);
+        assert_eq!(
+            voter_conditions(Some(&v), &p),
+            [
+                ("dkron-0".to_owned(), true),
+                ("dkron-1".to_owned(), true),
+                ("dkron-2".to_owned(), false)
+            ]
+        );
+        // Written once, then nothing changes.
+        for (pod, value) in [(0, true), (1, true), (2, false)] {
+            p[pod].voter_condition = Some(value);
+        }
+        assert!(voter_conditions(Some(&v), &p).is_empty());
+        // dkron-1 came back with a new IP: serf still has it alive at the old one until it
+        // rejoins, which is not this pod yet.
+        p[1].ip = Some("10.0.9.9".into());
+        assert_eq!(
+            voter_conditions(Some(&v), &p),
+            [("dkron-1".to_owned(), false)]
+        );
+        // A non-voter is not a voter.
+        let mut v = view(&[Alive, Alive, Alive]);
+        v.servers[2].voter = false;
+        p[1].ip = Some("10.0.0.1".into());
+        p[2].voter_condition = Some(true);
+        assert_eq!(
+            voter_conditions(Some(&v), &p),
+            [("dkron-2".to_owned(), false)]
+        );
+    }
+
+    #[test]
+    fn without_a_leader_only_a_cold_start_lets_pods_become_ready() {
+        // Cold start: nobody True yet, pods with an IP and no condition become True.
+        let mut p = pods(2);
+        p.push(PodState {
+            name: "dkron-2".into(),
+            ..Default::default()
+        });
+        assert_eq!(
+            voter_conditions(None, &p),
+            [("dkron-0".to_owned(), true), ("dkron-1".to_owned(), true)]
+        );
+        // An election in a formed cluster: a new pod waits for the leader's view.
+        p[0].voter_condition = Some(true);
+        p[2].ip = Some("10.0.0.2".into());
+        assert!(voter_conditions(None, &p).is_empty());
+        // Nobody True any more (every server stopped): the allowance again.
+        p[0].voter_condition = Some(false);
+        p[1].voter_condition = Some(false);
+        assert_eq!(voter_conditions(None, &p), [("dkron-2".to_owned(), true)]);
     }
 }
