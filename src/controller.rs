@@ -3,6 +3,7 @@
 //! and removes them when the StatefulSet opts out. Runs inside `serve`, only on the replica
 //! holding the Lease; the webhook and FleetLock serve on every replica.
 
+mod peers;
 pub mod raft;
 pub mod supporting;
 
@@ -12,7 +13,7 @@ use backon::{ExponentialBuilder, Retryable};
 use futures::StreamExt;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
@@ -32,6 +33,9 @@ use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Duration;
 use supporting::{SupportingError, supporting_objects};
+
+/// Bound of each call to a Dkron server (HTTP or gRPC).
+const DKRON_CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Field manager of every server-side apply.
 pub const FIELD_MANAGER: &str = "dkron-ha";
@@ -98,6 +102,10 @@ pub struct ControllerArgs {
     /// Seconds between full re-syncs of an opted-in StatefulSet.
     #[arg(long, env = "DKRON_HA_RESYNC_SECONDS", default_value_t = 300)]
     pub resync_seconds: u64,
+    /// Seconds between two checks of a Dkron cluster's raft peers (removals of servers gone for
+    /// good, the pods' `dkron-ha/raft-voter` condition); pod events check sooner.
+    #[arg(long, env = "DKRON_HA_RAFT_INTERVAL_SECONDS", default_value_t = 5)]
+    pub raft_interval_seconds: u64,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -111,6 +119,7 @@ pub struct ControllerMetrics {
     reconciles: Counter,
     errors: Family<ErrorLabels, Counter>,
     removals: Counter,
+    raft_removals: Counter,
     leading: Gauge,
 }
 
@@ -120,6 +129,7 @@ impl ControllerMetrics {
             reconciles: Counter::default(),
             errors: Family::default(),
             removals: Counter::default(),
+            raft_removals: Counter::default(),
             leading: Gauge::default(),
         };
         registry.register(
@@ -138,6 +148,11 @@ impl ControllerMetrics {
             m.removals.clone(),
         );
         registry.register(
+            "dkron_ha_controller_raft_peer_removals",
+            "Raft servers removed because their pod must not exist any more",
+            m.raft_removals.clone(),
+        );
+        registry.register(
             "dkron_ha_controller_leading",
             "1 while this replica holds the controller Lease",
             m.leading.clone(),
@@ -151,6 +166,7 @@ struct Context {
     recorder: Recorder,
     metrics: ControllerMetrics,
     resync: Duration,
+    peers: peers::Peers,
 }
 
 /// Applies `object` server-side in `namespace`, owning every field it sets.
@@ -361,6 +377,7 @@ pub async fn run_loops(
     client: Client,
     metrics: ControllerMetrics,
     resync: Duration,
+    raft_interval: Duration,
     instance: String,
 ) {
     let reporter = Reporter {
@@ -372,11 +389,12 @@ pub async fn run_loops(
         client: client.clone(),
         metrics,
         resync,
+        peers: peers::Peers::new(raft_interval, DKRON_CALL_TIMEOUT),
     });
     // Owned objects all carry the managed-by label: the API server filters the watches, so
     // the cluster's other Roles, Services and PDBs never reach this process.
     let ours = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}"));
-    Controller::new(
+    let supporting = Controller::new(
         Api::<StatefulSet>::all(client.clone()),
         watcher::Config::default(),
     )
@@ -388,13 +406,24 @@ pub async fn run_loops(
         ours.clone(),
     )
     .owns(Api::<ServiceAccount>::all(client.clone()), ours)
-    .run(reconcile, error_policy, ctx)
-    .for_each(|result| async move {
-        if let Err(error) = result {
-            tracing::debug!(%error, "controller event");
-        }
-    })
-    .await;
+    .run(reconcile, error_policy, ctx.clone())
+    .for_each(log_result);
+    // The raft loop: its own StatefulSet watch, woken by the pods' events too (their metadata
+    // only; owned objects are not cached).
+    let raft = Controller::new(
+        Api::<StatefulSet>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(Api::<Pod>::all(client.clone()), watcher::Config::default())
+    .run(peers::reconcile, error_policy, ctx)
+    .for_each(log_result);
+    futures::join!(supporting, raft);
+}
+
+async fn log_result<T: Debug, E: std::fmt::Display>(result: Result<T, E>) {
+    if let Err(error) = result {
+        tracing::debug!(%error, "controller event");
+    }
 }
 
 /// Elects one replica with a Lease and runs the loops there until `shutdown` completes; on
@@ -459,6 +488,7 @@ pub async fn run(
             client.clone(),
             metrics.clone(),
             Duration::from_secs(args.resync_seconds.max(1)),
+            Duration::from_secs(args.raft_interval_seconds.max(1)),
             identity.clone(),
         );
         tokio::pin!(loops);

@@ -1,6 +1,7 @@
 //! The HTTP client for the Dkron endpoints the in-pod runtime needs: `GET /v1/leader` (does the
 //! cluster have a leader?), `GET /v1/isleader` (is this server the leader?) and `POST /v1/leave`
-//! (leave the cluster before stopping).
+//! (leave the cluster before stopping), and `GET /v1/members` (the serf members, for the
+//! controller). The raft calls are gRPC: [`grpc`].
 //! reqwest without TLS or proxies: Dkron's API is plain HTTP on the pod network.
 
 pub mod grpc;
@@ -42,9 +43,12 @@ pub const SERF_ALIVE: u64 = 1;
 /// What a server said to `GET /v1/leader`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LeaderAnswer {
-    /// 200 with the leader's serf member, alive and with an `rpc_addr` tag; `name` is its node
-    /// name when the body has one.
-    Known { name: Option<String> },
+    /// 200 with the leader's serf member, alive and with an `rpc_addr` tag (raft's and gRPC's
+    /// `host:port`); `name` is its node name when the body has one.
+    Known {
+        name: Option<String>,
+        rpc_addr: String,
+    },
     /// The server runs but knows no leader. Dkron answers 500 with body `null`
     /// (`leaderMember` fails with ErrLeaderNotFound, then the handler still renders `nil`).
     NoLeader,
@@ -76,6 +80,7 @@ pub fn parse_leader_answer(answer: &HttpAnswer) -> LeaderAnswer {
                                 .get("Name")
                                 .and_then(|n| n.as_str())
                                 .map(str::to_owned),
+                            rpc_addr: rpc_addr.to_owned(),
                         }
                     }
                 }
@@ -111,6 +116,26 @@ pub fn parse_isleader_answer(answer: &HttpAnswer) -> IsLeaderAnswer {
         404 => IsLeaderAnswer::Follower,
         status => IsLeaderAnswer::Unexpected { status },
     }
+}
+
+/// One serf member of `GET /v1/members` (serf's `Member` as Go's JSON encoding writes it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct SerfMember {
+    #[serde(rename = "Name")]
+    pub name: String,
+    /// The IP serf last heard the member at (Go's `net.IP` encodes as a string).
+    #[serde(rename = "Addr", default)]
+    pub addr: String,
+    /// 1 alive, 2 leaving, 3 left, 4 failed.
+    #[serde(rename = "Status", default)]
+    pub status: u64,
+}
+
+/// Interprets an answer to `GET /v1/members` (pure): `None` unless a 200 with a member list.
+pub fn parse_members_answer(answer: &HttpAnswer) -> Option<Vec<SerfMember>> {
+    (answer.status == 200)
+        .then(|| serde_json::from_slice(&answer.body).ok())
+        .flatten()
 }
 
 /// A client of Dkron's HTTP API; cheap to clone, keeps connections alive between polls.
@@ -150,6 +175,18 @@ impl DkronClient {
     ) -> Result<IsLeaderAnswer, DkronError> {
         let answer = self.get(host, port, "/v1/isleader", timeout).await?;
         Ok(parse_isleader_answer(&answer))
+    }
+
+    /// `GET /v1/members` on `host:port`: the serf members that server sees; `None` for an answer
+    /// that is not a member list.
+    pub async fn members(
+        &self,
+        host: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<Option<Vec<SerfMember>>, DkronError> {
+        let answer = self.get(host, port, "/v1/members", timeout).await?;
+        Ok(parse_members_answer(&answer))
     }
 
     /// `POST /v1/leave` on `host:port`: Dkron's agent leaves serf gracefully and stops before it
@@ -235,9 +272,28 @@ mod tests {
         assert_eq!(
             parse_leader_answer(&answer(200, body)),
             LeaderAnswer::Known {
-                name: Some("dkron-1".into())
+                name: Some("dkron-1".into()),
+                rpc_addr: "10.0.0.7:6868".into(),
             }
         );
+    }
+
+    #[test]
+    fn members_parse_as_dkron_lists_them() {
+        let body = r#"[{"Name":"dkron-0","Addr":"10.0.0.7","Port":8946,"Tags":{"server":"true"},"Status":1,"ProtocolMin":1},
+                      {"Name":"dkron-1","Addr":"10.0.0.8","Port":8946,"Tags":{},"Status":4}]"#;
+        let members = parse_members_answer(&answer(200, body)).expect("a list");
+        assert_eq!(members.len(), 2);
+        assert_eq!(
+            (
+                members[1].name.as_str(),
+                members[1].addr.as_str(),
+                members[1].status
+            ),
+            ("dkron-1", "10.0.0.8", 4)
+        );
+        assert_eq!(parse_members_answer(&answer(500, body)), None);
+        assert_eq!(parse_members_answer(&answer(200, "null")), None);
     }
 
     #[test]

@@ -9,17 +9,17 @@
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector,
-    PodSpec, ResourceRequirements, SecurityContext, Volume, VolumeMount,
+    PodReadinessGate, PodSpec, ResourceRequirements, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use std::collections::BTreeMap;
 
 use crate::names::{
     ANNOTATION_CONTAINER, ANNOTATION_DKRON_COMMAND, ANNOTATION_ENABLED,
-    ANNOTATION_INITIAL_CLUSTER_SIZE, ANNOTATION_INJECTED, BIN_DIR, BIN_VOLUME, ENV_CLUSTER_DOMAIN,
-    ENV_INITIAL_CLUSTER_SIZE, ENV_LEADER_SERVICE, ENV_LOG_FORMAT, ENV_POD_IP, ENV_POD_NAME,
-    ENV_POD_NAMESPACE, ENV_SERVICE, ENV_STATEFULSET, IMAGE_BINARY, INSTALL_CONTAINER,
-    LABEL_UPDATER_CONTAINER, WRAPPER_PATH,
+    ANNOTATION_INITIAL_CLUSTER_SIZE, ANNOTATION_INJECTED, BIN_DIR, BIN_VOLUME,
+    CONDITION_RAFT_VOTER, ENV_CLUSTER_DOMAIN, ENV_INITIAL_CLUSTER_SIZE, ENV_LEADER_SERVICE,
+    ENV_LOG_FORMAT, ENV_POD_IP, ENV_POD_NAME, ENV_POD_NAMESPACE, ENV_SERVICE, ENV_STATEFULSET,
+    IMAGE_BINARY, INSTALL_CONTAINER, LABEL_UPDATER_CONTAINER, WRAPPER_PATH,
 };
 
 pub const DEFAULT_DKRON_COMMAND: &str = "/usr/local/bin/dkron";
@@ -343,6 +343,16 @@ fn apply_plan(
     );
 
     inject_dkron_container(&mut pod.containers[plan.container_index], plan, config);
+
+    // Ready only while the controller sees the server as a raft voter: rolling updates, the
+    // PodDisruptionBudget and drains then wait for a restarted server to be back in raft.
+    upsert_by_name(
+        pod.readiness_gates.get_or_insert_with(Vec::new),
+        PodReadinessGate {
+            condition_type: CONDITION_RAFT_VOTER.into(),
+        },
+        |g| &g.condition_type,
+    );
 
     // The sidecar lives in exactly one of the two lists, depending on the mode.
     let sidecar = label_updater_container(config);

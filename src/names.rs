@@ -12,6 +12,8 @@ pub const ANNOTATION_INJECTED: &str = "dkron-ha/injected";
 
 /// Pod label kept true to Dkron's leadership by the label-updater; the leader Service selects it.
 pub const LABEL_LEADER: &str = "dkron-ha/leader";
+/// The pod readiness gate's condition type: True while the pod's server is a raft voter.
+pub const CONDITION_RAFT_VOTER: &str = "dkron-ha/raft-voter";
 /// The label every object dkron-ha creates carries, with value [`MANAGED_BY`].
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "dkron-ha";

@@ -51,6 +51,7 @@ fn start_controller_with_resync(
         identity: Some(identity.into()),
         lease_seconds: 6,
         resync_seconds,
+        raft_interval_seconds: 5,
     };
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = ControllerMetrics::register(&mut registry);

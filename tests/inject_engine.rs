@@ -429,7 +429,7 @@ fn opts_in(value: &Value) -> bool {
 }
 
 /// Where the engine may write: everything else of the object is the user's.
-const ENGINE_PATHS: [&str; 7] = [
+const ENGINE_PATHS: [&str; 8] = [
     "/spec/podManagementPolicy",
     "/spec/template/metadata",
     "/spec/template/spec/serviceAccountName",
@@ -437,6 +437,7 @@ const ENGINE_PATHS: [&str; 7] = [
     "/spec/template/spec/initContainers",
     "/spec/template/spec/containers",
     "/spec/template/spec/automountServiceAccountToken",
+    "/spec/template/spec/readinessGates",
 ];
 
 proptest! {

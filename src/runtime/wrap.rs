@@ -336,7 +336,7 @@ pub async fn ask_peers_for_leader(peers: &[String]) -> Vec<PeerAnswer> {
             .leader(peer, dkron::HTTP_PORT, LEADER_QUERY_TIMEOUT)
             .await;
         match answer {
-            Ok(LeaderAnswer::Known { name }) => {
+            Ok(LeaderAnswer::Known { name, .. }) => {
                 tracing::info!(peer = %peer, leader = ?name, "peer knows a leader");
                 PeerAnswer::Leader
             }

@@ -1,0 +1,262 @@
+//! The raft peer loop: per opted-in StatefulSet, on its pods' and its own events and every
+//! `--raft-interval`, it finds the Dkron leader among the pods, reads the leader's raft
+//! configuration (gRPC) and serf members (HTTP), writes each pod's `dkron-ha/raft-voter`
+//! condition and removes at most one raft server whose pod must not exist any more
+//! ([`super::raft`] decides both).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+
+use super::raft::{
+    LeaderView, Member, MemberStatus, PodState, ordinal, raft_server_to_remove, voter_conditions,
+};
+use super::{Context, FIELD_MANAGER, Result};
+use crate::dkron::grpc::{GrpcError, RaftClient};
+use crate::dkron::{DkronClient, HTTP_PORT, LeaderAnswer};
+use crate::inject;
+use crate::names::CONDITION_RAFT_VOTER;
+
+/// What the peer loop keeps between rounds.
+pub struct Peers {
+    dkron: DkronClient,
+    /// One gRPC client per StatefulSet (`namespace/name`): each remembers its cluster's package.
+    raft: Mutex<HashMap<String, Arc<RaftClient>>>,
+    /// Bound of every call to Dkron.
+    timeout: Duration,
+    /// Time between rounds.
+    pub interval: Duration,
+}
+
+impl Peers {
+    pub fn new(interval: Duration, timeout: Duration) -> Self {
+        Self {
+            // Building a reqwest client fails only without a TLS backend, and ours has none.
+            dkron: DkronClient::new().expect("an HTTP client without TLS builds"),
+            raft: Mutex::new(HashMap::new()),
+            timeout,
+            interval,
+        }
+    }
+
+    fn raft_client(&self, key: &str) -> Arc<RaftClient> {
+        let mut clients = self.raft.lock().expect("raft clients lock");
+        clients
+            .entry(key.to_owned())
+            .or_insert_with(|| Arc::new(RaftClient::new(self.timeout)))
+            .clone()
+    }
+}
+
+/// The leader's view and where to reach the leader's raft API.
+struct Leader {
+    view: LeaderView,
+    rpc_addr: String,
+}
+
+/// Asks the pods, lowest ordinal first, who leads, then the leader itself for its raft
+/// configuration and serf members. `None` when no pod names a leader, or the named one does not
+/// lead by its own configuration (an election in between: next round).
+async fn find_leader(peers: &Peers, raft: &RaftClient, pods: &[PodState]) -> Option<Leader> {
+    for pod in pods {
+        let Some(ip) = pod.ip.as_deref() else {
+            continue;
+        };
+        let rpc_addr = match peers.dkron.leader(ip, HTTP_PORT, peers.timeout).await {
+            Ok(LeaderAnswer::Known { rpc_addr, .. }) => rpc_addr,
+            Ok(_) => continue,
+            Err(error) => {
+                tracing::debug!(pod = %pod.name, %error, "no answer to GET /v1/leader");
+                continue;
+            }
+        };
+        let configuration = match raft.configuration(&rpc_addr).await {
+            Ok(configuration) => configuration,
+            Err(error) => {
+                tracing::warn!(pod = %pod.name, leader = %rpc_addr, %error, "cannot read the raft configuration");
+                return None;
+            }
+        };
+        if !configuration
+            .servers
+            .iter()
+            .any(|s| s.leader && s.address == rpc_addr)
+        {
+            tracing::debug!(leader = %rpc_addr, "the named leader does not lead by its configuration");
+            return None;
+        }
+        let host = rpc_addr
+            .rsplit_once(':')
+            .map_or(rpc_addr.as_str(), |(h, _)| h);
+        let members = match peers.dkron.members(host, HTTP_PORT, peers.timeout).await {
+            Ok(Some(members)) => members,
+            Ok(None) => {
+                tracing::warn!(leader = %rpc_addr, "GET /v1/members answered no member list");
+                return None;
+            }
+            Err(error) => {
+                tracing::warn!(leader = %rpc_addr, %error, "cannot read the serf members");
+                return None;
+            }
+        };
+        let members = members
+            .into_iter()
+            .map(|m| {
+                let member = Member {
+                    status: MemberStatus::from_code(m.status),
+                    addr: m.addr,
+                };
+                (m.name, member)
+            })
+            .collect();
+        return Some(Leader {
+            view: LeaderView {
+                servers: configuration.servers,
+                members,
+            },
+            rpc_addr,
+        });
+    }
+    None
+}
+
+/// The StatefulSet's own pods (owned by it, named `<sts>-<ordinal>`), lowest ordinal first.
+async fn pods_of(ctx: &Context, sts: &StatefulSet, namespace: &str) -> Result<Vec<PodState>> {
+    let name = sts.name_any();
+    let uid = sts.uid().unwrap_or_default();
+    let labels = sts
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.match_labels.as_ref())
+        .map(|labels| {
+            labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default();
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    let mut pods: Vec<(i32, PodState)> = api
+        .list(&ListParams::default().labels(&labels))
+        .await?
+        .into_iter()
+        .filter(|p| p.owner_references().iter().any(|o| o.uid == uid))
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| {
+            let n = ordinal(&name, &p.name_any())?;
+            let status = p.status.as_ref();
+            let voter_condition = status
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|c| c.iter().find(|c| c.type_ == CONDITION_RAFT_VOTER))
+                .map(|c| c.status == "True");
+            Some((
+                n,
+                PodState {
+                    name: p.name_any(),
+                    ip: status.and_then(|s| s.pod_ip.clone()),
+                    voter_condition,
+                },
+            ))
+        })
+        .collect();
+    pods.sort_by_key(|(n, _)| *n);
+    Ok(pods.into_iter().map(|(_, p)| p).collect())
+}
+
+async fn set_condition(api: &Api<Pod>, pod: &str, voter: bool, why: &str) -> Result<()> {
+    let (status, reason) = if voter {
+        ("True", "RaftVoter")
+    } else {
+        ("False", "NotRaftVoter")
+    };
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let patch = serde_json::json!({
+        "status": {"conditions": [{
+            "type": CONDITION_RAFT_VOTER,
+            "status": status,
+            "reason": reason,
+            "message": why,
+            "lastTransitionTime": now,
+        }]}
+    });
+    api.patch_status(
+        pod,
+        &PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        },
+        // Pod conditions merge by type: this writes ours and nobody else's.
+        &Patch::Strategic(patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// One round for one opted-in StatefulSet.
+pub async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Action> {
+    let Some(namespace) = sts.namespace() else {
+        return Ok(Action::await_change());
+    };
+    if sts.metadata.deletion_timestamp.is_some() || !inject::is_opted_in(&sts) {
+        return Ok(Action::await_change());
+    }
+    let name = sts.name_any();
+    let peers = &ctx.peers;
+    let replicas = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let pods = pods_of(&ctx, &sts, &namespace).await?;
+    let raft = peers.raft_client(&format!("{namespace}/{name}"));
+    let leader = find_leader(peers, &raft, &pods).await;
+
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    for (pod, voter) in voter_conditions(leader.as_ref().map(|l| &l.view), &pods) {
+        let why = match (&leader, voter) {
+            (Some(_), true) => "a raft voter in the leader's configuration, alive in serf",
+            (Some(_), false) => {
+                "not a voter in the leader's configuration, or not alive in serf at this pod's IP"
+            }
+            (None, _) => "no leader yet and no server ready: a cold start",
+        };
+        tracing::info!(%namespace, statefulset = %name, %pod, voter, why, "raft-voter condition");
+        set_condition(&api, &pod, voter, why).await?;
+    }
+
+    let Some(leader) = leader else {
+        return Ok(Action::requeue(peers.interval));
+    };
+    if let Some(removal) = raft_server_to_remove(&name, replicas, &leader.view, &pods) {
+        match raft.remove_peer(&leader.rpc_addr, &removal.id).await {
+            Ok(()) => {
+                ctx.metrics.raft_removals.inc();
+                tracing::info!(%namespace, statefulset = %name, server = %removal.id, why = %removal, "raft server removed");
+                super::publish(
+                    &ctx,
+                    &sts,
+                    EventType::Normal,
+                    "RaftPeerRemoved",
+                    format!("removed {removal}"),
+                )
+                .await;
+                // The next one (if any) once this removal is in the configuration.
+                return Ok(Action::requeue(Duration::from_secs(1)));
+            }
+            // The leader changed since it was asked: the next round asks again.
+            Err(error @ GrpcError::NotLeader { .. }) => {
+                tracing::info!(%namespace, statefulset = %name, server = %removal.id, %error, "not removed: the leader changed");
+            }
+            Err(error) => {
+                tracing::warn!(%namespace, statefulset = %name, server = %removal.id, %error, "cannot remove the raft server");
+            }
+        }
+    }
+    tracing::debug!(%namespace, statefulset = %name, servers = leader.view.servers.len(), package = ?raft.package(), "raft peers checked");
+    Ok(Action::requeue(peers.interval))
+}
