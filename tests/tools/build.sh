@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the real components dkron-ha's tests run (etcd, the Kubernetes control plane and node
-# components, CoreDNS, helm) from their pinned Go modules into a gitignored cache, after making
+# components, CoreDNS, helm) and the Dkron stand-in from their pinned Go modules into a gitignored cache, after making
 # sure the Debian packages the test nodes run (containerd, runc, CNI plugins, iptables) are there. A module's binaries are
 # rebuilt only when the go.mod/go.sum that pins them (or their version stamp) changes or one is
 # missing, so a warm machine pays nothing. Prints the cache's bin directory.
@@ -43,15 +43,20 @@ ensure_node_packages() {
 }
 ensure_node_packages
 
-# [EXTRA_LDFLAGS=...] build_module DIR NAME=PACKAGE... : builds each PACKAGE of the Go module
-# in tests/tools/DIR as $cache/bin/NAME, linked with EXTRA_LDFLAGS (-X version stamps) if set.
-# The stamp $cache/DIR.stamp holds the sha256 of that go.mod+go.sum (+ EXTRA_LDFLAGS).
+# [EXTRA_LDFLAGS=...] [WITH_SOURCES=1] build_module DIR NAME=PACKAGE... : builds each PACKAGE of
+# the Go module in tests/tools/DIR as $cache/bin/NAME, linked with EXTRA_LDFLAGS (-X version
+# stamps) if set. The stamp $cache/DIR.stamp holds the sha256 of that go.mod+go.sum
+# (+ EXTRA_LDFLAGS; + the module's own non-test .go files with WITH_SOURCES=1, for a module
+# whose program is its own code).
 build_module() {
 	local dir="$1"; shift
 	local stamp="$cache/$dir.stamp"
 	local extra="${EXTRA_LDFLAGS:-}"
 	local want have="" spec name pkg
-	want="$({ cat "$here/$dir/go.mod" "$here/$dir/go.sum"; printf '%s' "$extra"; } | sha256sum | cut -d' ' -f1)"
+	want="$({ cat "$here/$dir/go.mod" "$here/$dir/go.sum"; printf '%s' "$extra"
+		if [ "${WITH_SOURCES:-0}" = 1 ]; then
+			find "$here/$dir" -maxdepth 1 -name '*.go' ! -name '*_test.go' | LC_ALL=C sort | xargs cat
+		fi; } | sha256sum | cut -d' ' -f1)"
 	if [ -f "$stamp" ]; then have="$(cat "$stamp")"; fi
 	local todo=()
 	for spec in "$@"; do
@@ -95,4 +100,6 @@ EXTRA_LDFLAGS="-X helm.sh/helm/v3/internal/version.version=v3.22.0 \
 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=37 \
 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=37" \
 	build_module helm helm=helm.sh/helm/v3/cmd/helm
+# The Dkron stand-in the tests run when DKRON_BIN names no real Dkron (a test fixture).
+WITH_SOURCES=1 build_module dkron-standin dkron-standin=.
 echo "$cache/bin"
