@@ -41,15 +41,11 @@ type Agent struct {
 	listener  net.Listener
 	fsm       *jobFSM
 
-	lookup     *serverLookup
-	peerLock   sync.Mutex
-	peers      map[string][]*serverParts
-	localPeers map[raft.ServerAddress]*serverParts
+	lookup *serverLookup
 }
 
 func newAgent(cfg *Config) *Agent {
-	return &Agent{config: cfg, retryJoinCh: make(chan error), lookup: newServerLookup(),
-		peers: map[string][]*serverParts{}, localPeers: map[raft.ServerAddress]*serverParts{}}
+	return &Agent{config: cfg, retryJoinCh: make(chan error), lookup: newServerLookup()}
 }
 
 func (a *Agent) getRaft() *raft.Raft {
@@ -89,10 +85,7 @@ func (a *Agent) Start() error {
 	a.listener = l
 	if a.config.Server {
 		a.startServer()
-	} else {
-		// Dkron serves only its AgentService (job runs) on a non-server agent: nothing here.
-		go func() { _ = newGRPCServer(a, false).Serve(l) }()
-	}
+	} // a non-server Dkron serves only its AgentService (job runs): nothing here.
 	// Dkron v4.1.2 agent.go Start writes rpc_addr (serf's advertised IP + the advertised RPC
 	// port, advertiseRPCAddr) and port INTO the local member's tag map, which serf shares with
 	// the member-join event of this node it queued at serf.Create. When that event was flushed
@@ -258,7 +251,7 @@ func (a *Agent) retryJoinLAN() {
 // transport over the RPC port's raft side (pool 3, timeout 30 s) with the server lookup as its
 // ServerAddressProvider; raft's default timings times --raft-multiplier; snapshots (3 kept)
 // and a BoltDB log/stable store (behind a 512-entry log cache) under DATA_DIR/raft;
-// DATA_DIR/raft/peers.json recovers the configuration; --bootstrap-expect=1 bootstraps alone.
+// --bootstrap-expect=1 bootstraps alone. (Dkron's peers.json recovery is not mirrored.)
 func (a *Agent) setupRaft() error {
 	c := a.config
 	if c.BootstrapExpect == 1 {
@@ -290,20 +283,6 @@ func (a *Agent) setupRaft() error {
 		store.Close()
 		return err
 	}
-	if peers := filepath.Join(dir, "peers.json"); fileExists(peers) {
-		logf(lInfo, "found peers.json file, recovering Raft configuration...")
-		conf, err := raft.ReadConfigJSON(peers)
-		if err != nil {
-			return fmt.Errorf("recovery failed to parse peers.json: %v", err)
-		}
-		if err := raft.RecoverCluster(rc, newFSM(), logs, store, snaps, trans, conf); err != nil {
-			return fmt.Errorf("recovery failed: %v", err)
-		}
-		if err := os.Remove(peers); err != nil {
-			return fmt.Errorf("recovery failed to delete peers.json, please delete manually (see peers.info for details): %v", err)
-		}
-		logf(lInfo, "deleted peers.json file after successful recovery")
-	}
 	if c.Bootstrap {
 		has, err := raft.HasExistingState(logs, store, snaps)
 		if err != nil {
@@ -326,8 +305,6 @@ func (a *Agent) setupRaft() error {
 	return nil
 }
 
-func fileExists(p string) bool { _, err := os.Stat(p); return err == nil }
-
 // Stop mirrors Dkron v4.1.2 agent.go Stop: raft shutdown (Dkron drops the future, so raft's
 // transport and the RPC listener stay open), then serf leave (it broadcasts the leave and
 // waits for it to spread) and serf shutdown. POST /v1/leave runs it synchronously (peers see
@@ -341,20 +318,6 @@ func (a *Agent) Stop() error {
 		return err
 	}
 	return a.serf.Shutdown()
-}
-
-// UpdateTags: Dkron v4.1.2 agent.go UpdateTags (SIGHUP): new tags, keeping the reserved ones.
-func (a *Agent) UpdateTags(tags map[string]string) {
-	cur := a.serf.LocalMember().Tags
-	for _, k := range []string{"role", "version", "server", "bootstrap", "expect", "port", "rpc_addr"} {
-		if v, ok := cur[k]; ok {
-			tags[k] = v
-		}
-	}
-	tags["dc"], tags["region"] = a.config.Datacenter, a.config.Region
-	if err := a.serf.SetTags(tags); err != nil {
-		logf(lWarn, "Setting tags unsuccessful: %s.", err)
-	}
 }
 
 // eventLoop: Dkron v4.1.2 agent.go eventLoop: member-join -> nodeJoin (server lookup,
@@ -388,8 +351,8 @@ func (a *Agent) eventLoop() {
 }
 
 // nodeJoin: Dkron v4.1.2 dkron/serf.go nodeJoin: a joining server (see isServer: it needs a
-// port tag) goes into the server lookup and the peer list, and while bootstrap-expect is set,
-// maybeBootstrap runs. Only a member-join does this: serf coalesces a join and the rpc_addr/port
+// port tag) goes into the server lookup (and Dkron's peer list, see serverLookup.peers); while
+// bootstrap-expect is set, maybeBootstrap runs. Only a member-join does this: serf coalesces a join and the rpc_addr/port
 // tag update that follows it within its quiescent/coalesce window (1 s/3 s) into one
 // member-update, and a join seen before the tags is not a server, so when every server joins
 // and sets its tags quickly no server ever bootstraps (DESIGN.md: 133 s without a leader with
@@ -403,21 +366,6 @@ func (a *Agent) nodeJoin(me serf.MemberEvent) {
 		}
 		logf(lInfo, "Adding LAN adding server %s", parts.Name)
 		a.lookup.AddServer(parts)
-		a.peerLock.Lock()
-		existing, found := a.peers[parts.Region], false
-		for i, e := range existing {
-			if e.Name == parts.Name {
-				existing[i], found = parts, true
-				break
-			}
-		}
-		if !found {
-			a.peers[parts.Region] = append(existing, parts)
-		}
-		if parts.Region == a.config.Region {
-			a.localPeers[raft.ServerAddress(parts.Addr.String())] = parts
-		}
-		a.peerLock.Unlock()
 		if a.config.BootstrapExpect != 0 {
 			a.maybeBootstrap()
 		}
@@ -498,23 +446,6 @@ func (a *Agent) nodeFailed(me serf.MemberEvent) {
 			continue
 		}
 		logf(lInfo, "removing server %s", parts)
-		a.peerLock.Lock()
-		existing := a.peers[parts.Region]
-		for i, e := range existing {
-			if e.Name == parts.Name {
-				existing = append(existing[:i], existing[i+1:]...)
-				break
-			}
-		}
-		if len(existing) == 0 {
-			delete(a.peers, parts.Region)
-		} else {
-			a.peers[parts.Region] = existing
-		}
-		if parts.Region == a.config.Region {
-			delete(a.localPeers, raft.ServerAddress(parts.Addr.String()))
-		}
-		a.peerLock.Unlock()
 		a.lookup.RemoveServer(parts)
 	}
 }
@@ -619,6 +550,19 @@ func (l *serverLookup) RemoveServer(s *serverParts) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	delete(l.byID, raft.ServerID(s.ID))
+}
+
+// peers: the servers by region as Dkron v4.1.2 keeps them in Agent.peers (added on a server's
+// member-join, removed when it fails or leaves; /v1/leave answers them). The lookup gets the
+// same adds and removes, plus member-updates.
+func (l *serverLookup) peers() map[string][]*serverParts {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	out := map[string][]*serverParts{}
+	for _, s := range l.byID {
+		out[s.Region] = append(out[s.Region], s)
+	}
+	return out
 }
 
 func (l *serverLookup) ServerAddr(id raft.ServerID) (raft.ServerAddress, error) {

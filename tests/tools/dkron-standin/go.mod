@@ -1,5 +1,7 @@
 // The Dkron stand-in dkron-ha's CI runs (a test fixture, never shipped): built on the libraries
-// and versions Dkron v4.1.2's go.mod pins.
+// and versions Dkron v4.1.2's go.mod pins (raft, raft-boltdb, serf, memberlist, grpc, protobuf,
+// go-sockaddr, cmux, cobra, pflag, viper, robfig/cron); the indirect modules built into it are
+// at Dkron's versions too. The proxy served every pin: no version had to be moved.
 module dkron-ha/tests/tools/dkron-standin
 
 go 1.26.0

@@ -154,9 +154,7 @@ func (a *Agent) leader(w http.ResponseWriter, r *http.Request) {
 // JSON, 200 (500 if the stop failed). The process keeps running until it is signalled.
 func (a *Agent) leave(w http.ResponseWriter, r *http.Request) {
 	err := a.Stop()
-	a.peerLock.Lock()
-	body, _ := json.Marshal(a.peers)
-	a.peerLock.Unlock()
+	body, _ := json.Marshal(a.lookup.peers())
 	if err != nil {
 		logf(lError, "api: leave: %v", err)
 		w.WriteHeader(500)

@@ -12,15 +12,15 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"text/tabwriter"
 	"time"
 
-	"github.com/hashicorp/serf/serf"
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 	"github.com/spf13/viper"
 )
 
-// The serf "version" tag and `dkron version` (Dkron v4.1.2 dkron/version.go: set at build time).
+// The serf "version" tag (Dkron v4.1.2 dkron/version.go: set at build time).
 const version = "4.1.2-standin"
 
 // Config holds the settings Dkron v4.1.2 dkron/config.go keeps, under the same mapstructure
@@ -164,11 +164,7 @@ func main() {
 	}
 	log.SetFlags(log.LstdFlags | log.Lmicroseconds)
 	root := &cobra.Command{Use: "dkron", Short: "Dkron stand-in (dkron-ha CI fixture)"}
-	root.AddCommand(agentCommand(), raftCommand(), &cobra.Command{Use: "version", Short: "Show version",
-		Run: func(*cobra.Command, []string) {
-			fmt.Printf("Name: Dkron\nVersion: %s\nCodename: Devel\nAgent Protocol: %d (Understands back to: %d)\n",
-				version, serf.ProtocolVersionMax, serf.ProtocolVersionMin)
-		}})
+	root.AddCommand(agentCommand(), raftCommand())
 	// Dkron v4.1.2 cmd/dkron.go Execute: cobra prints "Error: ..." and the usage to stderr, then
 	// Dkron prints the error to stdout and exits 1 (an unknown flag, a failed start).
 	if err := root.Execute(); err != nil {
@@ -203,7 +199,7 @@ func agentCommand() *cobra.Command {
 			// after Start returned (Start blocks in the retry-join loop until a join succeeds):
 			// until then SIGHUP, SIGTERM and SIGINT kill the process (Go's default), as observed
 			// (DESIGN.md Dkron facts).
-			if code := handleSignals(a, v, cfgFile); code != 0 {
+			if code := handleSignals(a); code != 0 {
 				return fmt.Errorf("exit status: %d", code)
 			}
 			return nil
@@ -215,13 +211,13 @@ func agentCommand() *cobra.Command {
 	return cmd
 }
 
-// handleSignals mirrors Dkron v4.1.2 cmd/agent.go handleSignals: SIGHUP reloads the config
-// and re-applies the tags; SIGTERM or SIGINT starts agent.Stop in a goroutine and returns 0
+// handleSignals mirrors Dkron v4.1.2 cmd/agent.go handleSignals: SIGHUP does not stop it;
+// SIGTERM or SIGINT starts agent.Stop in a goroutine and returns 0
 // without waiting for it (no running jobs or plugins to wait for here), so the process exits
 // 0 while raft shuts down and before the serf leave goes out: peers see the server failed
 // (status 4), not left (observed in 11 of 12 stops, DESIGN.md Dkron facts). A retry-join
 // error makes it return 1.
-func handleSignals(a *Agent, v *viper.Viper, cfgFile string) int {
+func handleSignals(a *Agent) int {
 	sigCh := make(chan os.Signal, 4)
 	signal.Notify(sigCh, os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
 	for {
@@ -236,10 +232,8 @@ func handleSignals(a *Agent, v *viper.Viper, cfgFile string) int {
 		if sig != syscall.SIGHUP {
 			break
 		}
+		// Dkron reloads its config and re-applies the tags: the stand-in only goes on.
 		logf(lInfo, "Reloading configuration...")
-		if cfg, err := loadConfig(v, cfgFile); err == nil {
-			a.UpdateTags(cfg.Tags)
-		}
 	}
 	logf(lInfo, "agent: Gracefully shutting down agent...")
 	go func() {
@@ -275,15 +269,17 @@ func raftCommand() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			rows := [][]string{{"Node", "ID", "Address", "State", "Voter"}}
+			// Dkron prints it with columnize: columns two spaces apart.
+			w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+			fmt.Fprint(w, "Node\tID\tAddress\tState\tVoter\n")
 			for _, s := range servers {
 				state := "follower"
 				if s.Leader {
 					state = "leader"
 				}
-				rows = append(rows, []string{s.Node, s.ID, s.Address, state, fmt.Sprint(s.Voter)})
+				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%v\n", s.Node, s.ID, s.Address, state, s.Voter)
 			}
-			fmt.Println(columns(rows))
+			w.Flush()
 			return nil
 		}}
 	remove := &cobra.Command{Use: "remove-peer", Short: "Command to remove a peer from raft",
@@ -301,31 +297,6 @@ func raftCommand() *cobra.Command {
 	remove.Flags().StringVar(&peerID, "peer-id", "", "Remove a Dkron server with the given ID from the Raft configuration.")
 	cmd.AddCommand(list, remove)
 	return cmd
-}
-
-// columns aligns rows like the columnize package Dkron uses (two spaces between columns).
-func columns(rows [][]string) string {
-	width := make([]int, len(rows[0]))
-	for _, r := range rows {
-		for i, c := range r {
-			width[i] = max(width[i], len(c))
-		}
-	}
-	var b strings.Builder
-	for n, r := range rows {
-		if n > 0 {
-			b.WriteByte('\n')
-		}
-		line := ""
-		for i, c := range r {
-			if i < len(r)-1 {
-				c += strings.Repeat(" ", width[i]-len(c)+2)
-			}
-			line += c
-		}
-		b.WriteString(line)
-	}
-	return b.String()
 }
 
 // Levels as logrus names them (Dkron v4.1.2 dkron/log.go InitLogger: an unknown level is

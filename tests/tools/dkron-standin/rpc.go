@@ -257,8 +257,8 @@ func rpcActiveExecutions(addr string) error {
 }
 
 // rpcSetJob: Dkron v4.1.2 dkron/grpc_client.go SetJob: every server, the leader included,
-// sends the job to raft's current leader address over gRPC (with no leader the dial of "" waits
-// out its 10 s).
+// sends the job to raft's current leader address over gRPC (with no leader grpc-go v1.82.1
+// refuses the empty target at once: "... received empty target in Build()").
 func (a *Agent) rpcSetJob(j *Job) error {
 	body, err := json.Marshal(j)
 	if err != nil {
