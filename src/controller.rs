@@ -220,12 +220,26 @@ where
 }
 
 async fn publish(ctx: &Context, sts: &StatefulSet, type_: EventType, reason: &str, note: String) {
+    publish_about(ctx, sts, type_, reason, note, None).await;
+}
+
+/// An Event on `sts`, `related` to another object: kube's recorder folds events with the same
+/// reason, object and related object into one series, so what must stay apart (each raft
+/// removal) names its own related object.
+async fn publish_about(
+    ctx: &Context,
+    sts: &StatefulSet,
+    type_: EventType,
+    reason: &str,
+    note: String,
+    related: Option<k8s_openapi::api::core::v1::ObjectReference>,
+) {
     let event = Event {
         type_,
         reason: reason.into(),
         note: Some(note),
         action: "Reconcile".into(),
-        secondary: None,
+        secondary: related,
     };
     if let Err(error) = ctx.recorder.publish(&event, &sts.object_ref(&())).await {
         tracing::warn!(%error, reason, "cannot publish event");

@@ -33,6 +33,8 @@ pub const ENV_LOG_FORMAT: &str = "DKRON_HA_LOG_FORMAT";
 
 /// The injected parts of the pod template.
 pub const BIN_VOLUME: &str = "dkron-ha-bin";
+/// The emptyDir's `sizeLimit` in MiB: the kubelet evicts a pod whose copy of dkron-ha is larger.
+pub const BIN_VOLUME_SIZE_LIMIT_MIB: u64 = 64;
 pub const BIN_DIR: &str = "/dkron-ha/bin";
 pub const WRAPPER_PATH: &str = "/dkron-ha/bin/dkron-ha";
 pub const INSTALL_CONTAINER: &str = "dkron-ha-install";

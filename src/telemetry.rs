@@ -14,8 +14,10 @@ pub enum LogFormat {
 pub fn init(format: LogFormat, filter: &str) -> Result<(), String> {
     let filter = EnvFilter::try_new(filter)
         .map_err(|e| format!("--log-level {filter:?} is not a valid filter: {e}"))?;
+    // Colours only on a terminal: in `kubectl logs` escape codes are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Text => builder.try_init(),

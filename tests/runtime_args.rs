@@ -120,6 +120,8 @@ fn any_peer_knowing_a_leader_means_no_bootstrap() {
     assert_eq!(bootstrap_expect(3, &[NoLeader, NoLeader]), Some(3));
     assert_eq!(bootstrap_expect(3, &[NoAnswer, NoAnswer]), Some(3));
     assert_eq!(bootstrap_expect(1, &[]), Some(1));
+    // A peer of a formed cluster that is electing: no bootstrap either.
+    assert_eq!(bootstrap_expect(3, &[NoLeader, Formed]), None);
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -237,12 +237,20 @@ pub async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Actio
             Ok(()) => {
                 ctx.metrics.raft_removals.inc();
                 tracing::info!(%namespace, statefulset = %name, server = %removal.id, why = %removal, "raft server removed");
-                super::publish(
+                let pod = ObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    namespace: Some(namespace.clone()),
+                    name: Some(removal.id.clone()),
+                    ..Default::default()
+                };
+                super::publish_about(
                     &ctx,
                     &sts,
                     EventType::Normal,
                     "RaftPeerRemoved",
                     format!("removed {removal}"),
+                    Some(pod),
                 )
                 .await;
                 // The next one (if any) once this removal is in the configuration.

@@ -5,6 +5,7 @@
 //! flags or environment variables from the command and the observations, with no I/O.
 
 use super::peers::{ClusterSettings, SettingsError};
+use crate::dkron::grpc::{RPC_PORT, RaftClient};
 use crate::dkron::{self, DkronClient, LeaderAnswer};
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
@@ -253,14 +254,22 @@ pub fn plan_launch(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerAnswer {
     Leader,
+    /// No leader right now, but the peer's raft configuration has servers: the cluster exists
+    /// and is electing (seen on real Dkron v4.1.2 when a leader restarts: its pod was back
+    /// before the others had elected, and it would have bootstrapped).
+    Formed,
     NoLeader,
     NoAnswer,
 }
 
-/// `--bootstrap-expect` value from the peers' answers (pure): any leader → none (join it);
-/// no leader anywhere (or nobody answering: a cold start) → the initial cluster size.
+/// `--bootstrap-expect` value from the peers' answers (pure): any leader, or any peer of a
+/// formed cluster → none (join it); no leader and no configuration anywhere (or nobody
+/// answering: a cold start) → the initial cluster size.
 pub fn bootstrap_expect(initial_cluster_size: u32, answers: &[PeerAnswer]) -> Option<u32> {
-    if answers.contains(&PeerAnswer::Leader) {
+    if answers
+        .iter()
+        .any(|a| matches!(a, PeerAnswer::Leader | PeerAnswer::Formed))
+    {
         None
     } else {
         Some(initial_cluster_size)
@@ -321,8 +330,11 @@ pub async fn wait_for_names(settings: &ClusterSettings) -> bool {
     }
 }
 
-/// Asks every other peer `GET /v1/leader` concurrently; unreachable peers are `NoAnswer`.
+/// Asks every other peer `GET /v1/leader` concurrently, and a peer without a leader for its
+/// raft configuration (gRPC); unreachable peers are `NoAnswer`.
 pub async fn ask_peers_for_leader(peers: &[String]) -> Vec<PeerAnswer> {
+    let raft = RaftClient::new(LEADER_QUERY_TIMEOUT);
+    let raft = &raft;
     let dkron = match DkronClient::new() {
         Ok(dkron) => dkron,
         Err(error) => {
@@ -340,7 +352,19 @@ pub async fn ask_peers_for_leader(peers: &[String]) -> Vec<PeerAnswer> {
                 tracing::info!(peer = %peer, leader = ?name, "peer knows a leader");
                 PeerAnswer::Leader
             }
-            Ok(LeaderAnswer::NoLeader) => PeerAnswer::NoLeader,
+            Ok(LeaderAnswer::NoLeader) => {
+                match raft.configuration(&format!("{peer}:{RPC_PORT}")).await {
+                    Ok(configuration) if !configuration.servers.is_empty() => {
+                        tracing::info!(peer = %peer, servers = configuration.servers.len(), "peer has no leader yet but a raft configuration: the cluster exists");
+                        PeerAnswer::Formed
+                    }
+                    Ok(_) => PeerAnswer::NoLeader,
+                    Err(error) => {
+                        tracing::debug!(peer = %peer, %error, "no raft configuration from a peer without a leader");
+                        PeerAnswer::NoLeader
+                    }
+                }
+            }
             Ok(LeaderAnswer::Unexpected { status }) => {
                 tracing::warn!(peer = %peer, status, "unexpected answer to GET /v1/leader");
                 PeerAnswer::NoAnswer

@@ -52,7 +52,12 @@ fn build() -> Result<Images, String> {
         .env("CARGO_TARGET_DIR", &static_dir)
         // glibc linked in statically; the target is explicit so build scripts and proc macros
         // (which must be dynamic) are not.
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        // Without symbols: a debug build with them (82 MB) outgrows the injected emptyDir's
+        // sizeLimit, and the kubelet evicts every Dkron pod a minute after it starts.
+        .env(
+            "RUSTFLAGS",
+            "-C target-feature=+crt-static -C strip=symbols",
+        )
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .output()
         .map_err(|error| format!("run {cargo}: {error}"))?;
@@ -70,6 +75,16 @@ fn build() -> Result<Images, String> {
     let bin = static_dir.join("x86_64-unknown-linux-gnu/debug");
     let dkron_ha = bin.join("dkron-ha");
     let testbed = bin.join("examples/testbed");
+    let size = fs::metadata(&dkron_ha)
+        .map_err(|error| format!("{}: {error}", dkron_ha.display()))?
+        .len();
+    let limit = dkron_ha::names::BIN_VOLUME_SIZE_LIMIT_MIB * 1024 * 1024;
+    if size > limit {
+        return Err(format!(
+            "{} is {size} bytes, more than the {limit} the injected emptyDir may hold",
+            dkron_ha.display()
+        ));
+    }
     for executable in [&dkron_ha, &testbed] {
         if has_interpreter(executable)? {
             return Err(format!(
