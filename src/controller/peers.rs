@@ -56,76 +56,75 @@ impl Peers {
     }
 }
 
-/// The leader's view and where to reach the leader's raft API.
-struct Leader {
-    view: LeaderView,
-    rpc_addr: String,
-}
-
-/// Asks the pods, lowest ordinal first, who leads, then the leader itself for its raft
-/// configuration and serf members. `None` when no pod names a leader, or the named one does not
-/// lead by its own configuration (an election in between: next round).
-async fn find_leader(peers: &Peers, raft: &RaftClient, pods: &[PodState]) -> Option<Leader> {
-    for pod in pods {
-        let Some(ip) = pod.ip.as_deref() else {
-            continue;
-        };
-        let rpc_addr = match peers.dkron.leader(ip, HTTP_PORT, peers.timeout).await {
-            Ok(LeaderAnswer::Known { rpc_addr, .. }) => rpc_addr,
-            Ok(_) => continue,
+/// Asks every pod's Dkron who leads (`GET /v1/leader`, concurrently), noting the answer in
+/// `leader_seen`.
+async fn ask_pods(peers: &Peers, pods: &mut [PodState]) {
+    let asks = pods.iter().map(|pod| async move {
+        let ip = pod.ip.as_deref()?;
+        match peers.dkron.leader(ip, HTTP_PORT, peers.timeout).await {
+            Ok(LeaderAnswer::Known { rpc_addr, .. }) => Some(rpc_addr),
+            Ok(_) => None,
             Err(error) => {
                 tracing::debug!(pod = %pod.name, %error, "no answer to GET /v1/leader");
-                continue;
+                None
             }
-        };
-        let configuration = match raft.configuration(&rpc_addr).await {
-            Ok(configuration) => configuration,
-            Err(error) => {
-                tracing::warn!(pod = %pod.name, leader = %rpc_addr, %error, "cannot read the raft configuration");
-                return None;
-            }
-        };
-        if !configuration
-            .servers
-            .iter()
-            .any(|s| s.leader && s.address == rpc_addr)
-        {
-            tracing::debug!(leader = %rpc_addr, "the named leader does not lead by its configuration");
+        }
+    });
+    let answers = futures::future::join_all(asks).await;
+    for (pod, answer) in pods.iter_mut().zip(answers) {
+        pod.leader_seen = answer;
+    }
+}
+
+/// Asks the leader the pods name (lowest ordinal first) for its raft configuration and serf
+/// members. `None` when no pod names a leader, or the named one does not lead by its own
+/// configuration (an election in between: next round).
+async fn find_leader(peers: &Peers, raft: &RaftClient, pods: &[PodState]) -> Option<LeaderView> {
+    let rpc_addr = pods.iter().find_map(|p| p.leader_seen.clone())?;
+    let configuration = match raft.configuration(&rpc_addr).await {
+        Ok(configuration) => configuration,
+        Err(error) => {
+            tracing::warn!(leader = %rpc_addr, %error, "cannot read the raft configuration");
             return None;
         }
-        let host = rpc_addr
-            .rsplit_once(':')
-            .map_or(rpc_addr.as_str(), |(h, _)| h);
-        let members = match peers.dkron.members(host, HTTP_PORT, peers.timeout).await {
-            Ok(Some(members)) => members,
-            Ok(None) => {
-                tracing::warn!(leader = %rpc_addr, "GET /v1/members answered no member list");
-                return None;
-            }
-            Err(error) => {
-                tracing::warn!(leader = %rpc_addr, %error, "cannot read the serf members");
-                return None;
-            }
-        };
-        let members = members
-            .into_iter()
-            .map(|m| {
-                let member = Member {
-                    status: MemberStatus::from_code(m.status),
-                    addr: m.addr,
-                };
-                (m.name, member)
-            })
-            .collect();
-        return Some(Leader {
-            view: LeaderView {
-                servers: configuration.servers,
-                members,
-            },
-            rpc_addr,
-        });
+    };
+    if !configuration
+        .servers
+        .iter()
+        .any(|s| s.leader && s.address == rpc_addr)
+    {
+        tracing::debug!(leader = %rpc_addr, "the named leader does not lead by its configuration");
+        return None;
     }
-    None
+    let host = rpc_addr
+        .rsplit_once(':')
+        .map_or(rpc_addr.as_str(), |(h, _)| h);
+    let members = match peers.dkron.members(host, HTTP_PORT, peers.timeout).await {
+        Ok(Some(members)) => members,
+        Ok(None) => {
+            tracing::warn!(leader = %rpc_addr, "GET /v1/members answered no member list");
+            return None;
+        }
+        Err(error) => {
+            tracing::warn!(leader = %rpc_addr, %error, "cannot read the serf members");
+            return None;
+        }
+    };
+    let members = members
+        .into_iter()
+        .map(|m| {
+            let member = Member {
+                status: MemberStatus::from_code(m.status),
+                addr: m.addr,
+            };
+            (m.name, member)
+        })
+        .collect();
+    Some(LeaderView {
+        rpc_addr,
+        servers: configuration.servers,
+        members,
+    })
 }
 
 /// The StatefulSet's own pods (owned by it, named `<sts>-<ordinal>`), lowest ordinal first.
@@ -164,6 +163,7 @@ async fn pods_of(ctx: &Context, sts: &StatefulSet, namespace: &str) -> Result<Ve
                     name: p.name_any(),
                     ip: status.and_then(|s| s.pod_ip.clone()),
                     voter_condition,
+                    leader_seen: None,
                 },
             ))
         })
@@ -212,16 +212,17 @@ pub async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Actio
     let name = sts.name_any();
     let peers = &ctx.peers;
     let replicas = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    let pods = pods_of(&ctx, &sts, &namespace).await?;
+    let mut pods = pods_of(&ctx, &sts, &namespace).await?;
+    ask_pods(peers, &mut pods).await;
     let raft = peers.raft_client(&format!("{namespace}/{name}"));
     let leader = find_leader(peers, &raft, &pods).await;
 
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-    for (pod, voter) in voter_conditions(leader.as_ref().map(|l| &l.view), &pods) {
+    for (pod, voter) in voter_conditions(leader.as_ref(), &pods) {
         let why = match (&leader, voter) {
             (Some(_), true) => "a raft voter in the leader's configuration, alive in serf",
             (Some(_), false) => {
-                "not a voter in the leader's configuration, or not alive in serf at this pod's IP"
+                "not a voter in the leader's configuration, not alive in serf at this pod's IP, or not reached by the leader's raft yet"
             }
             (None, _) => "no leader yet and no server ready: a cold start",
         };
@@ -232,7 +233,7 @@ pub async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Actio
     let Some(leader) = leader else {
         return Ok(Action::requeue(peers.interval));
     };
-    if let Some(removal) = raft_server_to_remove(&name, replicas, &leader.view, &pods) {
+    if let Some(removal) = raft_server_to_remove(&name, replicas, &leader, &pods) {
         match raft.remove_peer(&leader.rpc_addr, &removal.id).await {
             Ok(()) => {
                 ctx.metrics.raft_removals.inc();
@@ -265,6 +266,6 @@ pub async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Actio
             }
         }
     }
-    tracing::debug!(%namespace, statefulset = %name, servers = leader.view.servers.len(), package = ?raft.package(), "raft peers checked");
+    tracing::debug!(%namespace, statefulset = %name, servers = leader.servers.len(), package = ?raft.package(), "raft peers checked");
     Ok(Action::requeue(peers.interval))
 }

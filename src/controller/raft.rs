@@ -50,11 +50,15 @@ pub struct PodState {
     pub ip: Option<String>,
     /// The pod's `dkron-ha/raft-voter` condition: `None` while it has none.
     pub voter_condition: Option<bool>,
+    /// The leader's `rpc_addr` as the pod's own Dkron names it (`GET /v1/leader`), if it names one.
+    pub leader_seen: Option<String>,
 }
 
 /// What the leader says: its raft configuration and its serf members by name.
 #[derive(Clone, Debug, Default)]
 pub struct LeaderView {
+    /// The leader's raft and gRPC address.
+    pub rpc_addr: String,
     pub servers: Vec<RaftServer>,
     pub members: HashMap<String, Member>,
 }
@@ -129,13 +133,19 @@ pub fn raft_server_to_remove(
 }
 
 /// Whether `pod` is a raft voter in the leader's view: a voter of the configuration under its
-/// name, alive in serf at the pod's own IP (so not a previous incarnation at an old address).
+/// name, alive in serf at the pod's own IP (so not a previous incarnation at an old address),
+/// and its own Dkron names the leader. The last means the leader's raft reaches it again: a
+/// restarted server is a voter and alive long before that (raft's replication to it backs off
+/// up to ~10 s per failed attempt while it was away; measured on Dkron v4.1.2 and the stand-in:
+/// jobs from before a restart reached it 26–29 s after it was alive), and a server that has
+/// not caught up cannot help a commit.
 fn is_voter(view: &LeaderView, pod: &PodState) -> bool {
     let voter = view.servers.iter().any(|s| s.id == pod.name && s.voter);
     let alive_here = view.members.get(&pod.name).is_some_and(|m| {
         m.status == MemberStatus::Alive && Some(m.addr.as_str()) == pod.ip.as_deref()
     });
-    voter && alive_here
+    let follows = pod.leader_seen.as_deref() == Some(view.rpc_addr.as_str());
+    voter && alive_here && follows
 }
 
 /// The `dkron-ha/raft-voter` conditions to write: `(pod, value)` for each pod whose condition
@@ -184,6 +194,7 @@ mod tests {
             name: name.into(),
             ip: Some(ip.into()),
             voter_condition: None,
+            leader_seen: Some("10.0.0.0:6868".into()),
         }
     }
 
@@ -197,6 +208,7 @@ mod tests {
     /// `n` voters dkron-0..n (dkron-0 leads) with the given serf statuses, all at 10.0.0.i.
     fn view(statuses: &[MemberStatus]) -> LeaderView {
         LeaderView {
+            rpc_addr: "10.0.0.0:6868".into(),
             servers: (0..statuses.len())
                 .map(|i| server(&format!("dkron-{i}"), &format!("10.0.0.{i}"), i == 0))
                 .collect(),
@@ -335,6 +347,17 @@ mod tests {
         assert_eq!(
             voter_conditions(Some(&v), &p),
             [("dkron-1".to_owned(), false)]
+        );
+        // Alive and voting, but its Dkron names no leader yet (raft has not reached it again).
+        let mut back = p.clone();
+        back[1].ip = Some("10.0.0.1".into());
+        back[1].voter_condition = Some(false);
+        back[1].leader_seen = None;
+        assert!(voter_conditions(Some(&v), &back).is_empty());
+        back[1].leader_seen = Some("10.0.0.0:6868".into());
+        assert_eq!(
+            voter_conditions(Some(&v), &back),
+            [("dkron-1".to_owned(), true)]
         );
         // A non-voter is not a voter.
         let mut v = view(&[Alive, Alive, Alive]);

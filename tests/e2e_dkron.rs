@@ -1,0 +1,702 @@
+//! Dkron servers in pods on the test bed's real nodes (tests/support/cluster.rs), injected by
+//! the chart's webhook, with the chart's controller running: the Dkron stand-in
+//! (tests/tools/dkron-standin) by default, a real Dkron server binary when `DKRON_BIN` names a
+//! static one. The same assertions either way. Needs root (CI runs as root).
+//!
+//! Each test has its own namespace and StatefulSet name (the SIGSTOP of the scale-down test
+//! finds its processes by `--node-name`); the scenarios run one at a time so their timings do
+//! not disturb each other on a 2-core machine.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use dkron_ha::dkron::grpc::{RaftClient, RaftConfiguration};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Event, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+use support::cluster::{Cluster, LOCAL_STORAGE_CLASS};
+use support::images;
+use tokio::sync::{Mutex, OnceCell};
+
+const NODES: u8 = 3;
+const DKRON_IMAGE: &str = "localhost/dkron-ha-test/dkron:test";
+
+/// The shared cluster with dkron-ha installed from the chart, local volumes and the Dkron
+/// image; once per test binary.
+async fn cluster() -> &'static Cluster {
+    static READY: OnceCell<&'static Cluster> = OnceCell::const_new();
+    READY
+        .get_or_init(|| async {
+            let cluster = tokio::task::spawn_blocking(|| Cluster::shared(NODES))
+                .await
+                .expect("cluster start-up");
+            let (binary, what) = dkron_binary();
+            eprintln!("Dkron in these tests: {what} ({})", binary.display());
+            let out = tempfile::tempdir().expect("image dir");
+            let archive = images::oci_archive(
+                out.path(),
+                DKRON_IMAGE,
+                &[(binary.as_path(), "usr/local/bin/dkron")],
+                &["/usr/local/bin/dkron"],
+                None,
+            )
+            .unwrap_or_else(|error| panic!("{error}"));
+            cluster
+                .import_image(&archive)
+                .unwrap_or_else(|error| panic!("{error}"));
+            cluster
+                .local_volumes(5)
+                .await
+                .unwrap_or_else(|error| panic!("{error}"));
+            cluster
+                .install_chart(&[])
+                .unwrap_or_else(|error| panic!("{error}"));
+            cluster
+        })
+        .await
+}
+
+/// `DKRON_BIN` if set (it must be static: the image holds nothing else), else the stand-in.
+fn dkron_binary() -> (PathBuf, &'static str) {
+    match std::env::var_os("DKRON_BIN") {
+        Some(path) => {
+            let path = PathBuf::from(path);
+            let dynamic = images::has_interpreter(&path).unwrap_or_else(|error| panic!("{error}"));
+            assert!(
+                !dynamic,
+                "DKRON_BIN={} is dynamically linked; build it with CGO_ENABLED=0",
+                path.display()
+            );
+            (path, "real Dkron (DKRON_BIN)")
+        }
+        None => (
+            support::ControlPlane::tool("dkron-standin"),
+            "the Dkron stand-in",
+        ),
+    }
+}
+
+/// One scenario at a time.
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::const_new(());
+    LOCK.lock().await
+}
+
+/// A Dkron server StatefulSet as users write it (the community chart's `--bootstrap-expect`,
+/// which the wrapper must replace), opted in, with a PVC per server.
+fn dkron(name: &str, replicas: i32) -> (Service, StatefulSet) {
+    let service = serde_json::from_value(json!({
+        "metadata": { "name": name },
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": true,
+            "selector": { "app": name },
+            "ports": [{ "name": "http", "port": 8080 }, { "name": "serf", "port": 8946 },
+                      { "name": "rpc", "port": 6868 }],
+        },
+    }))
+    .unwrap();
+    let statefulset = serde_json::from_value(json!({
+        "metadata": { "name": name, "annotations": { "dkron-ha/enabled": "true" } },
+        "spec": {
+            "replicas": replicas,
+            "serviceName": name,
+            "selector": { "matchLabels": { "app": name } },
+            "template": {
+                "metadata": { "labels": { "app": name } },
+                "spec": {
+                    "terminationGracePeriodSeconds": 20,
+                    "containers": [{
+                        "name": "dkron",
+                        "image": DKRON_IMAGE,
+                        "imagePullPolicy": "Never",
+                        "args": ["agent", "--server", "--bootstrap-expect=7", "--data-dir=/data",
+                                 "--log-level=info"],
+                        "ports": [{ "containerPort": 8080 }],
+                        "volumeMounts": [{ "name": "data", "mountPath": "/data" }],
+                    }],
+                },
+            },
+            "volumeClaimTemplates": [{
+                "metadata": { "name": "data" },
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "storageClassName": LOCAL_STORAGE_CLASS,
+                    "resources": { "requests": { "storage": "100Mi" } },
+                },
+            }],
+        },
+    }))
+    .unwrap();
+    (service, statefulset)
+}
+
+struct Dkron {
+    cluster: &'static Cluster,
+    ns: String,
+    name: String,
+    pods: Api<Pod>,
+    http: reqwest::Client,
+    raft: RaftClient,
+}
+
+impl Dkron {
+    /// Creates the Service and StatefulSet in a namespace of their own.
+    async fn create(name: &str, replicas: i32) -> (Dkron, Instant) {
+        let cluster = cluster().await;
+        let ns = cluster.control_plane.namespace(name).await;
+        let client = cluster.client().await;
+        let (service, statefulset) = dkron(name, replicas);
+        Api::<Service>::namespaced(client.clone(), &ns)
+            .create(&PostParams::default(), &service)
+            .await
+            .unwrap();
+        let created = Instant::now();
+        Api::<StatefulSet>::namespaced(client.clone(), &ns)
+            .create(&PostParams::default(), &statefulset)
+            .await
+            .unwrap();
+        let dkron = Dkron {
+            cluster,
+            ns: ns.clone(),
+            name: name.into(),
+            pods: Api::namespaced(client, &ns),
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .timeout(Duration::from_secs(3))
+                .build()
+                .unwrap(),
+            raft: RaftClient::new(Duration::from_secs(3)),
+        };
+        (dkron, created)
+    }
+
+    fn pod_name(&self, ordinal: usize) -> String {
+        format!("{}-{ordinal}", self.name)
+    }
+
+    async fn pods_by_name(&self) -> BTreeMap<String, Pod> {
+        self.pods
+            .list(&ListParams::default().labels(&format!("app={}", self.name)))
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .map(|p| (p.metadata.name.clone().unwrap(), p))
+            .collect()
+    }
+
+    async fn http_get(&self, ip: &str, path: &str) -> Option<(u16, String)> {
+        let response = self
+            .http
+            .get(format!("http://{ip}:8080{path}"))
+            .send()
+            .await
+            .ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.text().await.ok()?))
+    }
+
+    /// The pods' state now: which one leads (`/v1/isleader`), the leader's raft
+    /// configuration, and per pod its IP, labels and conditions.
+    async fn state(&self) -> State {
+        let pods = self.pods_by_name().await;
+        let mut state = State::default();
+        for (name, pod) in &pods {
+            let status = pod.status.as_ref();
+            let ip = status.and_then(|s| s.pod_ip.clone());
+            let condition = |type_: &str| {
+                status
+                    .and_then(|s| s.conditions.as_ref())
+                    .and_then(|c| c.iter().find(|c| c.type_ == type_))
+                    .map(|c| c.status == "True")
+            };
+            let label = pod
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("dkron-ha/leader").cloned());
+            let mut leads = false;
+            if let Some(ip) = &ip
+                && let Some((code, _)) = self.http_get(ip, "/v1/isleader").await
+            {
+                leads = code == 200;
+                if leads && state.leader.is_none() {
+                    state.leader = Some(name.clone());
+                    state.configuration = self.raft.configuration(&format!("{ip}:6868")).await.ok();
+                }
+            }
+            state.pods.insert(
+                name.clone(),
+                PodView {
+                    ip,
+                    uid: pod.metadata.uid.clone().unwrap_or_default(),
+                    leads,
+                    label,
+                    ready: condition("Ready"),
+                    voter: condition("dkron-ha/raft-voter"),
+                },
+            );
+        }
+        state
+    }
+
+    /// Waits until the cluster is whole: exactly the pods `want` (names), exactly one leader,
+    /// the leader's configuration has exactly them as voters, every pod Ready with its
+    /// raft-voter condition True, the leader label only on the leader. Fails after `bound`
+    /// with the last state seen.
+    async fn until_whole(&self, want: &[String], bound: Duration) -> State {
+        let started = Instant::now();
+        let deadline = started + bound;
+        let mut reported = started;
+        loop {
+            let state = self.state().await;
+            if state.is_whole(want) {
+                return state;
+            }
+            if reported.elapsed() >= Duration::from_secs(5) {
+                reported = Instant::now();
+                eprintln!(
+                    "{}: not whole yet after {:.0}s: {}",
+                    self.ns,
+                    started.elapsed().as_secs_f64(),
+                    state.summary()
+                );
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{}: not whole after {bound:?} (want {want:?}):\n{state:#?}\n{}",
+                    self.ns,
+                    self.logs().await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// The `dkron` container's log of every pod (and of its previous container, if it
+    /// restarted), and the namespace's events, for failure messages.
+    async fn logs(&self) -> String {
+        let mut out = self.events().await;
+        for name in self.pods_by_name().await.keys() {
+            for previous in [true, false] {
+                let params = kube::api::LogParams {
+                    container: Some("dkron".into()),
+                    tail_lines: Some(if previous { 80 } else { 40 }),
+                    previous,
+                    ..Default::default()
+                };
+                match self.pods.logs(name, &params).await {
+                    Ok(log) => out.push_str(&format!(
+                        "\n--- {name}{}\n{log}",
+                        if previous {
+                            " (previous container)"
+                        } else {
+                            ""
+                        }
+                    )),
+                    Err(_) if previous => {}
+                    Err(error) => out.push_str(&format!("\n--- {name}: no log: {error}")),
+                }
+            }
+        }
+        out
+    }
+
+    /// The wrapper's `starting` line of a pod: the arguments it gave Dkron.
+    async fn started_with(&self, pod: &str) -> String {
+        let log = self
+            .pods
+            .logs(
+                pod,
+                &kube::api::LogParams {
+                    container: Some("dkron".into()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        log.lines()
+            .find(|line| line.contains("starting") && line.contains("args="))
+            .unwrap_or_else(|| panic!("{pod}: no `starting` line in\n{log}"))
+            .to_owned()
+    }
+
+    /// Fails with `message`, the pods' logs and the namespace's events.
+    async fn fail(&self, message: String) -> ! {
+        panic!("{}: {message}\n{}", self.ns, self.logs().await)
+    }
+
+    async fn post_job(&self, leader_ip: &str, job: &str) {
+        let response = self
+            .http
+            .post(format!("http://{leader_ip}:8080/v1/jobs"))
+            .json(&json!({
+                "name": job, "schedule": "@every 1h", "executor": "shell",
+                "executor_config": { "command": "true" },
+            }))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        assert!(
+            status.is_success(),
+            "POST /v1/jobs {job}: {status} {}",
+            response.text().await.unwrap_or_default()
+        );
+    }
+
+    /// Waits until `job` is on the server at `ip` (`GET /v1/jobs/<job>` answers 200).
+    async fn until_job_on(&self, ip: &str, job: &str, bound: Duration) {
+        let started = Instant::now();
+        loop {
+            let answer = self.http_get(ip, &format!("/v1/jobs/{job}")).await;
+            if answer.as_ref().map(|(code, _)| *code) == Some(200) {
+                break;
+            }
+            if started.elapsed() > bound {
+                let all = self.http_get(ip, "/v1/jobs").await;
+                panic!(
+                    "job {job} not on {ip} after {bound:?}: last answer {answer:?}; GET /v1/jobs: {all:?}\n{}",
+                    self.logs().await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        eprintln!(
+            "job {job} on {ip} after {:.1}s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+
+    /// The IPs the `<sts>-leader` Service's EndpointSlices hold.
+    async fn leader_endpoints(&self) -> Vec<String> {
+        let slices: Api<EndpointSlice> = Api::namespaced(self.cluster.client().await, &self.ns);
+        let mut ips: Vec<String> = slices
+            .list(
+                &ListParams::default()
+                    .labels(&format!("kubernetes.io/service-name={}-leader", self.name)),
+            )
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .flat_map(|s| s.endpoints.unwrap_or_default())
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+            .flat_map(|e| e.addresses)
+            .collect();
+        ips.sort();
+        ips
+    }
+
+    /// The namespace's events, one line each, for failure messages.
+    async fn events(&self) -> String {
+        let events: Api<Event> = Api::namespaced(self.cluster.client().await, &self.ns);
+        let mut items = events.list(&ListParams::default()).await.unwrap().items;
+        items.sort_by_key(|e| e.metadata.creation_timestamp.clone().map(|t| t.0));
+        items
+            .iter()
+            .map(|e| {
+                format!(
+                    "event {:?} {} {}: {}",
+                    e.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                    e.involved_object.name.as_deref().unwrap_or_default(),
+                    e.reason.as_deref().unwrap_or_default(),
+                    e.message.as_deref().unwrap_or_default()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    async fn removal_events(&self) -> Vec<String> {
+        let events: Api<Event> = Api::namespaced(self.cluster.client().await, &self.ns);
+        events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("RaftPeerRemoved"))
+            .map(|e| e.message.unwrap_or_default())
+            .collect()
+    }
+
+    /// Deletes a pod (`grace` seconds, the pod's own when `None`) and waits until its
+    /// successor (same name, new uid) has an IP; returns the old and the new IP.
+    async fn replace_pod(&self, pod: &str, grace: Option<u32>) -> (String, String) {
+        let old = self.pods.get(pod).await.unwrap();
+        let old_uid = old.metadata.uid.clone().unwrap();
+        let old_ip = old.status.unwrap().pod_ip.unwrap();
+        self.pods
+            .delete(
+                pod,
+                &DeleteParams {
+                    grace_period_seconds: grace,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(new) = self.pods.get_opt(pod).await.unwrap()
+                && new.metadata.uid.as_deref() != Some(&old_uid)
+                && let Some(ip) = new.status.and_then(|s| s.pod_ip)
+            {
+                return (old_ip, ip);
+            }
+            assert!(Instant::now() < deadline, "{pod} not back after 120s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct PodView {
+    ip: Option<String>,
+    uid: String,
+    leads: bool,
+    label: Option<String>,
+    ready: Option<bool>,
+    voter: Option<bool>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    leader: Option<String>,
+    configuration: Option<RaftConfiguration>,
+    pods: BTreeMap<String, PodView>,
+}
+
+impl State {
+    fn voters(&self) -> Vec<String> {
+        let mut voters: Vec<String> = self
+            .configuration
+            .iter()
+            .flat_map(|c| &c.servers)
+            .filter(|s| s.voter)
+            .map(|s| s.id.clone())
+            .collect();
+        voters.sort();
+        voters
+    }
+
+    fn is_whole(&self, want: &[String]) -> bool {
+        let names: Vec<&String> = self.pods.keys().collect();
+        let leaders = self.pods.values().filter(|p| p.leads).count();
+        names == want.iter().collect::<Vec<_>>()
+            && leaders == 1
+            && self.voters() == want
+            && self.pods.iter().all(|(name, p)| {
+                let leader = self.leader.as_ref() == Some(name);
+                p.ready == Some(true)
+                    && p.voter == Some(true)
+                    && p.label.as_deref() == Some(if leader { "true" } else { "false" })
+            })
+    }
+
+    /// One line: the leader, the voters, and per pod its IP, Ready, raft-voter and label.
+    fn summary(&self) -> String {
+        let pods: Vec<String> = self
+            .pods
+            .iter()
+            .map(|(name, p)| {
+                format!(
+                    "{name} {} ready={:?} voter={:?} leader-label={:?}",
+                    p.ip.as_deref().unwrap_or("-"),
+                    p.ready,
+                    p.voter,
+                    p.label
+                )
+            })
+            .collect();
+        format!(
+            "leader {:?}, voters {:?}; {}",
+            self.leader,
+            self.voters(),
+            pods.join("; ")
+        )
+    }
+
+    fn ip(&self, pod: &str) -> String {
+        self.pods[pod].ip.clone().unwrap()
+    }
+
+    fn leader_ip(&self) -> String {
+        self.ip(self.leader.as_ref().unwrap())
+    }
+
+    fn a_follower(&self) -> String {
+        self.pods
+            .iter()
+            .find(|(_, p)| !p.leads)
+            .map(|(name, _)| name.clone())
+            .unwrap()
+    }
+}
+
+fn names(dkron: &Dkron, n: usize) -> Vec<String> {
+    (0..n).map(|i| dkron.pod_name(i)).collect()
+}
+
+#[tokio::test]
+async fn a_cold_start_elects_one_leader_every_server_a_voter_and_only_the_leader_labelled() {
+    let _one = serial().await;
+    let (dkron, created) = Dkron::create("cold", 3).await;
+    let want = names(&dkron, 3);
+    let state = dkron.until_whole(&want, Duration::from_secs(180)).await;
+    eprintln!(
+        "cold start of 3: whole (one leader, 3 voters, every pod Ready and labelled) {:.1}s after the StatefulSet was created",
+        created.elapsed().as_secs_f64()
+    );
+    for pod in &want {
+        let line = dkron.started_with(pod).await;
+        assert!(line.contains("--bootstrap-expect=3"), "{pod}: {line}");
+        assert!(!line.contains("--bootstrap-expect=7"), "{pod}: {line}");
+    }
+    // The leader Service's endpoints are the leader's pod only.
+    let leader_ip = state.leader_ip();
+    support::eventually("the leader Service selects the leader only", async || {
+        (dkron.leader_endpoints().await == [leader_ip.clone()]).then_some(())
+    })
+    .await;
+    // A healthy cluster loses nobody over several rounds of the raft loop (5 s each).
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    assert_eq!(dkron.removal_events().await, Vec::<String>::new());
+    let again = dkron.state().await;
+    assert_eq!(again.voters(), want);
+    assert_eq!(
+        again.leader, state.leader,
+        "the leader changed in a quiet cluster"
+    );
+}
+
+#[tokio::test]
+async fn servers_restarted_with_a_new_ip_come_back_as_voters_with_their_jobs() {
+    let _one = serial().await;
+    let (dkron, _) = Dkron::create("restart", 3).await;
+    let want = names(&dkron, 3);
+    let state = dkron.until_whole(&want, Duration::from_secs(180)).await;
+    dkron.post_job(&state.leader_ip(), "before").await;
+    for pod in &want {
+        dkron
+            .until_job_on(&state.ip(pod), "before", Duration::from_secs(30))
+            .await;
+    }
+
+    // A follower, gracefully (the pod's grace period), then the leader, then a follower by
+    // SIGKILL (grace 0).
+    let leader = state.leader.clone().unwrap();
+    let follower = state.a_follower();
+    for (pod, grace, how) in [
+        (follower.clone(), None, "graceful restart of a follower"),
+        (leader.clone(), None, "graceful restart of the leader"),
+        (follower.clone(), Some(0), "SIGKILL of a follower"),
+    ] {
+        let deleted = Instant::now();
+        let (old_ip, new_ip) = dkron.replace_pod(&pod, grace).await;
+        assert_ne!(old_ip, new_ip, "{how}: {pod} came back with its old IP");
+        let whole = dkron.until_whole(&want, Duration::from_secs(180)).await;
+        eprintln!(
+            "{how}: {pod} back with a new IP ({old_ip} -> {new_ip}), cluster whole {:.1}s after the delete",
+            deleted.elapsed().as_secs_f64()
+        );
+        let line = dkron.started_with(&pod).await;
+        if line.contains("--bootstrap-expect") {
+            dkron.fail(format!("{how}: {pod}: {line}")).await;
+        }
+        // Jobs from before are there as soon as its pod is a voter (the readiness gate means
+        // the leader's raft reaches it), and a job created now reaches it.
+        dkron
+            .until_job_on(&new_ip, "before", Duration::from_secs(5))
+            .await;
+        let job = format!("after-{}", whole.pods[&pod].uid);
+        dkron.post_job(&whole.leader_ip(), &job).await;
+        dkron
+            .until_job_on(&new_ip, &job, Duration::from_secs(30))
+            .await;
+        let leader_ip = whole.leader_ip();
+        support::eventually("the leader Service follows the leader", async || {
+            (dkron.leader_endpoints().await == [leader_ip.clone()]).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(
+        dkron.removal_events().await,
+        Vec::<String>::new(),
+        "a restarting server was removed"
+    );
+}
+
+/// SIGSTOPs the Dkron server process of `pod` and its wrapper (found by the `--node-name`
+/// the wrapper gives Dkron), so it answers nothing and leaves nothing: to serf it fails, and
+/// its container only ends by the kubelet's SIGKILL.
+fn freeze(pod: &str) {
+    let pattern = format!("--node-name={pod}( |$)");
+    let output = std::process::Command::new("pgrep")
+        .args(["-f", "--", &pattern])
+        .output()
+        .unwrap();
+    let pids: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(pids.len(), 1, "Dkron processes of {pod}: {pids:?}");
+    let ppid = std::fs::read_to_string(format!("/proc/{}/stat", pids[0]))
+        .unwrap()
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    for pid in [&pids[0], &ppid] {
+        let status = std::process::Command::new("kill")
+            .args(["-STOP", pid])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -STOP {pid}");
+    }
+}
+
+#[tokio::test]
+async fn a_scale_down_without_a_leave_removes_exactly_the_servers_that_are_gone() {
+    let _one = serial().await;
+    let (dkron, _) = Dkron::create("scale", 5).await;
+    let five = names(&dkron, 5);
+    dkron.until_whole(&five, Duration::from_secs(180)).await;
+    // Ordinals 3 and 4 hang (no leave, no answer), then the StatefulSet scales to 3: the
+    // kubelet's SIGTERM reaches nobody, its SIGKILL ends them after the grace period.
+    freeze(&dkron.pod_name(3));
+    freeze(&dkron.pod_name(4));
+    let client = dkron.cluster.client().await;
+    Api::<StatefulSet>::namespaced(client, &dkron.ns)
+        .patch(
+            &dkron.name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "replicas": 3 } })),
+        )
+        .await
+        .unwrap();
+    let scaled = Instant::now();
+    let three = names(&dkron, 3);
+    let state = dkron.until_whole(&three, Duration::from_secs(180)).await;
+    eprintln!(
+        "scale 5 -> 3 without a leave: 3 voters {:.1}s after the scale-down",
+        scaled.elapsed().as_secs_f64()
+    );
+    assert_eq!(state.voters(), three);
+    let mut events = dkron.removal_events().await;
+    events.sort();
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(events[0].contains("scale-3"), "{events:?}");
+    assert!(events[1].contains("scale-4"), "{events:?}");
+}
