@@ -231,3 +231,52 @@ async fn unresolvable_names_are_waited_for_in_bounded_time_and_nobody_answers() 
     let answers = ask_peers_for_leader(&settings.other_peers()).await;
     assert_eq!(answers, vec![PeerAnswer::NoAnswer, PeerAnswer::NoAnswer]);
 }
+
+#[tokio::test]
+async fn a_sighup_waits_until_dkron_answers_http() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ready = dir.path().join("ready");
+    // Dkron's HTTP API, answering only once `up` is set: before that, nothing listens.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let mut signals = SupervisorSignals::install().unwrap();
+    // A shell without a HUP trap dies of SIGHUP, as Dkron does before its handlers exist.
+    let plan = LaunchPlan {
+        leave_first: Some(("127.0.0.1".into(), port)),
+        ..sh(&format!("touch {}; sleep 100 & wait", ready.display()))
+    };
+    let opened = std::sync::Arc::new(std::sync::Mutex::new(None::<Instant>));
+    let driver = {
+        let opened = opened.clone();
+        let ready = ready.clone();
+        async move {
+            wait_for_file(&ready).await;
+            kill(Pid::this(), Signal::SIGHUP).unwrap();
+            // Held: the child lives on while Dkron does not answer.
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+                .await
+                .unwrap();
+            *opened.lock().unwrap() = Some(Instant::now());
+            let app = axum::Router::new().route("/health", axum::routing::get(|| async { "" }));
+            axum::serve(listener, app).await.unwrap();
+        }
+    };
+    let exit = tokio::select! {
+        exit = run_child(&plan, &mut signals) => exit.unwrap(),
+        () = driver => unreachable!("the server runs until the child is done"),
+    };
+    let ended = Instant::now();
+    assert_eq!(
+        exit.code,
+        128 + Signal::SIGHUP as i32,
+        "the SIGHUP reached the child"
+    );
+    let opened = opened
+        .lock()
+        .unwrap()
+        .expect("the child lived until Dkron answered");
+    assert!(ended >= opened, "the child died before Dkron answered");
+}

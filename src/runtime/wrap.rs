@@ -504,6 +504,11 @@ pub async fn run_child(
     tracing::info!(pid = child_pid.as_raw(), program = %plan.program, "child started");
     let mut orphans_reaped = 0;
     let mut safety_tick = tokio::time::interval(Duration::from_secs(1));
+    // Dkron installs its signal handlers only once its start returns, and a SIGHUP before that
+    // kills it (Go's default; seen on v4.1.2): a SIGHUP waits until its HTTP API answers.
+    let mut dkron_answers = plan.leave_first.is_none();
+    let mut held_hup = false;
+    let mut hup_poll = tokio::time::interval(HUP_POLL);
     loop {
         if let Some(code) = reap(child_pid, &mut orphans_reaped)? {
             tracing::info!(code, orphans_reaped, "child exited");
@@ -515,15 +520,37 @@ pub async fn run_child(
         let forward = tokio::select! {
             _ = signals.term.recv() => Some(Signal::SIGTERM),
             _ = signals.int.recv() => Some(Signal::SIGINT),
-            _ = signals.hup.recv() => Some(Signal::SIGHUP),
+            _ = signals.hup.recv() => {
+                held_hup = true;
+                None
+            }
             _ = signals.child.recv() => None,
             // SIGCHLD can coalesce; a slow poll makes sure no exit is missed.
             _ = safety_tick.tick() => None,
+            _ = hup_poll.tick(), if held_hup => None,
         };
+        if held_hup {
+            if !dkron_answers && let Some((host, port)) = &plan.leave_first {
+                dkron_answers = answers_http(host, *port).await;
+                if !dkron_answers {
+                    tracing::info!(
+                        "holding SIGHUP until Dkron answers HTTP (before that it would kill it)"
+                    );
+                }
+            }
+            if dkron_answers {
+                held_hup = false;
+                tracing::info!(
+                    pid = child_pid.as_raw(),
+                    "forwarding signal to child: SIGHUP"
+                );
+                if let Err(error) = kill(child_pid, Signal::SIGHUP) {
+                    tracing::warn!(signal = %Signal::SIGHUP, %error, "cannot forward signal");
+                }
+            }
+        }
         if let Some(sig) = forward {
-            if sig != Signal::SIGHUP
-                && let Some((host, port)) = &plan.leave_first
-            {
+            if let Some((host, port)) = &plan.leave_first {
                 leave(host, *port).await;
             }
             tracing::info!(signal = %sig, pid = child_pid.as_raw(), "forwarding signal to child");
@@ -531,6 +558,20 @@ pub async fn run_child(
                 tracing::warn!(signal = %sig, %error, "cannot forward signal");
             }
         }
+    }
+}
+
+/// How often a held SIGHUP checks whether Dkron answers yet.
+const HUP_POLL: Duration = Duration::from_millis(250);
+
+/// Whether the local Dkron answers `GET /health` (any status: its HTTP server runs).
+async fn answers_http(host: &str, port: u16) -> bool {
+    match dkron::DkronClient::new() {
+        Ok(client) => client
+            .get(host, port, "/health", LEADER_QUERY_TIMEOUT)
+            .await
+            .is_ok(),
+        Err(_) => false,
     }
 }
 
