@@ -189,6 +189,43 @@ impl DkronClient {
         Ok(parse_members_answer(&answer))
     }
 
+    /// How many jobs the server at `host:port` has in its store: `GET /v1/jobs?_end=0` answers
+    /// none of them and their count in `X-Total-Count`. `None` for an answer without a count.
+    pub async fn job_count(
+        &self,
+        host: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<Option<u64>, DkronError> {
+        let addr = format!("{host}:{port}");
+        let response = self
+            .http
+            .get(format!("http://{addr}/v1/jobs?_end=0"))
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|source| {
+                if source.is_timeout() {
+                    DkronError::Timeout { addr, timeout }
+                } else {
+                    DkronError::Connect { addr, source }
+                }
+            })?;
+        Ok(response
+            .status()
+            .is_success()
+            .then(|| {
+                response
+                    .headers()
+                    .get("X-Total-Count")?
+                    .to_str()
+                    .ok()?
+                    .parse()
+                    .ok()
+            })
+            .flatten())
+    }
+
     /// `POST /v1/leave` on `host:port`: Dkron's agent leaves serf gracefully and stops before it
     /// answers (what `dkron leave` does), so its peers see it `left`, not `failed`.
     pub async fn leave(

@@ -56,23 +56,35 @@ impl Peers {
     }
 }
 
-/// Asks every pod's Dkron who leads (`GET /v1/leader`, concurrently), noting the answer in
-/// `leader_seen`.
+/// Asks every pod's Dkron (concurrently) who leads (`GET /v1/leader`) and how many jobs it has,
+/// into `leader_seen` and `jobs`.
 async fn ask_pods(peers: &Peers, pods: &mut [PodState]) {
     let asks = pods.iter().map(|pod| async move {
         let ip = pod.ip.as_deref()?;
-        match peers.dkron.leader(ip, HTTP_PORT, peers.timeout).await {
+        let leader = match peers.dkron.leader(ip, HTTP_PORT, peers.timeout).await {
             Ok(LeaderAnswer::Known { rpc_addr, .. }) => Some(rpc_addr),
             Ok(_) => None,
             Err(error) => {
                 tracing::debug!(pod = %pod.name, %error, "no answer to GET /v1/leader");
-                None
+                return None;
             }
-        }
+        };
+        let jobs = job_count(peers, ip).await;
+        Some((leader, jobs))
     });
     let answers = futures::future::join_all(asks).await;
     for (pod, answer) in pods.iter_mut().zip(answers) {
-        pod.leader_seen = answer;
+        (pod.leader_seen, pod.jobs) = answer.unwrap_or_default();
+    }
+}
+
+async fn job_count(peers: &Peers, host: &str) -> Option<u64> {
+    match peers.dkron.job_count(host, HTTP_PORT, peers.timeout).await {
+        Ok(count) => count,
+        Err(error) => {
+            tracing::debug!(%host, %error, "no job count");
+            None
+        }
     }
 }
 
@@ -121,6 +133,7 @@ async fn find_leader(peers: &Peers, raft: &RaftClient, pods: &[PodState]) -> Opt
         })
         .collect();
     Some(LeaderView {
+        jobs: job_count(peers, host).await,
         rpc_addr,
         servers: configuration.servers,
         members,
@@ -164,6 +177,7 @@ async fn pods_of(ctx: &Context, sts: &StatefulSet, namespace: &str) -> Result<Ve
                     ip: status.and_then(|s| s.pod_ip.clone()),
                     voter_condition,
                     leader_seen: None,
+                    jobs: None,
                 },
             ))
         })
@@ -222,7 +236,7 @@ pub async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Actio
         let why = match (&leader, voter) {
             (Some(_), true) => "a raft voter in the leader's configuration, alive in serf",
             (Some(_), false) => {
-                "not a voter in the leader's configuration, not alive in serf at this pod's IP, or not reached by the leader's raft yet"
+                "not a voter in the leader's configuration, not alive in serf at this pod's IP, or not caught up with the leader yet"
             }
             (None, _) => "no leader yet and no server ready: a cold start",
         };

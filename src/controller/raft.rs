@@ -52,6 +52,8 @@ pub struct PodState {
     pub voter_condition: Option<bool>,
     /// The leader's `rpc_addr` as the pod's own Dkron names it (`GET /v1/leader`), if it names one.
     pub leader_seen: Option<String>,
+    /// How many jobs the pod's Dkron has, if it says.
+    pub jobs: Option<u64>,
 }
 
 /// What the leader says: its raft configuration and its serf members by name.
@@ -61,6 +63,8 @@ pub struct LeaderView {
     pub rpc_addr: String,
     pub servers: Vec<RaftServer>,
     pub members: HashMap<String, Member>,
+    /// How many jobs the leader has, if it says.
+    pub jobs: Option<u64>,
 }
 
 /// One raft server to remove, and why.
@@ -134,18 +138,23 @@ pub fn raft_server_to_remove(
 
 /// Whether `pod` is a raft voter in the leader's view: a voter of the configuration under its
 /// name, alive in serf at the pod's own IP (so not a previous incarnation at an old address),
-/// and its own Dkron names the leader. The last means the leader's raft reaches it again: a
+/// its own Dkron names the leader, and it has as many jobs as the leader (when the leader says
+/// how many). The last two mean the leader's raft reaches it again and it has caught up: a
 /// restarted server is a voter and alive long before that (raft's replication to it backs off
-/// up to ~10 s per failed attempt while it was away; measured on Dkron v4.1.2 and the stand-in:
-/// jobs from before a restart reached it 26–29 s after it was alive), and a server that has
-/// not caught up cannot help a commit.
+/// while it was away; measured on Dkron v4.1.2 and the stand-in: jobs from before a restart
+/// reached it up to 29 s after it was alive, and after it named the leader again), and a
+/// server that has not caught up cannot help a commit.
 fn is_voter(view: &LeaderView, pod: &PodState) -> bool {
     let voter = view.servers.iter().any(|s| s.id == pod.name && s.voter);
     let alive_here = view.members.get(&pod.name).is_some_and(|m| {
         m.status == MemberStatus::Alive && Some(m.addr.as_str()) == pod.ip.as_deref()
     });
     let follows = pod.leader_seen.as_deref() == Some(view.rpc_addr.as_str());
-    voter && alive_here && follows
+    let caught_up = view.jobs.is_none() || pod.jobs == view.jobs;
+    // Catching up gates becoming a voter only: a job created between two counts, or one slow
+    // answer, must not make a voter flap.
+    let was_voter = pod.voter_condition == Some(true);
+    voter && alive_here && (was_voter || (follows && caught_up))
 }
 
 /// The `dkron-ha/raft-voter` conditions to write: `(pod, value)` for each pod whose condition
@@ -195,6 +204,7 @@ mod tests {
             ip: Some(ip.into()),
             voter_condition: None,
             leader_seen: Some("10.0.0.0:6868".into()),
+            jobs: Some(2),
         }
     }
 
@@ -217,6 +227,7 @@ mod tests {
                 .enumerate()
                 .map(|(i, s)| (format!("dkron-{i}"), member(*s, &format!("10.0.0.{i}"))))
                 .collect(),
+            jobs: Some(2),
         }
     }
 
@@ -355,6 +366,25 @@ mod tests {
         back[1].leader_seen = None;
         assert!(voter_conditions(Some(&v), &back).is_empty());
         back[1].leader_seen = Some("10.0.0.0:6868".into());
+        // Naming the leader, but a job short of it: not caught up.
+        back[1].jobs = Some(1);
+        assert!(voter_conditions(Some(&v), &back).is_empty());
+        back[1].jobs = None;
+        assert!(voter_conditions(Some(&v), &back).is_empty());
+        // A leader that does not say how many jobs it has: not a criterion.
+        let mut quiet = v.clone();
+        quiet.jobs = None;
+        assert_eq!(
+            voter_conditions(Some(&quiet), &back),
+            [("dkron-1".to_owned(), true)]
+        );
+        back[1].jobs = Some(2);
+        // Once a voter, a count that differs for a moment does not demote it.
+        let mut voting = back.clone();
+        voting[1].voter_condition = Some(true);
+        voting[1].jobs = Some(1);
+        voting[1].leader_seen = None;
+        assert!(voter_conditions(Some(&v), &voting).is_empty());
         assert_eq!(
             voter_conditions(Some(&v), &back),
             [("dkron-1".to_owned(), true)]

@@ -48,9 +48,17 @@ func (a *Agent) serveHTTP() {
 		case (m == "POST" || m == "PATCH") && p == "/v1/jobs", m == "PUT" && jobPath(p) != "":
 			a.setJob(w, r)
 		case m == "GET" && p == "/v1/jobs":
+			// Dkron v4.1.2 api.go jobsHandler: X-Total-Count is every job, the body the
+			// `_start`..`_end` slice of them (end clamped to the count).
 			jobs := a.fsm.list()
 			w.Header().Set("X-Total-Count", strconv.Itoa(len(jobs)))
-			renderJSON(w, r, 200, jobs)
+			start, _ := strconv.Atoi(r.URL.Query().Get("_start"))
+			end := len(jobs)
+			if v, ok := r.URL.Query()["_end"]; ok {
+				end, _ = strconv.Atoi(v[0])
+				end = min(end, len(jobs))
+			}
+			renderJSON(w, r, 200, jobs[start:end])
 		case m == "GET" && jobPath(p) != "":
 			// Dkron v4.1.2 api.go jobGetHandler: the local store; unknown: 404, empty body.
 			if j := a.fsm.get(jobPath(p)); j != nil {
