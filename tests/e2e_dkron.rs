@@ -428,6 +428,44 @@ impl Dkron {
             .collect()
     }
 
+    /// After the leader's pod was deleted: seconds until one of `others` (name, IP) says it
+    /// leads, and until it carries the leader label and is the leader Service's only endpoint.
+    async fn leader_change(&self, others: &[(String, String)]) -> (f64, f64) {
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(60);
+        let (name, ip) = loop {
+            let mut found = None;
+            for (name, ip) in others {
+                if self.http_get(ip, "/v1/isleader").await.map(|(c, _)| c) == Some(200) {
+                    found = Some((name.clone(), ip.clone()));
+                }
+            }
+            if let Some(found) = found {
+                break found;
+            }
+            assert!(Instant::now() < deadline, "no new leader after 60s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let elected = started.elapsed().as_secs_f64();
+        loop {
+            let pod = self.pods.get(&name).await.unwrap();
+            let label = pod
+                .metadata
+                .labels
+                .unwrap_or_default()
+                .get("dkron-ha/leader")
+                .cloned();
+            if label.as_deref() == Some("true") && self.leader_endpoints().await == [ip.clone()] {
+                return (elected, started.elapsed().as_secs_f64());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} leads but is not labelled after 60s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Deletes a pod (`grace` seconds, the pod's own when `None`) and waits until its
     /// successor (same name, new uid) has an IP; returns the old and the new IP.
     async fn replace_pod(&self, pod: &str, grace: Option<u32>) -> (String, String) {
@@ -569,6 +607,9 @@ async fn a_cold_start_elects_one_leader_every_server_a_voter_and_only_the_leader
     .await;
     // A healthy cluster loses nobody over several rounds of the raft loop (5 s each).
     tokio::time::sleep(Duration::from_secs(16)).await;
+    for (pod, rss) in label_updater_rss(&want) {
+        eprintln!("label-updater of {pod}: {rss} kB RSS after its cluster formed");
+    }
     assert_eq!(dkron.removal_events().await, Vec::<String>::new());
     let again = dkron.state().await;
     assert_eq!(again.voters(), want);
@@ -595,15 +636,34 @@ async fn servers_restarted_with_a_new_ip_come_back_as_voters_with_their_jobs() {
     // SIGKILL (grace 0).
     let leader = state.leader.clone().unwrap();
     let follower = state.a_follower();
+    let mut current = state;
     for (pod, grace, how) in [
         (follower.clone(), None, "graceful restart of a follower"),
         (leader.clone(), None, "graceful restart of the leader"),
         (follower.clone(), Some(0), "SIGKILL of a follower"),
     ] {
         let deleted = Instant::now();
-        let (old_ip, new_ip) = dkron.replace_pod(&pod, grace).await;
+        let others: Vec<(String, String)> = current
+            .pods
+            .keys()
+            .filter(|name| **name != pod)
+            .map(|name| (name.clone(), current.ip(name)))
+            .collect();
+        let measure_leader_change = async {
+            if pod == leader {
+                let (elected, labelled) = dkron.leader_change(&others).await;
+                eprintln!(
+                    "leader change: a new leader {elected:.1}s after the delete, labelled and the only {}-leader endpoint {:.2}s after that",
+                    dkron.name,
+                    labelled - elected
+                );
+            }
+        };
+        let ((old_ip, new_ip), ()) =
+            tokio::join!(dkron.replace_pod(&pod, grace), measure_leader_change);
         assert_ne!(old_ip, new_ip, "{how}: {pod} came back with its old IP");
         let whole = dkron.until_whole(&want, Duration::from_secs(180)).await;
+        current = dkron.state().await;
         eprintln!(
             "{how}: {pod} back with a new IP ({old_ip} -> {new_ip}), cluster whole {:.1}s after the delete",
             deleted.elapsed().as_secs_f64()
@@ -633,6 +693,38 @@ async fn servers_restarted_with_a_new_ip_come_back_as_voters_with_their_jobs() {
         Vec::<String>::new(),
         "a restarting server was removed"
     );
+}
+
+/// The RSS (kB) of each `pods`' label-updater sidecar process, found by its POD_NAME.
+fn label_updater_rss(pods: &[String]) -> Vec<(String, u64)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let dir = entry.path();
+        let Ok(cmdline) = std::fs::read(dir.join("cmdline")) else {
+            continue;
+        };
+        if !String::from_utf8_lossy(&cmdline).contains("label-updater") {
+            continue;
+        }
+        let environ = std::fs::read(dir.join("environ")).unwrap_or_default();
+        let environ = String::from_utf8_lossy(&environ);
+        let Some(pod) = pods
+            .iter()
+            .find(|pod| environ.split('\0').any(|v| v == format!("POD_NAME={pod}")))
+        else {
+            continue;
+        };
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        if let Some(kb) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        {
+            found.push((pod.clone(), kb));
+        }
+    }
+    found.sort();
+    found
 }
 
 /// SIGSTOPs the Dkron server process of `pod` and its wrapper (found by the `--node-name`
