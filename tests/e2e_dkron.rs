@@ -839,7 +839,10 @@ async fn a_rolling_restart_waits_for_each_server_and_loses_the_leader_for_one_el
         }
         if Instant::now() > deadline {
             dkron
-                .fail(format!("rolling restart not done after 400s: {}", state.summary()))
+                .fail(format!(
+                    "rolling restart not done after 400s: {}",
+                    state.summary()
+                ))
                 .await;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -7,7 +7,8 @@
 #
 #   DKRON_BIN=/path/to/dkron bash tests/tools/dkron-trial.sh 1   # root; cargo build first
 #
-# Until tests/e2e_dkron.rs runs these scenarios on the test bed's nodes (issue 16).
+# tests/e2e_dkron.rs runs the scenarios in pods on the real nodes; this trial stays as the side-by-side
+# comparison with plain Dkron (no dkron-ha), which the pod tests do not run.
 set -u
 WRAP=${1:?usage: dkron-trial.sh 0|1}
 DKRON=${DKRON_BIN:?set DKRON_BIN to a Dkron server binary}
