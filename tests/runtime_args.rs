@@ -398,6 +398,10 @@ fn only_dkron_agent_is_rewritten() {
     assert!(!is_dkron_agent(&s(&["dkron", "version"])));
     assert!(!is_dkron_agent(&s(&["dkron-executor-shell", "agent"])));
     assert!(!is_dkron_agent(&s(&["sh", "-c", "dkron agent"])));
+    // Renamed or Pro builds are Dkron by their `agent` subcommand; a shell named so is not.
+    assert!(is_dkron_agent(&s(&["/usr/local/bin/dkron-pro", "agent"])));
+    assert!(is_dkron_agent(&s(&["my-dkron", "agent", "--server"])));
+    assert!(!is_dkron_agent(&s(&["/bin/sh", "agent"])));
     let plan = plan_launch(&s(&["dkron", "version"]), &cold_start(), no_env).unwrap();
     assert_eq!(plan.args, s(&["version"]));
 }

@@ -75,14 +75,19 @@ pub struct LaunchPlan {
     pub leave_first: Option<(String, u16)>,
 }
 
-/// Is `command` Dkron's server agent itself (`.../dkron agent ...`)? Then flags are rewritten;
+/// Is `command` Dkron's server agent itself (`<any name> agent ...`)? Then flags are rewritten;
 /// anything else (a shell script) gets environment variables.
 pub fn is_dkron_agent(command: &[String]) -> bool {
     let Some(program) = command.first() else {
         return false;
     };
     let basename = program.rsplit('/').next().unwrap_or(program);
-    basename == "dkron" && command.get(1).map(String::as_str) == Some("agent")
+    // Any name: a renamed binary or Dkron Pro (`dkron-pro agent`) is Dkron too; a shell or
+    // Dkron's own executor plugins are not.
+    const NOT_DKRON: [&str; 6] = ["sh", "bash", "dash", "ash", "zsh", "busybox"];
+    command.get(1).map(String::as_str) == Some("agent")
+        && !basename.starts_with("dkron-executor")
+        && !NOT_DKRON.contains(&basename)
 }
 
 /// The flag value of `--name=value` or `--name value` at `args[i]`, and how many args it spans.
