@@ -26,7 +26,10 @@ struct Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // The whole process group: real Dkron starts its executor plugins as children of its
+        // own, which would outlive it.
+        let group = nix::unistd::Pid::from_raw(-(self.child.id() as i32));
+        let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
         let _ = self.child.wait();
     }
 }
@@ -51,6 +54,7 @@ fn server(binary: &std::path::Path, package: Option<&str>) -> Server {
         .arg(format!("--data-dir={}", dir.path().display()))
         .stdout(Stdio::null())
         .stderr(Stdio::null());
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
     if let Some(package) = package {
         command.env("DKRON_STANDIN_GRPC_PACKAGE", package);
     }
