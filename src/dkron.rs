@@ -35,6 +35,8 @@ pub enum DkronError {
 pub struct HttpAnswer {
     pub status: u16,
     pub body: Vec<u8>,
+    /// The `X-Total-Count` header (Dkron's list endpoints), when it holds a number.
+    pub total_count: Option<u64>,
 }
 
 /// serf's `StatusAlive` in `/v1/members` and `/v1/leader` answers (1 alive, 3 left, 4 failed).
@@ -197,33 +199,8 @@ impl DkronClient {
         port: u16,
         timeout: Duration,
     ) -> Result<Option<u64>, DkronError> {
-        let addr = format!("{host}:{port}");
-        let response = self
-            .http
-            .get(format!("http://{addr}/v1/jobs?_end=0"))
-            .timeout(timeout)
-            .send()
-            .await
-            .map_err(|source| {
-                if source.is_timeout() {
-                    DkronError::Timeout { addr, timeout }
-                } else {
-                    DkronError::Connect { addr, source }
-                }
-            })?;
-        Ok(response
-            .status()
-            .is_success()
-            .then(|| {
-                response
-                    .headers()
-                    .get("X-Total-Count")?
-                    .to_str()
-                    .ok()?
-                    .parse()
-                    .ok()
-            })
-            .flatten())
+        let answer = self.get(host, port, "/v1/jobs?_end=0", timeout).await?;
+        Ok(answer.total_count.filter(|_| answer.status == 200))
     }
 
     /// `POST /v1/leave` on `host:port`: Dkron's agent leaves serf gracefully and stops before it
@@ -281,6 +258,10 @@ impl DkronClient {
             .await
             .map_err(failed)?;
         let status = response.status().as_u16();
+        let total_count = response
+            .headers()
+            .get("X-Total-Count")
+            .and_then(|v| v.to_str().ok()?.parse().ok());
         let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(failed)? {
             if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
@@ -288,7 +269,11 @@ impl DkronClient {
             }
             body.extend_from_slice(&chunk);
         }
-        Ok(HttpAnswer { status, body })
+        Ok(HttpAnswer {
+            status,
+            body,
+            total_count,
+        })
     }
 }
 
@@ -300,6 +285,7 @@ mod tests {
         HttpAnswer {
             status,
             body: body.as_bytes().to_vec(),
+            total_count: None,
         }
     }
 

@@ -10,14 +10,6 @@ use std::time::{Duration, Instant};
 
 use dkron_ha::dkron::grpc::{GrpcError, Package, RaftClient};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Server {
     child: Child,
     rpc: String,
@@ -38,7 +30,8 @@ impl Drop for Server {
 /// serve the old package.
 fn server(binary: &std::path::Path, package: Option<&str>) -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let (serf, http, rpc) = (free_port(), free_port(), free_port());
+    let [serf, http, rpc] =
+        support::control_plane::free_ports().unwrap_or_else(|error| panic!("{error}"));
     let mut command = Command::new(binary);
     command
         .args([

@@ -12,20 +12,15 @@ use serde_json::json;
 use std::process::{Child, Command, Stdio};
 use support::{ControlPlane, eventually};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start_label_updater(kubeconfig: &std::path::Path, ns: &str, pod: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_dkron-ha"))
         .args(["label-updater", "--interval-ms", "200"])
         .args(["--pod-name", pod, "--pod-namespace", ns])
         // Nothing listens there: the local Dkron is down.
-        .args(["--dkron-port", &free_port().to_string()])
+        .args([
+            "--dkron-port",
+            &support::control_plane::free_ports::<1>().unwrap()[0].to_string(),
+        ])
         .env("KUBECONFIG", kubeconfig)
         .env_remove("KUBERNETES_SERVICE_HOST")
         .stdout(Stdio::null())

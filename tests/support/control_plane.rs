@@ -750,7 +750,7 @@ pub async fn poll<T>(
 }
 
 /// Distinct free loopback ports: all listeners are held until every port is picked.
-fn free_ports<const N: usize>() -> Result<[u16; N], String> {
+pub fn free_ports<const N: usize>() -> Result<[u16; N], String> {
     let listeners = (0..N)
         .map(|_| TcpListener::bind("127.0.0.1:0"))
         .collect::<Result<Vec<_>, _>>()
