@@ -95,6 +95,8 @@ fn invalid_values_are_refused_with_the_value() {
         ("DKRON_HA_INITIAL_CLUSTER_SIZE", "0"),
         ("POD_IP", "dkron-1"),
         ("DKRON_HA_DNS_TIMEOUT_SECONDS", "2m"),
+        ("DKRON_HA_COLD_START_TIMEOUT_SECONDS", "0"),
+        ("DKRON_HA_COLD_START_TIMEOUT_SECONDS", "-5"),
     ] {
         let mut env = pod_env();
         env.insert(name, value.to_owned());
@@ -111,6 +113,10 @@ fn cluster_domain_defaults_and_dns_timeout_is_configurable() {
     let settings = settings_from(&env).unwrap();
     assert_eq!(settings.peer_fqdn(0), PEER0);
     assert_eq!(settings.dns_timeout, Duration::from_secs(1));
+    assert_eq!(settings.cold_start_timeout, Duration::from_secs(30));
+    env.insert("DKRON_HA_COLD_START_TIMEOUT_SECONDS", "7".to_owned());
+    let settings = settings_from(&env).unwrap();
+    assert_eq!(settings.cold_start_timeout, Duration::from_secs(7));
 }
 
 #[test]

@@ -8,6 +8,9 @@ use std::time::Duration;
 
 /// Default bound of the wait for DNS names (`DKRON_HA_DNS_TIMEOUT_SECONDS`).
 pub const DEFAULT_DNS_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default time a cold start has to form a leader before the server that bootstraps it restarts
+/// its Dkron (`DKRON_HA_COLD_START_TIMEOUT_SECONDS`). A cold start of 3 forms one in 5–9 s.
+pub const DEFAULT_COLD_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SettingsError {
@@ -34,6 +37,7 @@ pub struct ClusterSettings {
     pub pod_name: String,
     pub pod_ip: std::net::IpAddr,
     pub dns_timeout: Duration,
+    pub cold_start_timeout: Duration,
 }
 
 impl ClusterSettings {
@@ -67,16 +71,24 @@ impl ClusterSettings {
             value: ip_raw.clone(),
             reason: "expected an IP address (fieldRef status.podIP)",
         })?;
-        let dns_timeout = match lookup("DKRON_HA_DNS_TIMEOUT_SECONDS").filter(|v| !v.is_empty()) {
-            None => DEFAULT_DNS_TIMEOUT,
-            Some(raw) => {
-                Duration::from_secs(raw.trim().parse().map_err(|_| SettingsError::Invalid {
-                    name: "DKRON_HA_DNS_TIMEOUT_SECONDS",
+        let seconds = |name: &'static str, default: Duration| match lookup(name)
+            .filter(|v| !v.trim().is_empty())
+        {
+            None => Ok(default),
+            Some(raw) => match raw.trim().parse::<u64>() {
+                Ok(n) if n >= 1 => Ok(Duration::from_secs(n)),
+                _ => Err(SettingsError::Invalid {
+                    name,
                     value: raw.clone(),
-                    reason: "expected a whole number of seconds",
-                })?)
-            }
+                    reason: "expected a whole number of seconds, at least 1",
+                }),
+            },
         };
+        let dns_timeout = seconds("DKRON_HA_DNS_TIMEOUT_SECONDS", DEFAULT_DNS_TIMEOUT)?;
+        let cold_start_timeout = seconds(
+            "DKRON_HA_COLD_START_TIMEOUT_SECONDS",
+            DEFAULT_COLD_START_TIMEOUT,
+        )?;
         let cluster_domain = lookup(ENV_CLUSTER_DOMAIN)
             .map(|d| d.trim().trim_end_matches('.').to_owned())
             .filter(|d| !d.is_empty())
@@ -90,6 +102,7 @@ impl ClusterSettings {
             pod_name: required(ENV_POD_NAME)?,
             pod_ip,
             dns_timeout,
+            cold_start_timeout,
         })
     }
 

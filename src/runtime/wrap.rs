@@ -73,6 +73,18 @@ pub struct LaunchPlan {
     /// `host:port` of the local Dkron HTTP API to `POST /v1/leave` to before a SIGTERM or SIGINT
     /// is forwarded; `None` forwards at once.
     pub leave_first: Option<(String, u16)>,
+    /// On the server that bootstraps a cold start ([`starts_last`]): the restart of a Dkron
+    /// that forms no cluster ([`cold_start_check`]). Needs `leave_first` (the local HTTP API).
+    pub cold_start_watch: Option<ColdStartWatch>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColdStartWatch {
+    /// How long Dkron may run without a leader and without a raft configuration.
+    pub bound: Duration,
+    /// `ip:port` of the local Dkron's gRPC: it listens on the pod IP (its bind address), not
+    /// on loopback.
+    pub rpc_addr: String,
 }
 
 /// Is `command` Dkron's server agent itself (`<any name> agent ...`)? Then flags are rewritten;
@@ -440,6 +452,64 @@ pub async fn wait_for_peers_running(peers: &[String]) -> bool {
     }
 }
 
+/// What the bootstrapping server's own Dkron shows during a cold start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalView {
+    /// `GET /v1/leader` names a leader (an alive server with its `rpc_addr` set).
+    pub leader: bool,
+    /// Servers in its raft configuration; `None` when it does not answer over gRPC.
+    pub raft_servers: Option<usize>,
+}
+
+/// The cold-start watch's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColdStart {
+    /// A leader, or a raft configuration (raft elects on its own from there): stop watching.
+    Formed,
+    Waiting,
+    /// No leader and an empty raft configuration after the bound: restart Dkron.
+    Restart,
+}
+
+/// Decides the cold-start watch (pure). Dkron bootstraps only on a serf member-join that shows
+/// enough servers; when no server ever sees one (every join coalesced with its tag update, seen
+/// on real Dkron for 31–134 s, and once in 30 cold starts of v4.0.9 for good), nothing else makes
+/// it try again. A restarted server joins again: its peers and itself see member-joins whole,
+/// and the cluster bootstraps. Only a view that shows neither leader nor configuration restarts:
+/// a Dkron that does not answer is not known to be leaderless.
+pub fn cold_start_check(waited: Duration, bound: Duration, view: LocalView) -> ColdStart {
+    if view.leader || view.raft_servers.is_some_and(|n| n > 0) {
+        ColdStart::Formed
+    } else if waited >= bound && view.raft_servers == Some(0) {
+        ColdStart::Restart
+    } else {
+        ColdStart::Waiting
+    }
+}
+
+/// How often the cold-start watch looks at the local Dkron.
+const COLD_START_POLL: Duration = Duration::from_secs(2);
+
+/// The local Dkron's [`LocalView`]: HTTP on `host:port`, gRPC on `rpc_addr`.
+async fn local_view(host: &str, port: u16, rpc_addr: &str) -> LocalView {
+    let leader = match DkronClient::new() {
+        Ok(client) => matches!(
+            client.leader(host, port, LEADER_QUERY_TIMEOUT).await,
+            Ok(LeaderAnswer::Known { .. })
+        ),
+        Err(_) => false,
+    };
+    let raft_servers = RaftClient::new(LEADER_QUERY_TIMEOUT)
+        .configuration(rpc_addr)
+        .await
+        .ok()
+        .map(|c| c.servers.len());
+    LocalView {
+        leader,
+        raft_servers,
+    }
+}
+
 /// Signal streams of the supervisor. Created before anything else so that a SIGTERM during
 /// discovery or before the child starts is never lost, and SIGCHLD before the child exists.
 pub struct SupervisorSignals {
@@ -479,7 +549,7 @@ pub struct ChildExit {
 }
 
 /// Starts the plan's command, forwards SIGTERM, SIGINT and SIGHUP to it, reaps orphans, and
-/// returns when it ends.
+/// returns when it ends; restarts it when the plan's cold-start watch says so.
 ///
 /// The child is spawned with `std::process` and waited for with `waitpid(-1, WNOHANG)` on each
 /// SIGCHLD rather than with `tokio::process`: reaping every child would otherwise race with
@@ -493,6 +563,30 @@ pub async fn run_child(
     if let Err(error) = nix::sys::prctl::set_child_subreaper(true) {
         tracing::warn!(%error, "cannot become a child subreaper; orphans are reaped only as PID 1");
     }
+    let mut orphans_reaped = 0;
+    for attempt in 1.. {
+        let child_pid = spawn(plan)?;
+        match supervise(plan, child_pid, signals, &mut orphans_reaped).await? {
+            Supervised::Exited(code) => {
+                tracing::info!(code, orphans_reaped, "child exited");
+                return Ok(ChildExit {
+                    code,
+                    orphans_reaped,
+                });
+            }
+            Supervised::Restart(code) => {
+                tracing::warn!(
+                    code,
+                    attempt,
+                    "Dkron stopped for the cold-start restart; starting it again"
+                );
+            }
+        }
+    }
+    unreachable!("the restart loop only ends by returning")
+}
+
+fn spawn(plan: &LaunchPlan) -> Result<Pid, WrapError> {
     let mut command = std::process::Command::new(&plan.program);
     command.args(&plan.args);
     for name in &plan.remove_env {
@@ -507,24 +601,51 @@ pub async fn run_child(
     // `child` is dropped without waiting: std does not reap on drop, `reap` below does.
     drop(child);
     tracing::info!(pid = child_pid.as_raw(), program = %plan.program, "child started");
-    let mut orphans_reaped = 0;
+    Ok(child_pid)
+}
+
+enum Supervised {
+    /// The child ended on its own or after a forwarded signal: its status.
+    Exited(i32),
+    /// The child ended because the cold-start watch stopped it.
+    Restart(i32),
+}
+
+async fn supervise(
+    plan: &LaunchPlan,
+    child_pid: Pid,
+    signals: &mut SupervisorSignals,
+    orphans_reaped: &mut u32,
+) -> Result<Supervised, WrapError> {
+    let started = Instant::now();
     let mut safety_tick = tokio::time::interval(Duration::from_secs(1));
     // Dkron installs its signal handlers only once its start returns, and a SIGHUP before that
     // kills it (Go's default; seen on v4.1.2): a SIGHUP waits until its HTTP API answers.
     let mut dkron_answers = plan.leave_first.is_none();
     let mut held_hup = false;
     let mut hup_poll = tokio::time::interval(HUP_POLL);
+    let mut watch = plan.cold_start_watch.clone().zip(plan.leave_first.clone());
+    let mut watch_poll = tokio::time::interval(COLD_START_POLL);
+    let mut watch_reported = false;
+    let mut restarting = false;
     loop {
-        if let Some(code) = reap(child_pid, &mut orphans_reaped)? {
-            tracing::info!(code, orphans_reaped, "child exited");
-            return Ok(ChildExit {
-                code,
-                orphans_reaped,
+        if let Some(code) = reap(child_pid, orphans_reaped)? {
+            return Ok(if restarting {
+                Supervised::Restart(code)
+            } else {
+                Supervised::Exited(code)
             });
         }
         let forward = tokio::select! {
-            _ = signals.term.recv() => Some(Signal::SIGTERM),
-            _ = signals.int.recv() => Some(Signal::SIGINT),
+            // A stop request ends the wrapper, even one that comes during a restart.
+            _ = signals.term.recv() => {
+                restarting = false;
+                Some(Signal::SIGTERM)
+            }
+            _ = signals.int.recv() => {
+                restarting = false;
+                Some(Signal::SIGINT)
+            }
             _ = signals.hup.recv() => {
                 held_hup = true;
                 None
@@ -533,6 +654,33 @@ pub async fn run_child(
             // SIGCHLD can coalesce; a slow poll makes sure no exit is missed.
             _ = safety_tick.tick() => None,
             _ = hup_poll.tick(), if held_hup => None,
+            _ = watch_poll.tick(), if watch.is_some() => {
+                let (ColdStartWatch { bound, rpc_addr }, (host, port)) =
+                    watch.clone().expect("guarded by the branch");
+                let view = local_view(&host, port, &rpc_addr).await;
+                match cold_start_check(started.elapsed(), bound, view) {
+                    ColdStart::Formed => {
+                        tracing::info!(waited_ms = started.elapsed().as_millis() as u64, ?view, "the cold start formed a cluster");
+                        watch = None;
+                        None
+                    }
+                    ColdStart::Waiting => {
+                        if started.elapsed() >= bound && !watch_reported {
+                            watch_reported = true;
+                            tracing::warn!(bound_s = bound.as_secs(), ?view, rpc_addr = %rpc_addr,
+                                "no leader since this cold start began, but the local Dkron's raft configuration is unknown: not restarting it");
+                        }
+                        None
+                    }
+                    ColdStart::Restart => {
+                        tracing::warn!(bound_s = bound.as_secs(), ?view,
+                            "no leader and no raft configuration since this cold start began: restarting Dkron so that its join bootstraps the cluster");
+                        watch = None;
+                        restarting = true;
+                        Some(Signal::SIGTERM)
+                    }
+                }
+            }
         };
         if held_hup {
             if !dkron_answers && let Some((host, port)) = &plan.leave_first {
@@ -667,6 +815,10 @@ pub async fn run(command: Vec<String>) -> Result<i32, WrapError> {
     }
     let mut plan = plan_launch(&command, &flags, |name| std::env::var(name).ok())?;
     plan.leave_first = Some(("127.0.0.1".to_owned(), dkron::HTTP_PORT));
+    plan.cold_start_watch = starts_last(&settings, &flags).then(|| ColdStartWatch {
+        bound: settings.cold_start_timeout,
+        rpc_addr: std::net::SocketAddr::new(settings.pod_ip, RPC_PORT).to_string(),
+    });
     for warning in &plan.warnings {
         tracing::warn!(%warning, "cannot apply every cluster setting");
     }
@@ -694,6 +846,43 @@ mod tests {
         assert_eq!(flag_at(&args, 0, "bootstrap-expect"), Some((Some("3"), 2)));
         assert_eq!(flag_at(&args, 2, "bootstrap-expect"), Some((Some("2"), 1)));
         assert_eq!(flag_at(&args, 3, "bootstrap-expect"), None);
+    }
+
+    #[test]
+    fn a_cold_start_restarts_only_when_the_local_dkron_shows_no_leader_and_no_configuration() {
+        let bound = Duration::from_secs(30);
+        let view = |leader, raft_servers| LocalView {
+            leader,
+            raft_servers,
+        };
+        let late = Duration::from_secs(31);
+        assert_eq!(
+            cold_start_check(late, bound, view(false, Some(0))),
+            ColdStart::Restart
+        );
+        // Before the bound it waits, whatever it sees short of a cluster.
+        assert_eq!(
+            cold_start_check(Duration::from_secs(29), bound, view(false, Some(0))),
+            ColdStart::Waiting
+        );
+        // A leader, or a configuration (raft is electing): formed, at any time.
+        assert_eq!(
+            cold_start_check(late, bound, view(true, Some(0))),
+            ColdStart::Formed
+        );
+        assert_eq!(
+            cold_start_check(late, bound, view(false, Some(3))),
+            ColdStart::Formed
+        );
+        assert_eq!(
+            cold_start_check(Duration::ZERO, bound, view(true, None)),
+            ColdStart::Formed
+        );
+        // A Dkron that does not answer over gRPC is not known to be leaderless.
+        assert_eq!(
+            cold_start_check(late, bound, view(false, None)),
+            ColdStart::Waiting
+        );
     }
 
     #[test]

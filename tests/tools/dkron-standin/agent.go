@@ -42,10 +42,41 @@ type Agent struct {
 	fsm       *jobFSM
 
 	lookup *serverLookup
+
+	// skipBootstrap: fault injection, see faultNoFirstBootstrap.
+	skipBootstrap bool
+}
+
+// faultNoFirstBootstrapEnv is fault injection for tests, not Dkron behaviour: set to 1, the
+// first run of a server in a data dir never bootstraps (a marker file in the data dir records
+// that run), so a cold start stays without a leader the way real Dkron was seen to (DESIGN.md
+// Dkron facts: no leader for 31-134 s when every server joined before its tags were set, and
+// once in 30 cold starts of v4.0.9 for the whole 180 s). A later run in the same data dir
+// behaves normally: what tests of dkron-ha's recovery (a restart of one server) need.
+const faultNoFirstBootstrapEnv = "DKRON_STANDIN_FAULT_NO_FIRST_BOOTSTRAP"
+
+// faultNoFirstBootstrap reports whether this run must not bootstrap, and marks the data dir.
+func faultNoFirstBootstrap(dataDir string) bool {
+	if os.Getenv(faultNoFirstBootstrapEnv) != "1" {
+		return false
+	}
+	marker := filepath.Join(dataDir, "standin-fault-no-first-bootstrap")
+	if _, err := os.Stat(marker); err == nil {
+		return false
+	}
+	if err := os.MkdirAll(dataDir, 0o755); err != nil {
+		fatalf("fault injection: %v", err)
+	}
+	if err := os.WriteFile(marker, nil, 0o644); err != nil {
+		fatalf("fault injection: %v", err)
+	}
+	logf(lWarn, "fault injection (%s=1): this first run in %s never bootstraps", faultNoFirstBootstrapEnv, dataDir)
+	return true
 }
 
 func newAgent(cfg *Config) *Agent {
-	return &Agent{config: cfg, retryJoinCh: make(chan error), lookup: newServerLookup()}
+	return &Agent{config: cfg, retryJoinCh: make(chan error), lookup: newServerLookup(),
+		skipBootstrap: cfg.Server && faultNoFirstBootstrap(cfg.DataDir)}
 }
 
 func (a *Agent) getRaft() *raft.Raft {
@@ -379,6 +410,10 @@ func (a *Agent) nodeJoin(me serf.MemberEvent) {
 // loop) and gives up if any has raft peers; else bootstraps raft with all of them as voters at
 // serf IP:port tag. Either way it never tries again.
 func (a *Agent) maybeBootstrap() {
+	if a.skipBootstrap {
+		logf(lWarn, "fault injection: not bootstrapping")
+		return
+	}
 	index, err := a.raftStore.LastIndex()
 	if err != nil {
 		logf(lError, "failed to read last raft index: %v", err)
