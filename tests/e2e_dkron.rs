@@ -49,8 +49,10 @@ async fn cluster() -> &'static Cluster {
             cluster
                 .import_image(&archive)
                 .unwrap_or_else(|error| panic!("{error}"));
+            // Claims are never given back (Retain), and the scenarios claim 23 in all: 10 per
+            // node leaves room for an uneven spread.
             cluster
-                .local_volumes(5)
+                .local_volumes(10)
                 .await
                 .unwrap_or_else(|error| panic!("{error}"));
             cluster

@@ -89,6 +89,18 @@ fn missing_variable_is_named_in_the_error() {
 }
 
 #[test]
+fn the_leader_service_is_asked_for_a_leader_beside_the_other_initial_peers() {
+    let mut env = pod_env();
+    let settings = settings_from(&env).unwrap();
+    assert_eq!(settings.leader_sources(), settings.other_peers());
+    env.insert("DKRON_HA_LEADER_SERVICE", "dkron-leader".to_owned());
+    let settings = settings_from(&env).unwrap();
+    let mut want = settings.other_peers();
+    want.push("dkron-leader.jobs.svc.cluster.local".to_owned());
+    assert_eq!(settings.leader_sources(), want);
+}
+
+#[test]
 fn invalid_values_are_refused_with_the_value() {
     for (name, value) in [
         ("DKRON_HA_INITIAL_CLUSTER_SIZE", "three"),

@@ -1,8 +1,8 @@
 //! Who the peers of this pod are, from the environment the injector sets.
 
 use crate::names::{
-    ENV_CLUSTER_DOMAIN, ENV_INITIAL_CLUSTER_SIZE, ENV_POD_IP, ENV_POD_NAME, ENV_POD_NAMESPACE,
-    ENV_SERVICE, ENV_STATEFULSET,
+    ENV_CLUSTER_DOMAIN, ENV_INITIAL_CLUSTER_SIZE, ENV_LEADER_SERVICE, ENV_POD_IP, ENV_POD_NAME,
+    ENV_POD_NAMESPACE, ENV_SERVICE, ENV_STATEFULSET,
 };
 use std::time::Duration;
 
@@ -38,6 +38,9 @@ pub struct ClusterSettings {
     pub pod_ip: std::net::IpAddr,
     pub dns_timeout: Duration,
     pub cold_start_timeout: Duration,
+    /// The `<sts>-leader` Service (`DKRON_HA_LEADER_SERVICE`): the leader's pod, whichever
+    /// ordinal leads; asked for a leader beside the initial peers.
+    pub leader_service: Option<String>,
 }
 
 impl ClusterSettings {
@@ -103,6 +106,9 @@ impl ClusterSettings {
             pod_ip,
             dns_timeout,
             cold_start_timeout,
+            leader_service: lookup(ENV_LEADER_SERVICE)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty()),
         })
     }
 
@@ -127,6 +133,20 @@ impl ClusterSettings {
             "{}.{}.{}.svc.{}",
             self.pod_name, self.service, self.namespace, self.cluster_domain
         )
+    }
+
+    /// Where to ask whether a leader exists: the initial peers other than this pod, and the
+    /// leader Service (it reaches a leader of any ordinal, e.g. after a scale-up).
+    pub fn leader_sources(&self) -> Vec<String> {
+        let mut sources = self.other_peers();
+        sources.extend(self.leader_service.as_ref().map(|service| {
+            if service.contains('.') {
+                service.clone()
+            } else {
+                format!("{service}.{}.svc.{}", self.namespace, self.cluster_domain)
+            }
+        }));
+        sources
     }
 
     /// The initial peers other than this pod.

@@ -787,9 +787,8 @@ pub async fn run(command: Vec<String>) -> Result<i32, WrapError> {
     let mut signals = SupervisorSignals::install()?;
     let discovery = async {
         wait_for_names(&settings).await;
-        let others = settings.other_peers();
-        let answers = ask_peers_for_leader(&others).await;
-        (others, answers)
+        let answers = ask_peers_for_leader(&settings.leader_sources()).await;
+        (settings.other_peers(), answers)
     };
     let (others, answers) = tokio::select! {
         found = discovery => found,
