@@ -49,7 +49,11 @@ fn start_controller_with_resync(
         lease_name: lease.into(),
         lease_namespace: ns.into(),
         identity: Some(identity.into()),
-        lease_seconds: 6,
+        // serve's default: a holder renews 7 s before expiry, so a renewal slowed down by a
+        // busy API server (CI, 2 cores, tests in parallel) does not let the other replica take
+        // the Lease while this one still runs the loops (seen once with 6 s). Hand-overs in
+        // these tests go by release, not by expiry, so the length costs no time.
+        lease_seconds: 15,
         resync_seconds,
         raft_interval_seconds: 5,
     };
