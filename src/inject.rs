@@ -16,10 +16,11 @@ use std::collections::BTreeMap;
 
 use crate::names::{
     ANNOTATION_CONTAINER, ANNOTATION_DKRON_COMMAND, ANNOTATION_ENABLED,
-    ANNOTATION_INITIAL_CLUSTER_SIZE, ANNOTATION_INJECTED, BIN_DIR, BIN_VOLUME,
-    BIN_VOLUME_SIZE_LIMIT_MIB, CONDITION_RAFT_VOTER, ENV_CLUSTER_DOMAIN, ENV_INITIAL_CLUSTER_SIZE,
-    ENV_LEADER_SERVICE, ENV_LOG_FORMAT, ENV_POD_IP, ENV_POD_NAME, ENV_POD_NAMESPACE, ENV_SERVICE,
-    ENV_STATEFULSET, IMAGE_BINARY, INSTALL_CONTAINER, LABEL_UPDATER_CONTAINER, WRAPPER_PATH,
+    ANNOTATION_INITIAL_CLUSTER_SIZE, ANNOTATION_INJECTED, ANNOTATION_RAFT_VOTER_GATE, BIN_DIR,
+    BIN_VOLUME, BIN_VOLUME_SIZE_LIMIT_MIB, CONDITION_RAFT_VOTER, ENV_CLUSTER_DOMAIN,
+    ENV_INITIAL_CLUSTER_SIZE, ENV_LEADER_SERVICE, ENV_LOG_FORMAT, ENV_POD_IP, ENV_POD_NAME,
+    ENV_POD_NAMESPACE, ENV_SERVICE, ENV_STATEFULSET, IMAGE_BINARY, INSTALL_CONTAINER,
+    LABEL_UPDATER_CONTAINER, WRAPPER_PATH,
 };
 
 pub const DEFAULT_DKRON_COMMAND: &str = "/usr/local/bin/dkron";
@@ -79,6 +80,10 @@ pub enum InjectError {
     )]
     EmptyDkronCommand,
     #[error(
+        "annotation {ANNOTATION_RAFT_VOTER_GATE}={value:?} is not valid: set it to \"true\" (the default: pods are Ready only while their server is a raft voter) or \"false\" (no readiness gate), or remove it"
+    )]
+    InvalidRaftVoterGate { value: String },
+    #[error(
         "StatefulSet has no metadata.name: dkron-ha derives peer names from it, so set metadata.name (generateName is not supported)"
     )]
     MissingName,
@@ -121,6 +126,8 @@ pub struct InjectionPlan {
     pub container_index: usize,
     pub dkron_command: Vec<String>,
     pub service_account: Option<String>,
+    /// Whether the pods get the `dkron-ha/raft-voter` readiness gate.
+    pub raft_voter_gate: bool,
 }
 
 /// Injects `sts` if it opts in; returns `None` when it does not (the object is left alone).
@@ -186,6 +193,16 @@ fn plan(
         .filter(|s| !s.is_empty())
         .map(str::to_string);
 
+    let raft_voter_gate = match annotation(sts, ANNOTATION_RAFT_VOTER_GATE).map(str::trim) {
+        None | Some("true") => true,
+        Some("false") => false,
+        Some(value) => {
+            return Err(InjectError::InvalidRaftVoterGate {
+                value: value.to_string(),
+            });
+        }
+    };
+
     Ok(InjectionPlan {
         name: name.to_string(),
         service: service.to_string(),
@@ -193,6 +210,7 @@ fn plan(
         container_index,
         dkron_command,
         service_account,
+        raft_voter_gate,
     })
 }
 
@@ -346,13 +364,21 @@ fn apply_plan(
 
     // Ready only while the controller sees the server as a raft voter: rolling updates, the
     // PodDisruptionBudget and drains then wait for a restarted server to be back in raft.
-    upsert_by_name(
-        pod.readiness_gates.get_or_insert_with(Vec::new),
-        PodReadinessGate {
-            condition_type: CONDITION_RAFT_VOTER.into(),
-        },
-        |g| &g.condition_type,
-    );
+    // Turned off, an earlier injection's gate goes (the user's own gates stay).
+    if plan.raft_voter_gate {
+        upsert_by_name(
+            pod.readiness_gates.get_or_insert_with(Vec::new),
+            PodReadinessGate {
+                condition_type: CONDITION_RAFT_VOTER.into(),
+            },
+            |g| &g.condition_type,
+        );
+    } else if let Some(gates) = pod.readiness_gates.as_mut() {
+        gates.retain(|g| g.condition_type != CONDITION_RAFT_VOTER);
+        if gates.is_empty() {
+            pod.readiness_gates = None;
+        }
+    }
 
     // The sidecar lives in exactly one of the two lists, depending on the mode.
     let sidecar = label_updater_container(config);

@@ -7,6 +7,8 @@ pub const ANNOTATION_ENABLED: &str = "dkron-ha/enabled";
 pub const ANNOTATION_INITIAL_CLUSTER_SIZE: &str = "dkron-ha/initial-cluster-size";
 pub const ANNOTATION_CONTAINER: &str = "dkron-ha/container";
 pub const ANNOTATION_DKRON_COMMAND: &str = "dkron-ha/dkron-command";
+/// `"false"` leaves out the `dkron-ha/raft-voter` readiness gate (default `"true"`).
+pub const ANNOTATION_RAFT_VOTER_GATE: &str = "dkron-ha/raft-voter-gate";
 /// Pod-template annotation carrying the dkron-ha version that injected it.
 pub const ANNOTATION_INJECTED: &str = "dkron-ha/injected";
 

@@ -49,7 +49,7 @@ async fn cluster() -> &'static Cluster {
             cluster
                 .import_image(&archive)
                 .unwrap_or_else(|error| panic!("{error}"));
-            // Claims are never given back (Retain), and the scenarios claim 23 in all: 10 per
+            // Claims are never given back (Retain), and the scenarios claim 26 in all: 10 per
             // node leaves room for an uneven spread.
             cluster
                 .local_volumes(10)
@@ -290,6 +290,43 @@ impl Dkron {
                     self.ns,
                     self.logs().await
                 );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// [`Dkron::until_whole`] for plain Dkron (no gate, no label): exactly the pods `want`, one
+    /// leader, and its configuration has them as voters at their pods' current IPs.
+    async fn until_plain(&self, want: &[String], bound: Duration) -> State {
+        let deadline = Instant::now() + bound;
+        loop {
+            let state = self.state().await;
+            if state.is_plain_whole(want) {
+                return state;
+            }
+            if Instant::now() > deadline {
+                self.fail(format!(
+                    "plain Dkron not whole after {bound:?}: {}",
+                    state.summary()
+                ))
+                .await;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Seconds until the server at `ip` names a leader (`GET /v1/leader`).
+    async fn until_knows_leader(&self, ip: &str, bound: Duration) -> f64 {
+        let started = Instant::now();
+        loop {
+            if let Some((200, body)) = self.http_get(ip, "/v1/leader").await
+                && body.contains("rpc_addr")
+            {
+                return started.elapsed().as_secs_f64();
+            }
+            if started.elapsed() > bound {
+                self.fail(format!("{ip} knows no leader after {bound:?}"))
+                    .await;
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -618,6 +655,18 @@ impl State {
                     && p.voter == Some(true)
                     && p.label.as_deref() == Some(if leader { "true" } else { "false" })
             })
+    }
+
+    /// One leader, exactly `want` as voters, each at its pod's current IP.
+    fn is_plain_whole(&self, want: &[String]) -> bool {
+        let leaders = self.pods.values().filter(|p| p.leads).count();
+        let addressed = self.configuration.iter().flat_map(|c| &c.servers).all(|s| {
+            self.pods
+                .get(&s.id)
+                .and_then(|p| p.ip.as_ref())
+                .is_some_and(|ip| s.address == format!("{ip}:6868"))
+        });
+        self.pods.keys().eq(want.iter()) && leaders == 1 && self.voters() == want && addressed
     }
 
     /// One line: the leader, the voters, and per pod its IP, Ready, raft-voter and label.
@@ -1197,5 +1246,120 @@ async fn a_rolling_restart_waits_for_each_server_and_loses_the_leader_for_one_el
         dkron.removal_events().await,
         Vec::<String>::new(),
         "a restarting server was removed"
+    );
+}
+
+/// Plain Dkron as users run it without dkron-ha (not opted in: no `wrap`, no gate, no label),
+/// the community chart's way: `--bootstrap-expect=3`, `--retry-join` to every server's stable
+/// name, a readiness probe on `/health`, on the same nodes and volumes. The baseline of
+/// BENCHMARKS.md, measured in the same run as the scenarios above
+/// (`cargo test --test e2e_dkron -- --include-ignored --nocapture`); it prints, asserts only
+/// that the cluster forms.
+#[tokio::test]
+#[ignore = "a measurement: run it by hand with --include-ignored"]
+async fn plain_dkron_without_dkron_ha_baseline() {
+    let _one = serial().await;
+    let name = "plain";
+    let (dkron, created) = Dkron::create_with(name, 3, |sts| {
+        sts["metadata"]["annotations"] = json!({});
+        let container = &mut sts["spec"]["template"]["spec"]["containers"][0];
+        // Short names: the pods' DNS search path completes them with the namespace.
+        container["args"] = json!([
+            "agent",
+            "--server",
+            "--bootstrap-expect=3",
+            "--data-dir=/data",
+            "--log-level=info",
+            "--retry-join=plain-0.plain",
+            "--retry-join=plain-1.plain",
+            "--retry-join=plain-2.plain"
+        ]);
+        container["readinessProbe"] = json!({
+            "httpGet": { "path": "/health", "port": 8080 }, "periodSeconds": 2 });
+        // Parallel, as dkron-ha sets it: OrderedReady would only make the cold start slower.
+        sts["spec"]["podManagementPolicy"] = json!("Parallel");
+    })
+    .await;
+    let want = names(&dkron, 3);
+    let state = dkron.until_plain(&want, Duration::from_secs(300)).await;
+    eprintln!(
+        "plain Dkron: cold start of 3: a leader and 3 voters at the pods' IPs {:.1}s after the StatefulSet was created",
+        created.elapsed().as_secs_f64()
+    );
+    dkron.post_job(&state.leader_ip(), "before").await;
+
+    // A graceful restart of a follower with a new IP: until it knows the leader, has a job
+    // created after its restart, and is a voter at its new IP.
+    let follower = state.a_follower();
+    let deleted = Instant::now();
+    let (old_ip, new_ip) = dkron.replace_pod(&follower, None).await;
+    assert_ne!(old_ip, new_ip);
+    let knows = dkron
+        .until_knows_leader(&new_ip, Duration::from_secs(300))
+        .await;
+    let state = dkron.until_plain(&want, Duration::from_secs(300)).await;
+    let job = format!("after-{}", state.pods[&follower].uid);
+    dkron.post_job(&state.leader_ip(), &job).await;
+    dkron
+        .until_job_on(&new_ip, &job, Duration::from_secs(120))
+        .await;
+    eprintln!(
+        "plain Dkron: graceful follower restart with a new IP: knows the leader {knows:.1}s, a voter at its new IP and has a new job {:.1}s after the delete",
+        deleted.elapsed().as_secs_f64()
+    );
+
+    // A rolling restart (template change): total time and the longest time without a leader.
+    let before: BTreeMap<String, String> = state
+        .pods
+        .iter()
+        .map(|(name, p)| (name.clone(), p.uid.clone()))
+        .collect();
+    let client = dkron.cluster.client().await;
+    Api::<StatefulSet>::namespaced(client, &dkron.ns)
+        .patch(
+            &dkron.name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "template": { "metadata": {
+                "annotations": { "example.com/restarted": "1" } } } } })),
+        )
+        .await
+        .unwrap();
+    let rolled = Instant::now();
+    let deadline = rolled + Duration::from_secs(600);
+    let mut leaderless_since: Option<Instant> = None;
+    let mut longest = Duration::ZERO;
+    let mut leaderless = Duration::ZERO;
+    loop {
+        let state = dkron.state().await;
+        match (&state.leader, leaderless_since) {
+            (None, None) => leaderless_since = Some(Instant::now()),
+            (Some(_), Some(since)) => {
+                longest = longest.max(since.elapsed());
+                leaderless += since.elapsed();
+                leaderless_since = None;
+            }
+            _ => {}
+        }
+        let replaced = state
+            .pods
+            .iter()
+            .all(|(name, p)| before.get(name) != Some(&p.uid));
+        if replaced && state.is_plain_whole(&want) {
+            break;
+        }
+        if Instant::now() > deadline {
+            eprintln!(
+                "plain Dkron: rolling restart not whole after 600s: {}",
+                state.summary()
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "plain Dkron: rolling restart of 3: whole {:.1}s after the template change; without a leader {:.1}s in all, longest {:.1}s",
+        rolled.elapsed().as_secs_f64(),
+        leaderless.as_secs_f64(),
+        longest.as_secs_f64()
     );
 }

@@ -244,6 +244,10 @@ fn invalid_annotations_are_denied_with_a_message_naming_the_fix() {
             json!({"dkron-ha/enabled": "true", "dkron-ha/dkron-command": "  "}),
             "dkron-ha/dkron-command",
         ),
+        (
+            json!({"dkron-ha/enabled": "true", "dkron-ha/raft-voter-gate": "off"}),
+            "dkron-ha/raft-voter-gate",
+        ),
     ];
     for (annotations, needle) in cases {
         let err = inject::inject(
@@ -260,6 +264,54 @@ fn invalid_annotations_are_denied_with_a_message_naming_the_fix() {
             "{message:?} says no fix"
         );
     }
+}
+
+fn readiness_gates(sts: &StatefulSet) -> Vec<String> {
+    let pod = sts.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    pod.readiness_gates
+        .iter()
+        .flatten()
+        .map(|g| g.condition_type.clone())
+        .collect()
+}
+
+#[test]
+fn the_raft_voter_gate_is_injected_unless_turned_off_and_an_update_turning_it_off_removes_it() {
+    let on = create(dkron_sts(json!({"dkron-ha/enabled": "true"}), 3));
+    assert_eq!(readiness_gates(&on.statefulset), ["dkron-ha/raft-voter"]);
+
+    // The user's own gate stays either way.
+    let mut with_own = dkron_sts(
+        json!({"dkron-ha/enabled": "true", "dkron-ha/raft-voter-gate": "false"}),
+        3,
+    );
+    with_own["spec"]["template"]["spec"]["readinessGates"] =
+        json!([{"conditionType": "example.com/mine"}]);
+    let off = create(with_own);
+    assert_eq!(readiness_gates(&off.statefulset), ["example.com/mine"]);
+
+    // An UPDATE of an injected StatefulSet that turns the gate off loses it.
+    let mut turned_off = on.statefulset.clone();
+    turned_off
+        .metadata
+        .annotations
+        .as_mut()
+        .unwrap()
+        .insert("dkron-ha/raft-voter-gate".into(), "false".into());
+    let updated = inject::inject(
+        &turned_off,
+        Operation::Update,
+        Some(&on.statefulset),
+        &config(),
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(readiness_gates(&updated.statefulset), Vec::<String>::new());
+    let pod = updated.statefulset.spec.unwrap().template.spec.unwrap();
+    assert_eq!(
+        pod.readiness_gates, None,
+        "no empty readinessGates list left"
+    );
 }
 
 #[test]
