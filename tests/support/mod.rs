@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod control_plane;
+pub mod dkron;
 pub mod images;
 
 pub use control_plane::ControlPlane;

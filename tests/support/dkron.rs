@@ -1,0 +1,799 @@
+//! Dkron servers in pods on the test bed's real nodes, shared by `tests/e2e_dkron.rs` and
+//! `tests/e2e_system.rs`: the cluster with dkron-ha installed from the chart, local volumes and
+//! the Dkron image (the stand-in, or a real Dkron server binary when `DKRON_BIN` names a static
+//! one), a Dkron StatefulSet as users write it, and what the tests observe of it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use dkron_ha::dkron::grpc::{RaftClient, RaftConfiguration};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Event, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+use tokio::sync::{Mutex, OnceCell};
+
+use super::cluster::{Cluster, LOCAL_STORAGE_CLASS};
+use super::images;
+
+pub const NODES: u8 = 3;
+pub const DKRON_IMAGE: &str = "localhost/dkron-ha-test/dkron:test";
+
+/// The shared cluster with dkron-ha installed from the chart, local volumes and the Dkron
+/// image; once per test binary.
+pub async fn cluster() -> &'static Cluster {
+    static READY: OnceCell<&'static Cluster> = OnceCell::const_new();
+    READY
+        .get_or_init(|| async {
+            let cluster = tokio::task::spawn_blocking(|| Cluster::shared(NODES))
+                .await
+                .expect("cluster start-up");
+            let (binary, what) = dkron_binary();
+            eprintln!("Dkron in these tests: {what} ({})", binary.display());
+            let out = tempfile::tempdir().expect("image dir");
+            let archive = images::oci_archive(
+                out.path(),
+                DKRON_IMAGE,
+                &[(binary.as_path(), "usr/local/bin/dkron")],
+                &["/usr/local/bin/dkron"],
+                None,
+            )
+            .unwrap_or_else(|error| panic!("{error}"));
+            cluster
+                .import_image(&archive)
+                .unwrap_or_else(|error| panic!("{error}"));
+            // Claims are never given back (Retain), and the scenarios claim 26 in all: 10 per
+            // node leaves room for an uneven spread.
+            cluster
+                .local_volumes(10)
+                .await
+                .unwrap_or_else(|error| panic!("{error}"));
+            cluster
+                .install_chart(&[])
+                .unwrap_or_else(|error| panic!("{error}"));
+            cluster
+        })
+        .await
+}
+
+/// `DKRON_BIN` if set (it must be static: the image holds nothing else), else the stand-in.
+pub fn dkron_binary() -> (PathBuf, &'static str) {
+    match std::env::var_os("DKRON_BIN") {
+        Some(path) => {
+            let path = PathBuf::from(path);
+            let dynamic = images::has_interpreter(&path).unwrap_or_else(|error| panic!("{error}"));
+            assert!(
+                !dynamic,
+                "DKRON_BIN={} is dynamically linked; build it with CGO_ENABLED=0",
+                path.display()
+            );
+            (path, "real Dkron (DKRON_BIN)")
+        }
+        None => (
+            super::ControlPlane::tool("dkron-standin"),
+            "the Dkron stand-in",
+        ),
+    }
+}
+
+/// One scenario at a time.
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::const_new(());
+    LOCK.lock().await
+}
+
+/// A Dkron server StatefulSet as users write it (the community chart's `--bootstrap-expect`,
+/// which the wrapper must replace), opted in, with a PVC per server; `customize` edits its JSON.
+pub fn dkron(
+    name: &str,
+    replicas: i32,
+    customize: impl FnOnce(&mut serde_json::Value),
+) -> (Service, StatefulSet) {
+    let service = serde_json::from_value(json!({
+        "metadata": { "name": name },
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": true,
+            "selector": { "app": name },
+            "ports": [{ "name": "http", "port": 8080 }, { "name": "serf", "port": 8946 },
+                      { "name": "rpc", "port": 6868 }],
+        },
+    }))
+    .unwrap();
+    let mut statefulset = json!({
+        "metadata": { "name": name, "annotations": { "dkron-ha/enabled": "true" } },
+        "spec": {
+            "replicas": replicas,
+            "serviceName": name,
+            "selector": { "matchLabels": { "app": name } },
+            "template": {
+                "metadata": { "labels": { "app": name } },
+                "spec": {
+                    "terminationGracePeriodSeconds": 20,
+                    "containers": [{
+                        "name": "dkron",
+                        "image": DKRON_IMAGE,
+                        "imagePullPolicy": "Never",
+                        "args": ["agent", "--server", "--bootstrap-expect=7", "--data-dir=/data",
+                                 "--log-level=info"],
+                        "ports": [{ "containerPort": 8080 }],
+                        "volumeMounts": [{ "name": "data", "mountPath": "/data" }],
+                    }],
+                },
+            },
+            "volumeClaimTemplates": [{
+                "metadata": { "name": "data" },
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "storageClassName": LOCAL_STORAGE_CLASS,
+                    "resources": { "requests": { "storage": "100Mi" } },
+                },
+            }],
+        },
+    });
+    customize(&mut statefulset);
+    (service, serde_json::from_value(statefulset).unwrap())
+}
+
+pub struct Dkron {
+    pub cluster: &'static Cluster,
+    pub ns: String,
+    pub name: String,
+    pub pods: Api<Pod>,
+    pub http: reqwest::Client,
+    pub raft: RaftClient,
+}
+
+impl Dkron {
+    /// Creates the Service and StatefulSet in a namespace of their own.
+    pub async fn create(name: &str, replicas: i32) -> (Dkron, Instant) {
+        Self::create_with(name, replicas, |_| {}).await
+    }
+
+    /// [`Dkron::create`] with `customize` applied to the StatefulSet's JSON.
+    pub async fn create_with(
+        name: &str,
+        replicas: i32,
+        customize: impl FnOnce(&mut serde_json::Value),
+    ) -> (Dkron, Instant) {
+        let cluster = cluster().await;
+        let ns = cluster.control_plane.namespace(name).await;
+        let client = cluster.client().await;
+        let (service, statefulset) = dkron(name, replicas, customize);
+        Api::<Service>::namespaced(client.clone(), &ns)
+            .create(&PostParams::default(), &service)
+            .await
+            .unwrap();
+        let created = Instant::now();
+        Api::<StatefulSet>::namespaced(client.clone(), &ns)
+            .create(&PostParams::default(), &statefulset)
+            .await
+            .unwrap();
+        let dkron = Dkron {
+            cluster,
+            ns: ns.clone(),
+            name: name.into(),
+            pods: Api::namespaced(client, &ns),
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .timeout(Duration::from_secs(3))
+                .build()
+                .unwrap(),
+            raft: RaftClient::new(Duration::from_secs(3)),
+        };
+        (dkron, created)
+    }
+
+    pub fn pod_name(&self, ordinal: usize) -> String {
+        format!("{}-{ordinal}", self.name)
+    }
+
+    pub async fn pods_by_name(&self) -> BTreeMap<String, Pod> {
+        self.pods
+            .list(&ListParams::default().labels(&format!("app={}", self.name)))
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .map(|p| (p.metadata.name.clone().unwrap(), p))
+            .collect()
+    }
+
+    pub async fn http_get(&self, ip: &str, path: &str) -> Option<(u16, String)> {
+        let response = self
+            .http
+            .get(format!("http://{ip}:8080{path}"))
+            .send()
+            .await
+            .ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.text().await.ok()?))
+    }
+
+    /// The pods' state now: which one leads (`/v1/isleader`), the leader's raft
+    /// configuration, and per pod its IP, labels and conditions.
+    pub async fn state(&self) -> State {
+        let pods = self.pods_by_name().await;
+        let mut state = State::default();
+        for (name, pod) in &pods {
+            let status = pod.status.as_ref();
+            let ip = status.and_then(|s| s.pod_ip.clone());
+            let condition = |type_: &str| {
+                status
+                    .and_then(|s| s.conditions.as_ref())
+                    .and_then(|c| c.iter().find(|c| c.type_ == type_))
+                    .map(|c| c.status == "True")
+            };
+            let label = pod
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("dkron-ha/leader").cloned());
+            let mut leads = false;
+            if let Some(ip) = &ip
+                && let Some((code, _)) = self.http_get(ip, "/v1/isleader").await
+            {
+                leads = code == 200;
+                if leads && state.leader.is_none() {
+                    state.leader = Some(name.clone());
+                    state.configuration = self.raft.configuration(&format!("{ip}:6868")).await.ok();
+                }
+            }
+            state.pods.insert(
+                name.clone(),
+                PodView {
+                    ip,
+                    uid: pod.metadata.uid.clone().unwrap_or_default(),
+                    leads,
+                    label,
+                    ready: condition("Ready"),
+                    voter: condition("dkron-ha/raft-voter"),
+                },
+            );
+        }
+        state
+    }
+
+    /// Waits until the cluster is whole: exactly the pods `want` (names), exactly one leader,
+    /// the leader's configuration has exactly them as voters, every pod Ready with its
+    /// raft-voter condition True, the leader label only on the leader. Fails after `bound`
+    /// with the last state seen.
+    pub async fn until_whole(&self, want: &[String], bound: Duration) -> State {
+        let started = Instant::now();
+        let deadline = started + bound;
+        let mut reported = started;
+        loop {
+            let state = self.state().await;
+            if state.is_whole(want) {
+                return state;
+            }
+            if reported.elapsed() >= Duration::from_secs(5) {
+                reported = Instant::now();
+                eprintln!(
+                    "{}: not whole yet after {:.0}s: {}",
+                    self.ns,
+                    started.elapsed().as_secs_f64(),
+                    state.summary()
+                );
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{}: not whole after {bound:?} (want {want:?}):\n{state:#?}\n{}",
+                    self.ns,
+                    self.logs().await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// [`Dkron::until_whole`] for plain Dkron (no gate, no label): exactly the pods `want`, one
+    /// leader, and its configuration has them as voters at their pods' current IPs.
+    pub async fn until_plain(&self, want: &[String], bound: Duration) -> State {
+        let deadline = Instant::now() + bound;
+        loop {
+            let state = self.state().await;
+            if state.is_plain_whole(want) {
+                return state;
+            }
+            if Instant::now() > deadline {
+                self.fail(format!(
+                    "plain Dkron not whole after {bound:?}: {}",
+                    state.summary()
+                ))
+                .await;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Seconds until the server at `ip` names a leader (`GET /v1/leader`).
+    pub async fn until_knows_leader(&self, ip: &str, bound: Duration) -> f64 {
+        let started = Instant::now();
+        loop {
+            if let Some((200, body)) = self.http_get(ip, "/v1/leader").await
+                && body.contains("rpc_addr")
+            {
+                return started.elapsed().as_secs_f64();
+            }
+            if started.elapsed() > bound {
+                self.fail(format!("{ip} knows no leader after {bound:?}"))
+                    .await;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// The `dkron` container's log of every pod (and of its previous container, if it
+    /// restarted), and the namespace's events, for failure messages.
+    pub async fn logs(&self) -> String {
+        let mut out = self.events().await;
+        for name in self.pods_by_name().await.keys() {
+            for previous in [true, false] {
+                let params = kube::api::LogParams {
+                    container: Some("dkron".into()),
+                    tail_lines: Some(if previous { 80 } else { 40 }),
+                    previous,
+                    ..Default::default()
+                };
+                match self.pods.logs(name, &params).await {
+                    Ok(log) => out.push_str(&format!(
+                        "\n--- {name}{}\n{log}",
+                        if previous {
+                            " (previous container)"
+                        } else {
+                            ""
+                        }
+                    )),
+                    Err(_) if previous => {}
+                    Err(error) => out.push_str(&format!("\n--- {name}: no log: {error}")),
+                }
+            }
+        }
+        out
+    }
+
+    /// The log of `container` of `pod` (of its previous instance with `previous`); empty
+    /// while there is none.
+    pub async fn log(&self, pod: &str, container: &str, previous: bool) -> String {
+        let params = kube::api::LogParams {
+            container: Some(container.into()),
+            previous,
+            ..Default::default()
+        };
+        self.pods.logs(pod, &params).await.unwrap_or_default()
+    }
+
+    /// Waits until the `dkron` container's log of `pod` has a line with every one of `needles`;
+    /// returns that line.
+    pub async fn until_logged(&self, pod: &str, needles: &[&str], bound: Duration) -> String {
+        let deadline = Instant::now() + bound;
+        loop {
+            let log = self.log(pod, "dkron", false).await;
+            if let Some(line) = log.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return line.to_owned();
+            }
+            if Instant::now() > deadline {
+                self.fail(format!("{pod}: no line with {needles:?} after {bound:?}"))
+                    .await;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    pub async fn scale(&self, replicas: i32) {
+        let client = self.cluster.client().await;
+        Api::<StatefulSet>::namespaced(client, &self.ns)
+            .patch(
+                &self.name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "spec": { "replicas": replicas } })),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// The status of `container` of `pod`: (restart count, exit code of its last termination).
+    pub async fn container_status(&self, pod: &str, container: &str) -> (i32, Option<i32>) {
+        let pod = self.pods.get(pod).await.unwrap();
+        let status = pod
+            .status
+            .and_then(|s| s.container_statuses)
+            .unwrap_or_default()
+            .into_iter()
+            .find(|c| c.name == container)
+            .expect("container status");
+        let exit = status
+            .last_state
+            .and_then(|s| s.terminated)
+            .map(|t| t.exit_code);
+        (status.restart_count, exit)
+    }
+
+    /// Waits until `container` of `pod` has restarted `count` times; its last exit code.
+    pub async fn until_restarted(&self, pod: &str, container: &str, count: i32) -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if let (restarts, Some(code)) = self.container_status(pod, container).await
+                && restarts >= count
+            {
+                assert_eq!(restarts, count, "{pod}/{container} restarted too often");
+                return code;
+            }
+            if Instant::now() > deadline {
+                self.fail(format!("{pod}/{container} not restarted {count} times"))
+                    .await;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// The wrapper's `starting` line of a pod: the arguments it gave Dkron.
+    pub async fn started_with(&self, pod: &str) -> String {
+        let log = self.log(pod, "dkron", false).await;
+        log.lines()
+            .find(|line| line.contains("starting") && line.contains("args="))
+            .unwrap_or_else(|| panic!("{pod}: no `starting` line in\n{log}"))
+            .to_owned()
+    }
+
+    /// Fails with `message`, the pods' logs and the namespace's events.
+    pub async fn fail(&self, message: String) -> ! {
+        panic!("{}: {message}\n{}", self.ns, self.logs().await)
+    }
+
+    pub async fn post_job(&self, leader_ip: &str, job: &str) {
+        let response = self
+            .http
+            .post(format!("http://{leader_ip}:8080/v1/jobs"))
+            .json(&json!({
+                "name": job, "schedule": "@every 1h", "executor": "shell",
+                "executor_config": { "command": "true" },
+            }))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        assert!(
+            status.is_success(),
+            "POST /v1/jobs {job}: {status} {}",
+            response.text().await.unwrap_or_default()
+        );
+    }
+
+    /// Waits until `job` is on the server at `ip` (`GET /v1/jobs/<job>` answers 200).
+    pub async fn until_job_on(&self, ip: &str, job: &str, bound: Duration) {
+        let started = Instant::now();
+        loop {
+            let answer = self.http_get(ip, &format!("/v1/jobs/{job}")).await;
+            if answer.as_ref().map(|(code, _)| *code) == Some(200) {
+                break;
+            }
+            if started.elapsed() > bound {
+                let all = self.http_get(ip, "/v1/jobs").await;
+                panic!(
+                    "job {job} not on {ip} after {bound:?}: last answer {answer:?}; GET /v1/jobs: {all:?}\n{}",
+                    self.logs().await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        eprintln!(
+            "job {job} on {ip} after {:.1}s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+
+    /// The IPs the `<sts>-leader` Service's EndpointSlices hold.
+    pub async fn leader_endpoints(&self) -> Vec<String> {
+        let slices: Api<EndpointSlice> = Api::namespaced(self.cluster.client().await, &self.ns);
+        let mut ips: Vec<String> = slices
+            .list(
+                &ListParams::default()
+                    .labels(&format!("kubernetes.io/service-name={}-leader", self.name)),
+            )
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .flat_map(|s| s.endpoints.unwrap_or_default())
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+            .flat_map(|e| e.addresses)
+            .collect();
+        ips.sort();
+        ips
+    }
+
+    /// The namespace's events, one line each, for failure messages.
+    pub async fn events(&self) -> String {
+        let events: Api<Event> = Api::namespaced(self.cluster.client().await, &self.ns);
+        let mut items = events.list(&ListParams::default()).await.unwrap().items;
+        items.sort_by_key(|e| e.metadata.creation_timestamp.clone().map(|t| t.0));
+        items
+            .iter()
+            .map(|e| {
+                format!(
+                    "event {:?} {} {}: {}",
+                    e.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                    e.involved_object.name.as_deref().unwrap_or_default(),
+                    e.reason.as_deref().unwrap_or_default(),
+                    e.message.as_deref().unwrap_or_default()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    pub async fn removal_events(&self) -> Vec<String> {
+        let events: Api<Event> = Api::namespaced(self.cluster.client().await, &self.ns);
+        events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("RaftPeerRemoved"))
+            .map(|e| e.message.unwrap_or_default())
+            .collect()
+    }
+
+    /// After the leader's pod was deleted: seconds until one of `others` (name, IP) says it
+    /// leads, and until it carries the leader label and is the leader Service's only endpoint.
+    pub async fn leader_change(&self, others: &[(String, String)]) -> (f64, f64) {
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(60);
+        let (name, ip) = loop {
+            let mut found = None;
+            for (name, ip) in others {
+                if self.http_get(ip, "/v1/isleader").await.map(|(c, _)| c) == Some(200) {
+                    found = Some((name.clone(), ip.clone()));
+                }
+            }
+            if let Some(found) = found {
+                break found;
+            }
+            assert!(Instant::now() < deadline, "no new leader after 60s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let elected = started.elapsed().as_secs_f64();
+        loop {
+            let pod = self.pods.get(&name).await.unwrap();
+            let label = pod
+                .metadata
+                .labels
+                .unwrap_or_default()
+                .get("dkron-ha/leader")
+                .cloned();
+            if label.as_deref() == Some("true") && self.leader_endpoints().await == [ip.clone()] {
+                return (elected, started.elapsed().as_secs_f64());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} leads but is not labelled after 60s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Deletes a pod (`grace` seconds, the pod's own when `None`) and waits until its
+    /// successor (same name, new uid) has an IP; returns the old and the new IP.
+    pub async fn replace_pod(&self, pod: &str, grace: Option<u32>) -> (String, String) {
+        let old = self.pods.get(pod).await.unwrap();
+        let old_uid = old.metadata.uid.clone().unwrap();
+        let old_ip = old.status.unwrap().pod_ip.unwrap();
+        self.pods
+            .delete(
+                pod,
+                &DeleteParams {
+                    grace_period_seconds: grace,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(new) = self.pods.get_opt(pod).await.unwrap()
+                && new.metadata.uid.as_deref() != Some(&old_uid)
+                && let Some(ip) = new.status.and_then(|s| s.pod_ip)
+            {
+                return (old_ip, ip);
+            }
+            assert!(Instant::now() < deadline, "{pod} not back after 120s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct PodView {
+    pub ip: Option<String>,
+    pub uid: String,
+    pub leads: bool,
+    pub label: Option<String>,
+    pub ready: Option<bool>,
+    pub voter: Option<bool>,
+}
+
+#[derive(Debug, Default)]
+pub struct State {
+    pub leader: Option<String>,
+    pub configuration: Option<RaftConfiguration>,
+    pub pods: BTreeMap<String, PodView>,
+}
+
+impl State {
+    pub fn voters(&self) -> Vec<String> {
+        let mut voters: Vec<String> = self
+            .configuration
+            .iter()
+            .flat_map(|c| &c.servers)
+            .filter(|s| s.voter)
+            .map(|s| s.id.clone())
+            .collect();
+        voters.sort();
+        voters
+    }
+
+    pub fn is_whole(&self, want: &[String]) -> bool {
+        let names: Vec<&String> = self.pods.keys().collect();
+        let leaders = self.pods.values().filter(|p| p.leads).count();
+        names == want.iter().collect::<Vec<_>>()
+            && leaders == 1
+            && self.voters() == want
+            && self.pods.iter().all(|(name, p)| {
+                let leader = self.leader.as_ref() == Some(name);
+                p.ready == Some(true)
+                    && p.voter == Some(true)
+                    && p.label.as_deref() == Some(if leader { "true" } else { "false" })
+            })
+    }
+
+    /// One leader, exactly `want` as voters, each at its pod's current IP.
+    pub fn is_plain_whole(&self, want: &[String]) -> bool {
+        let leaders = self.pods.values().filter(|p| p.leads).count();
+        let addressed = self.configuration.iter().flat_map(|c| &c.servers).all(|s| {
+            self.pods
+                .get(&s.id)
+                .and_then(|p| p.ip.as_ref())
+                .is_some_and(|ip| s.address == format!("{ip}:6868"))
+        });
+        self.pods.keys().eq(want.iter()) && leaders == 1 && self.voters() == want && addressed
+    }
+
+    /// One line: the leader, the voters, and per pod its IP, Ready, raft-voter and label.
+    pub fn summary(&self) -> String {
+        let pods: Vec<String> = self
+            .pods
+            .iter()
+            .map(|(name, p)| {
+                format!(
+                    "{name} {} ready={:?} voter={:?} leader-label={:?}",
+                    p.ip.as_deref().unwrap_or("-"),
+                    p.ready,
+                    p.voter,
+                    p.label
+                )
+            })
+            .collect();
+        format!(
+            "leader {:?}, voters {:?}; {}",
+            self.leader,
+            self.voters(),
+            pods.join("; ")
+        )
+    }
+
+    pub fn ip(&self, pod: &str) -> String {
+        self.pods[pod].ip.clone().unwrap()
+    }
+
+    pub fn leader_ip(&self) -> String {
+        self.ip(self.leader.as_ref().unwrap())
+    }
+
+    pub fn a_follower(&self) -> String {
+        self.pods
+            .iter()
+            .find(|(_, p)| !p.leads)
+            .map(|(name, _)| name.clone())
+            .unwrap()
+    }
+}
+
+pub fn names(dkron: &Dkron, n: usize) -> Vec<String> {
+    (0..n).map(|i| dkron.pod_name(i)).collect()
+}
+
+/// The label-updater sidecar process of each of `pods`, found by its POD_NAME: (pod, pid).
+pub fn label_updater_pids(pods: &[String]) -> Vec<(String, u32)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let dir = entry.path();
+        let Some(pid) = dir.file_name().and_then(|n| n.to_str()?.parse().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(dir.join("cmdline")) else {
+            continue;
+        };
+        if !String::from_utf8_lossy(&cmdline).contains("label-updater") {
+            continue;
+        }
+        let environ = std::fs::read(dir.join("environ")).unwrap_or_default();
+        let environ = String::from_utf8_lossy(&environ);
+        if let Some(pod) = pods
+            .iter()
+            .find(|pod| environ.split('\0').any(|v| v == format!("POD_NAME={pod}")))
+        {
+            found.push((pod.clone(), pid));
+        }
+    }
+    found.sort();
+    found
+}
+
+/// The RSS (kB) of each `pods`' label-updater sidecar process.
+pub fn label_updater_rss(pods: &[String]) -> Vec<(String, u64)> {
+    label_updater_pids(pods)
+        .into_iter()
+        .filter_map(|(pod, pid)| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let kb = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())?;
+            Some((pod, kb))
+        })
+        .collect()
+}
+
+/// The Dkron server process of `pod` and its wrapper (found by the `--node-name` the wrapper
+/// gives Dkron): (wrapper pid, Dkron pid).
+pub fn processes(pod: &str) -> (String, String) {
+    let pattern = format!("--node-name={pod}( |$)");
+    let output = std::process::Command::new("pgrep")
+        .args(["-f", "--", &pattern])
+        .output()
+        .unwrap();
+    let pids: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(pids.len(), 1, "Dkron processes of {pod}: {pids:?}");
+    let ppid = std::fs::read_to_string(format!("/proc/{}/stat", pids[0]))
+        .unwrap()
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    (ppid, pids[0].clone())
+}
+
+pub fn signal(signal: &str, pid: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), pid])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// SIGSTOPs (or with `thaw`, SIGCONTs) the Dkron server process of `pod` and its wrapper, so
+/// it answers nothing and leaves nothing: to serf it fails, and its container only ends by the
+/// kubelet's SIGKILL.
+pub fn freeze(pod: &str) {
+    let (wrapper, dkron) = processes(pod);
+    signal("STOP", &dkron);
+    signal("STOP", &wrapper);
+}
+
+pub fn thaw(pod: &str) {
+    let (wrapper, dkron) = processes(pod);
+    signal("CONT", &wrapper);
+    signal("CONT", &dkron);
+}
