@@ -859,7 +859,11 @@ async fn a_slot_held_by_a_deleted_node_is_reclaimed() {
     );
 
     fx.delete_node(0).await;
-    assert_eq!(server.pre_reboot(&fx.zincati_id(1)).await.status, 200);
+    // Once the Node watch has seen the deletion (until then the slot stays held).
+    eventually("the deleted holder's slot is reclaimed", async || {
+        (server.pre_reboot(&fx.zincati_id(1)).await.status == 200).then_some(())
+    })
+    .await;
     assert_eq!(fx.holders(GROUP).await, [fx.node_name(1)]);
     server.stop();
 }
@@ -1009,7 +1013,7 @@ async fn the_documented_rbac_is_enough_for_a_whole_reboot() {
             &ClusterRole {
                 metadata: named(&cluster_wide),
                 rules: Some(vec![
-                    rule(&[""], &["nodes"], &["get", "list", "patch"]),
+                    rule(&[""], &["nodes"], &["get", "list", "watch", "patch"]),
                     rule(&[""], &["pods"], &["list"]),
                     rule(&[""], &["pods/eviction"], &["create"]),
                 ]),
