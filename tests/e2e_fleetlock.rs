@@ -16,11 +16,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dkron_ha::fleetlock::drain::CORDONED_ANNOTATION;
-use dkron_ha::fleetlock::lock::{lease_name, state_from_lease};
+use dkron_ha::fleetlock::lock::{LockState, lease_name, state_from_lease};
 use dkron_ha::fleetlock::protocol::ErrorBody;
 use dkron_ha::fleetlock::{
     FleetLock, FleetLockConfig, StatusReport, app_specific_machine_id, router,
 };
+use futures::StreamExt;
 use futures::future::join_all;
 use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -32,7 +33,9 @@ use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{
+    Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
+};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, ResourceExt};
 use prometheus_client::registry::Registry;
@@ -78,6 +81,14 @@ impl Server {
             drain_wait,
             ..FleetLockConfig::default()
         };
+        Server::with_config(client, eviction_client, config).await
+    }
+
+    async fn with_config(
+        client: Client,
+        eviction_client: Option<Client>,
+        config: FleetLockConfig,
+    ) -> Server {
         let mut registry = Registry::default();
         let mut fleetlock = FleetLock::new(client, config, &mut registry);
         if let Some(eviction_client) = eviction_client {
@@ -117,11 +128,15 @@ impl Server {
         self.zincati("v1/steady-state", id, GROUP).await
     }
 
+    /// The URL Zincati asks: `Url::join` of the endpoint on the base URL.
+    fn url(&self, endpoint: &str) -> reqwest::Url {
+        reqwest::Url::parse(&self.base)
+            .and_then(|base| base.join(endpoint))
+            .expect("valid URL")
+    }
+
     async fn post(&self, endpoint: &str, header: Option<&str>, body: String) -> Answer {
-        let mut request = self
-            .http
-            .post(format!("{}{endpoint}", self.base))
-            .body(body);
+        let mut request = self.http.post(self.url(endpoint)).body(body);
         if let Some(value) = header {
             request = request.header("fleet-lock-protocol", value);
         }
@@ -136,7 +151,7 @@ impl Server {
 
     async fn status(&self) -> StatusReport {
         self.http
-            .get(format!("{}v1/status", self.base))
+            .get(self.url("v1/status"))
             .send()
             .await
             .expect("status answers")
@@ -1116,5 +1131,276 @@ async fn the_documented_rbac_is_enough_for_a_whole_reboot() {
         drained,
         "no Drained Event published with the chart's permissions"
     );
+    server.stop();
+}
+
+impl Fixture {
+    /// Nodes `0..count` (Ready, with machine ids), created a few at a time.
+    async fn create_nodes(&self, range: std::ops::Range<usize>) {
+        let created = futures::stream::iter(range.clone())
+            .map(|i| self.create_node(i, true, false))
+            .buffer_unordered(16)
+            .count()
+            .await;
+        assert_eq!(created, range.len());
+    }
+
+    fn leases(&self) -> Api<Lease> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+}
+
+/// Every version of group `GROUP`'s Lease, in the order the API wrote them (a watch from
+/// the start), until [`LeaseHistory::finish`].
+struct LeaseHistory {
+    versions: Arc<std::sync::Mutex<Vec<(String, LockState)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LeaseHistory {
+    async fn record(leases: Api<Lease>) -> LeaseHistory {
+        let versions = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let params = WatchParams::default()
+            .fields(&format!("metadata.name={}", lease_name(GROUP)))
+            .timeout(290);
+        let mut stream = leases
+            .watch(&params, "0")
+            .await
+            .expect("watch the Lease")
+            .boxed();
+        let seen = versions.clone();
+        let task = tokio::spawn(async move {
+            while let Some(event) = stream.next().await {
+                if let Ok(WatchEvent::Added(lease) | WatchEvent::Modified(lease)) = event {
+                    let state = state_from_lease(&lease).expect("readable Lease");
+                    let version = lease.resource_version().unwrap_or_default();
+                    seen.lock().expect("lock").push((version, state));
+                }
+            }
+        });
+        LeaseHistory { versions, task }
+    }
+
+    /// Waits until the watch has delivered the Lease as it is now, then stops it.
+    async fn finish(self, leases: &Api<Lease>) -> Vec<LockState> {
+        let now = leases
+            .get(&lease_name(GROUP))
+            .await
+            .expect("get Lease")
+            .resource_version()
+            .unwrap_or_default();
+        let versions = self.versions.clone();
+        eventually("the watch has seen the Lease's last version", async || {
+            let versions = versions.lock().expect("lock");
+            versions.iter().any(|(v, _)| *v == now).then_some(())
+        })
+        .await;
+        self.task.abort();
+        let versions = self.versions.lock().expect("lock");
+        versions.iter().map(|(_, state)| state.clone()).collect()
+    }
+}
+
+/// Asks for a reboot like Zincati until granted (retrying after a pause that differs per node
+/// and per attempt), reboots, and reports steady-state until it succeeds.
+async fn zincati_reboots_once(servers: &[Server], id: &str, seed: usize) -> usize {
+    let mut refused = 0;
+    for attempt in 0.. {
+        let server = &servers[(seed + attempt) % servers.len()];
+        let answer = server.pre_reboot(id).await;
+        if answer.status == 200 {
+            break;
+        }
+        assert_eq!(answer.kind(), "failed_lock_semaphore_full", "{answer:?}");
+        refused += 1;
+        let pause = 10 + (seed * 37 + attempt * 53) % 90;
+        tokio::time::sleep(Duration::from_millis(pause as u64)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let unlock = servers[seed % servers.len()].steady_state(id).await;
+    assert_eq!(unlock.status, 200, "{unlock:?}");
+    refused
+}
+
+#[tokio::test]
+async fn fifty_of_a_thousand_nodes_reboot_two_at_a_time_in_the_order_they_first_asked() {
+    const NODES: usize = 1000;
+    const ASKING: usize = 50;
+    const SLOTS: usize = 2;
+    let fx = Fixture::new("fl-fleet").await;
+    fx.create_nodes(0..NODES).await;
+    fx.set_slots(GROUP, &SLOTS.to_string()).await;
+    let history = LeaseHistory::record(fx.leases()).await;
+    // Two replicas of serve, each with its own Node cache, share the Lease.
+    let servers = [
+        fx.server(Duration::ZERO).await,
+        fx.server(Duration::ZERO).await,
+    ];
+    let ids: Vec<String> = (0..ASKING).map(|i| fx.zincati_id(i * 7)).collect();
+
+    let refusals = join_all(
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| zincati_reboots_once(&servers, id, i)),
+    )
+    .await;
+
+    let versions = history.finish(&fx.leases()).await;
+    let mut granted: BTreeMap<String, usize> = BTreeMap::new();
+    let mut queued_grants = 0;
+    let mut previous = LockState::default();
+    for state in &versions {
+        assert!(state.holders.len() <= SLOTS, "{state:?}");
+        for holder in &state.holders {
+            if previous.holds(&holder.node) {
+                continue;
+            }
+            *granted.entry(holder.node.clone()).or_default() += 1;
+            // Granted only if no node that asked before it is still waiting beyond the
+            // free slots: its place in the queue was within them.
+            if let Some(place) = previous.queue.iter().position(|w| w.node == holder.node) {
+                let kept = state.holders.iter().filter(|h| previous.holds(&h.node));
+                let free = SLOTS - kept.count();
+                assert!(
+                    place < free,
+                    "{} was granted from place {} of the queue with {free} slot(s) free: {previous:?}",
+                    holder.node,
+                    place + 1
+                );
+                queued_grants += 1;
+            }
+        }
+        previous = state.clone();
+    }
+    assert_eq!(granted.len(), ASKING, "every node rebooted: {granted:?}");
+    assert!(granted.values().all(|&n| n == 1), "once each: {granted:?}");
+    assert!(
+        versions.iter().any(|s| s.holders.len() == SLOTS),
+        "both slots were used"
+    );
+    assert!(
+        queued_grants >= ASKING - SLOTS,
+        "{queued_grants} grants came from the queue"
+    );
+    let last = versions.last().expect("the Lease was written");
+    assert!(last.holders.is_empty() && last.queue.is_empty(), "{last:?}");
+    eprintln!(
+        "fleetlock: {ASKING} of {NODES} nodes rebooted {SLOTS} at a time through {} Lease versions; {} refusals",
+        versions.len(),
+        refusals.iter().sum::<usize>()
+    );
+    for server in servers {
+        server.stop();
+    }
+}
+
+#[tokio::test]
+async fn the_queue_shows_in_the_status_survives_a_restart_and_is_shared_by_replicas() {
+    let fx = Fixture::new("fl-queue").await;
+    fx.create_nodes(0..3).await;
+    let id = |i: usize| fx.zincati_id(i);
+    let first = fx.server(Duration::ZERO).await;
+    assert_eq!(first.pre_reboot(&id(0)).await.status, 200);
+    for (i, expected) in [(1, "number 1 of 1 in line"), (2, "number 2 of 2 in line")] {
+        let refused = first.pre_reboot(&id(i)).await;
+        assert_eq!(refused.kind(), "failed_lock_semaphore_full", "{refused:?}");
+        assert!(refused.value().contains(expected), "{}", refused.value());
+    }
+    let status = first.status().await;
+    let group = status
+        .groups
+        .iter()
+        .find(|g| g.group == GROUP)
+        .expect("group");
+    let queue: Vec<(usize, &str)> = group
+        .queue
+        .iter()
+        .map(|w| (w.position, w.node.as_str()))
+        .collect();
+    assert_eq!(
+        queue,
+        [(1, fx.node_name(1).as_str()), (2, fx.node_name(2).as_str())]
+    );
+    assert!(group.queue[0].first_asked_at <= group.queue[1].first_asked_at);
+    assert!(
+        group
+            .queue
+            .iter()
+            .all(|w| w.first_asked_at <= w.last_asked_at)
+    );
+    assert_eq!(group.queue[1].id, id(2));
+    first.stop();
+
+    // A restarted replica and a second one; their clients write the base URL in other ways.
+    let mut restarted = fx.server(Duration::ZERO).await;
+    restarted.base = restarted.base.trim_end_matches('/').to_owned();
+    let mut other = fx.server(Duration::ZERO).await;
+    other.base.push('/');
+    assert_eq!(restarted.steady_state(&id(0)).await.status, 200);
+    // The slot is free, but node 1 asked before node 2.
+    let second = other.pre_reboot(&id(2)).await;
+    assert_eq!(second.kind(), "failed_lock_semaphore_full", "{second:?}");
+    assert!(
+        second
+            .value()
+            .contains("kept for the node(s) that asked first"),
+        "{}",
+        second.value()
+    );
+    assert_eq!(restarted.pre_reboot(&id(1)).await.status, 200);
+    let status = other.status().await;
+    let group = status
+        .groups
+        .iter()
+        .find(|g| g.group == GROUP)
+        .expect("group");
+    assert_eq!(group.holders[0].node, fx.node_name(1));
+    assert_eq!(group.queue.len(), 1);
+    assert_eq!(group.queue[0].node, fx.node_name(2));
+    // Steady-state also takes a waiting node out of the queue.
+    assert_eq!(other.steady_state(&id(2)).await.status, 200);
+    assert!(
+        fx.leases()
+            .get(&lease_name(GROUP))
+            .await
+            .map(|l| state_from_lease(&l).unwrap().queue.is_empty())
+            .unwrap()
+    );
+    restarted.stop();
+    other.stop();
+}
+
+#[tokio::test]
+async fn unknown_paths_and_methods_over_http_get_the_protocols_json_error() {
+    let fx = Fixture::new("fl-paths").await;
+    let server = fx.server(Duration::ZERO).await;
+    for (method, endpoint, status, kind) in [
+        (reqwest::Method::POST, "v1/reboot", 404, "unknown_endpoint"),
+        (reqwest::Method::GET, "v2/status", 404, "unknown_endpoint"),
+        (
+            reqwest::Method::GET,
+            "v1/pre-reboot",
+            405,
+            "method_not_allowed",
+        ),
+        (
+            reqwest::Method::DELETE,
+            "v1/status",
+            405,
+            "method_not_allowed",
+        ),
+    ] {
+        let response = server
+            .http
+            .request(method.clone(), server.url(endpoint))
+            .header("fleet-lock-protocol", "true")
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(response.status().as_u16(), status, "{method} {endpoint}");
+        let body: ErrorBody = response.json().await.expect("a JSON error body");
+        assert_eq!(body.kind, kind, "{method} {endpoint}");
+        assert!(!body.value.is_empty());
+    }
     server.stop();
 }
