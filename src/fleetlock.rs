@@ -24,8 +24,9 @@
 //!   `dkron-ha/fleetlock-cordoned: "true"`; id override: annotation `dkron-ha/fleetlock-id`.
 //! - Pods (all namespaces): `list`; `pods/eviction`: `create`.
 //! - Leases `dkron-ha-fleetlock-<group>` (lock namespace, `coordination.k8s.io`): `get`,
-//!   `list`, `create`, `update`.
-//! - ConfigMap `dkron-ha-fleetlock` (lock namespace): `get` (slots per group, see [`lock`]).
+//!   `list`, `watch`, `create`, `update`.
+//! - ConfigMap `dkron-ha-fleetlock` (lock namespace): `get`, `list`, `watch` (slots per
+//!   group, watched by name, see [`lock`]).
 //! - Events (`events.k8s.io`, namespace `default`, where Events about Nodes go): `create`,
 //!   `patch`.
 
@@ -55,7 +56,7 @@ pub use router::router;
 
 use cache::NodeCache;
 use drain::{CordonDecision, DrainPlan, Drainer, EvictionOutcome, PodKey, UncordonDecision};
-use lock::{AcquireOutcome, LockPolicy, LockRequest, LockStore, ReleaseReason};
+use lock::{AcquireOutcome, LockPolicy, LockRequest, LockStore, Read, ReleaseReason};
 use metrics::{FleetLockMetrics, LockChange, NodeChange};
 use steps::{Observed, PreReboot, SteadyState, Step};
 
@@ -84,8 +85,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 ///
 /// Slots per group are live-configurable in the ConfigMap `--fleetlock-config-map` (default
 /// `dkron-ha-fleetlock`) in `--fleetlock-namespace`, with data `<group>: "<slots>"` (for
-/// example `default: "1"`, `workers: "3"`; `"0"` stops reboots in a group). It is read on
-/// every request; groups without a key get `--fleetlock-default-slots`. See [`lock`].
+/// example `default: "1"`, `workers: "3"`; `"0"` stops reboots in a group). It is watched,
+/// so an edit applies within a moment; groups without a key get `--fleetlock-default-slots`.
+/// See [`lock`].
 #[derive(Clone, Debug, clap::Args)]
 pub struct FleetLockConfig {
     /// Namespace of the lock Leases (dkron-ha-fleetlock-GROUP) and the slots ConfigMap
@@ -319,7 +321,7 @@ impl FleetLock {
         };
         let decision = self
             .locks
-            .update_observing(&params.group, observe, |state, existing| {
+            .update_observing(&params.group, Read::Cached, observe, |state, existing| {
                 let decision =
                     lock::decide_acquire(state, request, policy, Timestamp::now(), &|name| {
                         existing.contains(name)
@@ -440,7 +442,7 @@ impl FleetLock {
         let (held_in, queued_in) = self.locks.groups_of(&name).await?;
         for group in &queued_in {
             self.locks
-                .update(group, |state| {
+                .update(group, Read::Api, |state| {
                     (lock::decide_release(state, &name).state, ())
                 })
                 .await?;
@@ -462,7 +464,7 @@ impl FleetLock {
         for group in &groups {
             let released = self
                 .locks
-                .update(group, |state| {
+                .update(group, Read::Api, |state| {
                     let decision = lock::decide_release(state, &name);
                     (decision.state, decision.was_held)
                 })

@@ -906,10 +906,17 @@ async fn slots_per_group_follow_the_config_map_live() {
         third.value()
     );
 
+    // The ConfigMap is watched: an edit applies once its watch event is in.
     fx.set_slots("workers", "3").await;
-    assert_eq!(lock(2).await.status, 200);
+    eventually("the third slot is granted", async || {
+        (lock(2).await.status == 200).then_some(())
+    })
+    .await;
     fx.set_slots("workers", "lots").await;
-    assert_eq!(lock(2).await.kind(), "invalid_configuration");
+    eventually("the bad value is refused", async || {
+        (lock(2).await.kind() == "invalid_configuration").then_some(())
+    })
+    .await;
     server.stop();
 }
 
@@ -1055,9 +1062,9 @@ async fn the_documented_rbac_is_enough_for_a_whole_reboot() {
                 rule(
                     &["coordination.k8s.io"],
                     &["leases"],
-                    &["get", "list", "create", "update"],
+                    &["get", "list", "watch", "create", "update"],
                 ),
-                rule(&[""], &["configmaps"], &["get"]),
+                rule(&[""], &["configmaps"], &["get", "list", "watch"]),
             ],
         ),
         (
@@ -1401,6 +1408,177 @@ async fn unknown_paths_and_methods_over_http_get_the_protocols_json_error() {
         let body: ErrorBody = response.json().await.expect("a JSON error body");
         assert_eq!(body.kind, kind, "{method} {endpoint}");
         assert!(!body.value.is_empty());
+    }
+    server.stop();
+}
+
+/// Refusal latencies of one node while another holds the only slot (ms, sorted).
+struct Refusals {
+    /// The path before issue 15: its API reads (every Node listed and matched, the slots
+    /// ConfigMap, the Lease), then this server's refusal.
+    before: Vec<f64>,
+    /// Nodes, Leases and the ConfigMap from the watch-fed caches.
+    after: Vec<f64>,
+    /// A node's first refusal, which writes its place in the queue into the Lease.
+    first: Vec<f64>,
+}
+
+fn millis(started: Instant) -> f64 {
+    started.elapsed().as_secs_f64() * 1000.0
+}
+
+fn percentile(sorted: &[f64], p: usize) -> f64 {
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+}
+
+async fn measure_refusals(
+    fx: &Fixture,
+    server: &Server,
+    first_askers: std::ops::Range<usize>,
+) -> Refusals {
+    const SAMPLES: usize = 200;
+    let nodes: Api<Node> = Api::all(fx.client.clone());
+    let config_maps: Api<ConfigMap> = Api::namespaced(fx.client.clone(), &fx.ns);
+    let id = fx.zincati_id(1);
+    let refused = |answer: Answer| assert_eq!(answer.kind(), "failed_lock_semaphore_full");
+    refused(server.pre_reboot(&id).await);
+    let mut first = Vec::new();
+    for i in first_askers {
+        let started = Instant::now();
+        refused(server.pre_reboot(&fx.zincati_id(i)).await);
+        first.push(millis(started));
+    }
+    let (mut before, mut after) = (Vec::new(), Vec::new());
+    for _ in 0..SAMPLES {
+        let started = Instant::now();
+        let listed = nodes
+            .list(&ListParams::default())
+            .await
+            .expect("list Nodes");
+        dkron_ha::fleetlock::node::find_node_for_id(&listed.items, &id).expect("found");
+        config_maps
+            .get_opt("dkron-ha-fleetlock")
+            .await
+            .expect("slots");
+        let lease = fx.leases().get(&lease_name(GROUP)).await.expect("Lease");
+        state_from_lease(&lease).expect("readable");
+        refused(server.pre_reboot(&id).await);
+        before.push(millis(started));
+        let started = Instant::now();
+        refused(server.pre_reboot(&id).await);
+        after.push(millis(started));
+    }
+    for samples in [&mut before, &mut after, &mut first] {
+        samples.sort_by(f64::total_cmp);
+    }
+    Refusals {
+        before,
+        after,
+        first,
+    }
+}
+
+/// `dkron-ha serve` (this build, FleetLock only) against the test control plane: once it has
+/// answered a request (its Node cache listed) and run 10 s more, VmRSS and VmHWM in KiB.
+async fn serve_memory(fx: &Fixture) -> (u64, u64) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    dkron_ha::certs::generate(&dkron_ha::certs::CertRequest {
+        service: "dkron-ha".into(),
+        namespace: fx.ns.clone(),
+        extra_names: vec!["127.0.0.1".into()],
+        valid_days: 1,
+    })
+    .expect("certs")
+    .write_to(dir.path())
+    .expect("write certs");
+    let [https, http] = support::control_plane::free_ports().expect("ports");
+    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_dkron-ha"))
+        .args(["serve", "--log-level", "warn"])
+        .env("DKRON_HA_HTTPS_ADDR", format!("127.0.0.1:{https}"))
+        .env("DKRON_HA_HTTP_ADDR", format!("127.0.0.1:{http}"))
+        .env("DKRON_HA_TLS_CERT", dir.path().join("tls.crt"))
+        .env("DKRON_HA_TLS_KEY", dir.path().join("tls.key"))
+        .env("DKRON_HA_CONTROLLER", "false")
+        .env("DKRON_HA_FLEETLOCK_NAMESPACE", &fx.ns)
+        .env("KUBECONFIG", &ControlPlane::shared().kubeconfig)
+        .env("POD_NAMESPACE", &fx.ns)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start serve");
+    let pid = serve.id().expect("serve runs");
+    let http_client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{http}/fleetlock/v1/pre-reboot");
+    let body = json!({"client_params": {"id": fx.zincati_id(1), "group": GROUP}}).to_string();
+    eventually("serve answers FleetLock from its Node cache", async || {
+        let request = http_client.post(&url).header("fleet-lock-protocol", "true");
+        let response = request.body(body.clone()).send().await.ok()?;
+        let error: ErrorBody = response.json().await.ok()?;
+        (error.kind == "failed_lock_semaphore_full").then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{name} in /proc/{pid}/status"))
+    };
+    let memory = (field("VmRSS:"), field("VmHWM:"));
+    assert!(
+        serve.try_wait().expect("serve status").is_none(),
+        "serve exited during the measurement"
+    );
+    let _ = serve.kill().await;
+    memory
+}
+
+/// BENCHMARKS.md "FleetLock at fleet scale (issue 15)": refusal latency while the slot is held
+/// elsewhere, the old list-per-request path beside the cached one, at 10 and at 1,000 Nodes,
+/// and `serve`'s memory at both. Prints the numbers; run it alone (other tests add Nodes):
+/// `cargo test --test e2e_fleetlock fleet_scale -- --ignored --nocapture`
+#[tokio::test]
+#[ignore = "a measurement: run it alone, by hand"]
+async fn fleet_scale_refusal_latency_and_serve_memory() {
+    let fx = Fixture::new("fl-scale").await;
+    fx.create_nodes(0..10).await;
+    let server = fx.server(Duration::ZERO).await;
+    assert_eq!(server.pre_reboot(&fx.zincati_id(0)).await.status, 200);
+    let mut rows = Vec::new();
+    let mut created = 10;
+    for (count, first_askers) in [(10, 2..10), (1000, 10..18)] {
+        fx.create_nodes(created..count).await;
+        created = count;
+        let in_cluster = Api::<Node>::all(fx.client.clone())
+            .list_metadata(&ListParams::default())
+            .await
+            .expect("list")
+            .items
+            .len();
+        // The cache has them all once it finds the last one created.
+        eventually("the Node cache has every Node", async || {
+            let answer = server.pre_reboot(&fx.zincati_id(count - 1)).await;
+            (answer.kind() == "failed_lock_semaphore_full").then_some(())
+        })
+        .await;
+        let refusals = measure_refusals(&fx, &server, first_askers).await;
+        let memory = serve_memory(&fx).await;
+        rows.push((in_cluster, refusals, memory));
+    }
+    for (nodes, r, (rss, peak)) in &rows {
+        eprintln!(
+            "fleetlock at {nodes} Nodes: refusal before (list, match, GETs) p50 {:.2} ms p99 {:.2} ms; \
+             after (cache) p50 {:.2} ms p99 {:.2} ms; first refusal (joins the queue) median {:.2} ms max {:.2} ms; \
+             serve VmRSS/VmHWM {rss}/{peak} KiB",
+            percentile(&r.before, 50),
+            percentile(&r.before, 99),
+            percentile(&r.after, 50),
+            percentile(&r.after, 99),
+            percentile(&r.first, 50),
+            percentile(&r.first, 100),
+        );
     }
     server.stop();
 }

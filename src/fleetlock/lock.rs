@@ -14,8 +14,12 @@
 //! that stops asking for `--fleetlock-queue-timeout` ([`DEFAULT_QUEUE_TIMEOUT`]) leaves the
 //! queue, as does a waiter whose Node is gone or which reports steady-state.
 //!
+//! Decisions read the Leases through a watch ([`Read::Cached`]), so a refusal costs no API
+//! call; every write carries the resourceVersion its decision read, and after a conflict the
+//! Lease is read from the API, so a stale cache can delay a grant but never make two.
+//!
 //! Slots per group come from the ConfigMap named by `--fleetlock-config-map` (default
-//! `dkron-ha-fleetlock`) in the lock namespace, read on every decision so edits apply at once:
+//! `dkron-ha-fleetlock`) in the lock namespace, watched, so edits apply within a moment:
 //!
 //! ```yaml
 //! apiVersion: v1
@@ -32,6 +36,7 @@
 //! group gets the default.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
@@ -40,10 +45,12 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, ObjectMeta, PostParams};
+use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use serde::{Deserialize, Serialize};
 
 use super::FleetLockError;
+use super::cache::Watched;
 
 /// Lease `dkron-ha-fleetlock-<group>` holds the semaphore of `<group>`.
 pub const LEASE_PREFIX: &str = "dkron-ha-fleetlock-";
@@ -427,39 +434,51 @@ pub fn lease_with_state(
     Ok(lease)
 }
 
-/// The semaphores as stored in the Kubernetes API.
-#[derive(Clone)]
+/// Where a decision reads the lock state from first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Read {
+    /// The watch-fed Lease: a refusal costs no API call; a write still carries the read
+    /// resourceVersion, and after a conflict the Lease is read from the API.
+    Cached,
+    /// The API: for decisions that may change nothing on a stale read (a release).
+    Api,
+}
+
+/// The semaphores as stored in the Kubernetes API, read through watches.
 pub struct LockStore {
     leases: Api<Lease>,
-    config_maps: Api<ConfigMap>,
+    cached_leases: Watched<Lease>,
+    cached_config_map: Watched<ConfigMap>,
     namespace: String,
     config_map: String,
     default_slots: u32,
 }
 
 impl LockStore {
+    /// Starts watching the lock Leases and the slots ConfigMap (on the current Tokio runtime).
     pub fn new(
         client: kube::Client,
         namespace: &str,
         config_map: &str,
         default_slots: u32,
     ) -> Self {
+        let leases: Api<Lease> = Api::namespaced(client.clone(), namespace);
+        let config_maps: Api<ConfigMap> = Api::namespaced(client, namespace);
+        let by_label = watcher::Config::default().labels(GROUP_LABEL);
+        let by_name = watcher::Config::default().fields(&format!("metadata.name={config_map}"));
         LockStore {
-            leases: Api::namespaced(client.clone(), namespace),
-            config_maps: Api::namespaced(client, namespace),
+            cached_leases: Watched::start(leases.clone(), by_label, "the lock Leases"),
+            cached_config_map: Watched::start(config_maps, by_name, "the slots ConfigMap"),
+            leases,
             namespace: namespace.to_owned(),
             config_map: config_map.to_owned(),
             default_slots,
         }
     }
 
-    /// Slots of `group`, read from the ConfigMap now.
+    /// Slots of `group`, from the ConfigMap as last watched.
     pub async fn slots(&self, group: &str) -> Result<u32, FleetLockError> {
-        let config_map = self
-            .config_maps
-            .get_opt(&self.config_map)
-            .await
-            .map_err(FleetLockError::kube("reading the slots ConfigMap"))?;
+        let config_map = self.cached_config_map.get(&self.config_map).await?;
         slots_for_group(
             config_map.as_ref().and_then(|cm| cm.data.as_ref()),
             group,
@@ -470,13 +489,10 @@ impl LockStore {
 
     /// Group names configured in the ConfigMap (for the status page).
     pub async fn configured_groups(&self) -> Result<Vec<String>, FleetLockError> {
-        let config_map = self
-            .config_maps
-            .get_opt(&self.config_map)
-            .await
-            .map_err(FleetLockError::kube("reading the slots ConfigMap"))?;
+        let config_map = self.cached_config_map.get(&self.config_map).await?;
         Ok(config_map
-            .and_then(|cm| cm.data)
+            .as_ref()
+            .and_then(|cm| cm.data.as_ref())
             .map(|data| data.keys().map(|k| k.trim().to_ascii_lowercase()).collect())
             .unwrap_or_default())
     }
@@ -487,10 +503,11 @@ impl LockStore {
     pub async fn update<T>(
         &self,
         group: &str,
+        read: Read,
         decide: impl Fn(&LockState) -> (LockState, T),
     ) -> Result<T, FleetLockError> {
         let observe = |_: &LockState| std::future::ready(Ok(()));
-        self.update_observing(group, observe, |state, ()| decide(state))
+        self.update_observing(group, read, observe, |state, ()| decide(state))
             .await
     }
 
@@ -499,6 +516,7 @@ impl LockStore {
     pub async fn update_observing<P, T, Observing>(
         &self,
         group: &str,
+        read: Read,
         observe: impl Fn(&LockState) -> Observing,
         decide: impl Fn(&LockState, P) -> (LockState, T),
     ) -> Result<T, FleetLockError>
@@ -508,62 +526,66 @@ impl LockStore {
         let name = lease_name(group);
         let (name, observe, decide) = (&name, &observe, &decide);
         let action = || format!("writing Lease {name}");
-        retry_conflicts(MAX_WRITE_ATTEMPTS, action, move || async move {
-            let lease = self
-                .leases
-                .get_opt(name)
-                .await
-                .map_err(FleetLockError::kube(format!("reading Lease {name}")))?;
-            let current = match &lease {
-                Some(lease) => state_from_lease(lease)?,
-                None => LockState::default(),
-            };
-            let observed = observe(&current).await?;
-            let (next, answer) = decide(&current, observed);
-            if next == current {
-                return Ok(answer);
+        let mut from_cache = read == Read::Cached;
+        retry_conflicts(MAX_WRITE_ATTEMPTS, action, move || {
+            let cached = std::mem::replace(&mut from_cache, false);
+            async move {
+                let lease = if cached {
+                    self.cached_leases
+                        .get(name)
+                        .await?
+                        .map(Arc::unwrap_or_clone)
+                } else {
+                    self.leases
+                        .get_opt(name)
+                        .await
+                        .map_err(FleetLockError::kube(format!("reading Lease {name}")))?
+                };
+                let current = match &lease {
+                    Some(lease) => state_from_lease(lease)?,
+                    None => LockState::default(),
+                };
+                let observed = observe(&current).await?;
+                let (next, answer) = decide(&current, observed);
+                if next == current {
+                    return Ok(answer);
+                }
+                let exists = lease.is_some();
+                let desired = lease_with_state(lease, &self.namespace, group, &next)?;
+                let written = if exists {
+                    self.leases
+                        .replace(name, &PostParams::default(), &desired)
+                        .await
+                } else {
+                    self.leases.create(&PostParams::default(), &desired).await
+                };
+                written.map_err(|source| Attempt::failed(action(), source))?;
+                Ok(answer)
             }
-            let exists = lease.is_some();
-            let desired = lease_with_state(lease, &self.namespace, group, &next)?;
-            let written = if exists {
-                self.leases
-                    .replace(name, &PostParams::default(), &desired)
-                    .await
-            } else {
-                self.leases.create(&PostParams::default(), &desired).await
-            };
-            written.map_err(|source| Attempt::failed(action(), source))?;
-            Ok(answer)
         })
         .await
     }
 
-    /// Every group with a Lease, and its holders and queue.
+    /// Every group with a Lease, and its holders and queue, as last watched.
     pub async fn all_groups(&self) -> Result<Vec<(String, LockState)>, FleetLockError> {
+        let leases = self.cached_leases.all().await?;
+        groups_of_leases(leases.iter().map(|lease| &**lease))
+    }
+
+    /// Groups in which `node` holds a slot, and those in whose queue it waits, read from the
+    /// API (steady-state must not miss a slot granted a moment ago by another replica).
+    pub async fn groups_of(
+        &self,
+        node: &str,
+    ) -> Result<(BTreeSet<String>, BTreeSet<String>), FleetLockError> {
         let leases = self
             .leases
             .list(&ListParams::default().labels(GROUP_LABEL))
             .await
             .map_err(FleetLockError::kube("listing the lock Leases"))?;
-        let mut groups = Vec::new();
-        for lease in &leases.items {
-            let Some(group) = lease.labels().get(GROUP_LABEL) else {
-                continue;
-            };
-            groups.push((group.clone(), state_from_lease(lease)?));
-        }
-        groups.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(groups)
-    }
-
-    /// Groups in which `node` holds a slot, and those in whose queue it waits.
-    pub async fn groups_of(
-        &self,
-        node: &str,
-    ) -> Result<(BTreeSet<String>, BTreeSet<String>), FleetLockError> {
         let mut held_in = BTreeSet::new();
         let mut queued_in = BTreeSet::new();
-        for (group, state) in self.all_groups().await? {
+        for (group, state) in groups_of_leases(&leases.items)? {
             if state.holds(node) {
                 held_in.insert(group);
             } else if state.is_queued(node) {
@@ -572,6 +594,20 @@ impl LockStore {
         }
         Ok((held_in, queued_in))
     }
+}
+
+fn groups_of_leases<'a>(
+    leases: impl IntoIterator<Item = &'a Lease>,
+) -> Result<Vec<(String, LockState)>, FleetLockError> {
+    let mut groups = Vec::new();
+    for lease in leases {
+        let Some(group) = lease.labels().get(GROUP_LABEL) else {
+            continue;
+        };
+        groups.push((group.clone(), state_from_lease(lease)?));
+    }
+    groups.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(groups)
 }
 
 /// Why one optimistic-concurrency attempt did not succeed.

@@ -198,11 +198,14 @@ pub enum FleetLockError {
     #[error("gave up {action} after {attempts} write conflicts; retry later")]
     TooManyConflicts { action: String, attempts: u32 },
     #[error(
-        "listing Nodes has not finished after {}s (is the API server reachable? see the \
+        "listing {what} has not finished after {}s (is the API server reachable? see the \
          log of dkron-ha serve); retry later",
         waited.as_secs()
     )]
-    NodesNotListed { waited: std::time::Duration },
+    NotListed {
+        what: &'static str,
+        waited: std::time::Duration,
+    },
     #[error(
         "no FleetLock endpoint at {path}: the endpoints are POST v1/pre-reboot, POST \
          v1/steady-state and GET v1/status under Zincati's base_url \
@@ -235,7 +238,7 @@ impl FleetLockError {
             FleetLockError::CorruptLockState(_) => ErrorKind::CorruptLockState,
             FleetLockError::Kubernetes { .. }
             | FleetLockError::TooManyConflicts { .. }
-            | FleetLockError::NodesNotListed { .. } => ErrorKind::KubernetesApiError,
+            | FleetLockError::NotListed { .. } => ErrorKind::KubernetesApiError,
             FleetLockError::UnknownEndpoint { .. } => ErrorKind::UnknownEndpoint,
             FleetLockError::MethodNotAllowed { .. } => ErrorKind::MethodNotAllowed,
         }
