@@ -516,6 +516,7 @@ fn every_values_case_renders_what_its_values_ask_for() {
                     json!({"default": "1", "frozen": "0", "workers": "2"})
                 );
                 assert_eq!(flag(&args, "fleetlock-lock-ttl"), Some("2h"));
+                assert_eq!(flag(&args, "fleetlock-queue-timeout"), Some("30m"));
                 assert_eq!(
                     flag(&args, "fleetlock-config-map"),
                     rendered.one("ConfigMap")["metadata"]["name"].as_str()
