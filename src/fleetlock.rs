@@ -15,9 +15,10 @@
 //! protocol's JSON error body (`unknown_endpoint` 404, `method_not_allowed` 405).
 //!
 //! All state lives in the Kubernetes API (Leases, one Node annotation), so any replica can
-//! answer and a restart resumes where the last one stopped. Nodes are read from a watch-fed
-//! cache ([`cache`]), never listed per request. The decisions are pure functions in the
-//! submodules; this file is the shell that reads state, calls them and acts.
+//! answer and a restart resumes where the last one stopped. Nodes, the Leases and the slots
+//! ConfigMap are read from watches ([`cache`]): no request lists the Nodes, and a refusal
+//! makes no API call. The decisions are pure functions in the submodules; this file is the
+//! shell that reads state, calls them and acts.
 //!
 //! Objects it uses, and the RBAC the chart grants for them:
 //! - Nodes (cluster): `get`, `list`, `watch`, `patch`. Cordon mark: annotation
@@ -220,7 +221,8 @@ pub struct FleetLock {
 }
 
 impl FleetLock {
-    /// Starts the Node watch on the current Tokio runtime; requests wait for its first list.
+    /// Starts the watches (Nodes, Leases, ConfigMap) on the current Tokio runtime; requests
+    /// wait for their first lists.
     pub fn new(
         client: kube::Client,
         config: FleetLockConfig,

@@ -1582,3 +1582,22 @@ async fn fleet_scale_refusal_latency_and_serve_memory() {
     }
     server.stop();
 }
+
+#[tokio::test]
+async fn deleting_the_lease_releases_every_slot_and_empties_the_queue_at_once() {
+    let fx = Fixture::new("fl-reset").await;
+    fx.create_nodes(0..3).await;
+    let server = fx.server(Duration::ZERO).await;
+    assert_eq!(server.pre_reboot(&fx.zincati_id(0)).await.status, 200);
+    let waiting = server.pre_reboot(&fx.zincati_id(1)).await;
+    assert_eq!(waiting.kind(), "failed_lock_semaphore_full", "{waiting:?}");
+    fx.leases()
+        .delete(&lease_name(GROUP), &DeleteParams::default())
+        .await
+        .expect("delete the Lease");
+    // The queue went with the Lease: node 2, which never asked before, gets the free slot.
+    let granted = server.pre_reboot(&fx.zincati_id(2)).await;
+    assert_eq!(granted.status, 200, "{granted:?}");
+    assert_eq!(fx.holders(GROUP).await, [fx.node_name(2)]);
+    server.stop();
+}

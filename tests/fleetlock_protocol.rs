@@ -420,3 +420,29 @@ fn durations_take_common_units() {
         "names the value and an example: {error}"
     );
 }
+
+#[tokio::test]
+async fn merged_into_serves_plain_http_port_it_leaves_health_and_metrics_alone() {
+    let (fleetlock, _) = offline_router();
+    let state = dkron_ha::serve::HttpState {
+        registry: Arc::new(Registry::default()),
+        ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+    };
+    let app = dkron_ha::serve::http_router(state).merge(fleetlock);
+    let get = |path: &str| {
+        Request::builder()
+            .method(Method::GET)
+            .uri(path)
+            .body(Body::empty())
+            .expect("request")
+    };
+    let (status, _) = send(app.clone(), get("/healthz")).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = send(app.clone(), get("/metrics")).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = send(app.clone(), get("/fleetlock/v1/nope")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body.expect("JSON").kind, "unknown_endpoint");
+    let (status, body) = send(app, get("/nope")).await;
+    assert_eq!((status, body), (StatusCode::NOT_FOUND, None));
+}

@@ -559,8 +559,12 @@ impl LockStore {
                 } else {
                     self.leases.create(&PostParams::default(), &desired).await
                 };
-                written.map_err(|source| Attempt::failed(action(), source))?;
-                Ok(answer)
+                match written {
+                    // Deleted since the cache saw it: read it again, like a conflict.
+                    Err(kube::Error::Api(status)) if status.code == 404 => Err(Attempt::Conflict),
+                    Err(source) => Err(Attempt::failed(action(), source)),
+                    Ok(_) => Ok(answer),
+                }
             }
         })
         .await
