@@ -7,22 +7,31 @@
 //!   that must leave is left, `drain_in_progress` until then.
 //! - `POST /fleetlock/v1/steady-state`: once the Node is Ready, uncordon it if FleetLock
 //!   cordoned it and release its slot; 200 for a Node holding nothing.
-//! - `GET /fleetlock/v1/status`: holders per group and their drain progress, as JSON.
+//! - `GET /fleetlock/v1/status`: holders and queue per group and the holders' drain progress,
+//!   as JSON.
+//!
+//! Paths are matched without regard to empty segments, and `/v1/...` works without the
+//! `/fleetlock` prefix ([`router::route`]); any other path or method under them gets the
+//! protocol's JSON error body (`unknown_endpoint` 404, `method_not_allowed` 405).
 //!
 //! All state lives in the Kubernetes API (Leases, one Node annotation), so any replica can
-//! answer and a restart resumes where the last one stopped. The decisions are pure functions
-//! in the submodules; this file is the shell that reads state, calls them and acts.
+//! answer and a restart resumes where the last one stopped. Nodes, the Leases and the slots
+//! ConfigMap are read from watches ([`cache`]): no request lists the Nodes, and a refusal
+//! makes no API call. The decisions are pure functions in the submodules; this file is the
+//! shell that reads state, calls them and acts.
 //!
 //! Objects it uses, and the RBAC the chart grants for them:
-//! - Nodes (cluster): `get`, `list`, `patch`. Cordon mark: annotation
+//! - Nodes (cluster): `get`, `list`, `watch`, `patch`. Cordon mark: annotation
 //!   `dkron-ha/fleetlock-cordoned: "true"`; id override: annotation `dkron-ha/fleetlock-id`.
 //! - Pods (all namespaces): `list`; `pods/eviction`: `create`.
 //! - Leases `dkron-ha-fleetlock-<group>` (lock namespace, `coordination.k8s.io`): `get`,
-//!   `list`, `create`, `update`.
-//! - ConfigMap `dkron-ha-fleetlock` (lock namespace): `get` (slots per group, see [`lock`]).
+//!   `list`, `watch`, `create`, `update`.
+//! - ConfigMap `dkron-ha-fleetlock` (lock namespace): `get`, `list`, `watch` (slots per
+//!   group, watched by name, see [`lock`]).
 //! - Events (`events.k8s.io`, namespace `default`, where Events about Nodes go): `create`,
 //!   `patch`.
 
+pub mod cache;
 pub mod drain;
 pub mod lock;
 pub mod machine_id;
@@ -32,14 +41,13 @@ pub mod protocol;
 pub mod router;
 pub mod steps;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::ListParams;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::{Api, Resource, ResourceExt};
+use kube::{Resource, ResourceExt};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
@@ -47,8 +55,9 @@ pub use machine_id::app_specific_machine_id;
 pub use protocol::{ClientParams, ErrorKind, FleetLockError};
 pub use router::router;
 
+use cache::NodeCache;
 use drain::{CordonDecision, DrainPlan, Drainer, EvictionOutcome, PodKey, UncordonDecision};
-use lock::{AcquireOutcome, LockPolicy, LockRequest, LockStore, ReleaseReason};
+use lock::{AcquireOutcome, LockPolicy, LockRequest, LockStore, Read, ReleaseReason};
 use metrics::{FleetLockMetrics, LockChange, NodeChange};
 use steps::{Observed, PreReboot, SteadyState, Step};
 
@@ -77,8 +86,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 ///
 /// Slots per group are live-configurable in the ConfigMap `--fleetlock-config-map` (default
 /// `dkron-ha-fleetlock`) in `--fleetlock-namespace`, with data `<group>: "<slots>"` (for
-/// example `default: "1"`, `workers: "3"`; `"0"` stops reboots in a group). It is read on
-/// every request; groups without a key get `--fleetlock-default-slots`. See [`lock`].
+/// example `default: "1"`, `workers: "3"`; `"0"` stops reboots in a group). It is watched,
+/// so an edit applies within a moment; groups without a key get `--fleetlock-default-slots`.
+/// See [`lock`].
 #[derive(Clone, Debug, clap::Args)]
 pub struct FleetLockConfig {
     /// Namespace of the lock Leases (dkron-ha-fleetlock-GROUP) and the slots ConfigMap
@@ -116,6 +126,16 @@ pub struct FleetLockConfig {
     )]
     pub lock_ttl: Option<Duration>,
 
+    /// A Node waiting in a full group's queue that has sent no pre-reboot for this long
+    /// leaves the queue (0: only steady-state or deleting its Node does)
+    #[arg(
+        long = "fleetlock-queue-timeout",
+        env = "DKRON_HA_FLEETLOCK_QUEUE_TIMEOUT",
+        default_value = "15m",
+        value_parser = parse_duration
+    )]
+    pub queue_timeout: Duration,
+
     /// How long one pre-reboot request waits for the drain before answering
     /// drain_in_progress (Zincati asks again later)
     #[arg(
@@ -143,6 +163,7 @@ impl Default for FleetLockConfig {
             config_map: lock::DEFAULT_CONFIG_MAP.to_owned(),
             default_slots: 1,
             lock_ttl: None,
+            queue_timeout: lock::DEFAULT_QUEUE_TIMEOUT,
             drain_wait: Duration::from_secs(30),
             eviction_concurrency: 16,
         }
@@ -160,6 +181,19 @@ pub struct GroupStatus {
     pub group: String,
     pub slots: u32,
     pub holders: Vec<HolderStatus>,
+    /// Nodes refused because the group was full, in the order they are granted.
+    pub queue: Vec<WaiterStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaiterStatus {
+    /// 1 = the next Node granted a slot.
+    pub position: usize,
+    pub node: String,
+    pub id: String,
+    pub first_asked_at: Timestamp,
+    /// Refreshed at most every tenth of `--fleetlock-queue-timeout`.
+    pub last_asked_at: Timestamp,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,8 +212,8 @@ pub struct HolderStatus {
 
 /// The FleetLock server: decisions from the submodules, state in the Kubernetes API.
 pub struct FleetLock {
-    client: kube::Client,
     config: FleetLockConfig,
+    nodes: NodeCache,
     locks: LockStore,
     drainer: Drainer,
     recorder: Recorder,
@@ -187,6 +221,8 @@ pub struct FleetLock {
 }
 
 impl FleetLock {
+    /// Starts the watches (Nodes, Leases, ConfigMap) on the current Tokio runtime; requests
+    /// wait for their first lists.
     pub fn new(
         client: kube::Client,
         config: FleetLockConfig,
@@ -206,7 +242,7 @@ impl FleetLock {
             drainer: Drainer::new(client.clone(), config.eviction_concurrency as usize),
             recorder: Recorder::new(client.clone(), reporter),
             metrics: FleetLockMetrics::register(registry),
-            client,
+            nodes: NodeCache::start(client),
             config,
         }
     }
@@ -228,20 +264,11 @@ impl FleetLock {
         &self.metrics
     }
 
-    async fn list_nodes(&self) -> Result<Vec<Node>, FleetLockError> {
-        let nodes: Api<Node> = Api::all(self.client.clone());
-        Ok(nodes
-            .list(&ListParams::default())
-            .await
-            .map_err(FleetLockError::kube("listing Nodes"))?
-            .items)
-    }
-
     /// RecursiveLock, then drain: `Ok` means the Node holds a slot and is drained. The order
     /// of the steps is [`PreReboot::next`]'s; this performs them and reports each.
     pub async fn pre_reboot(&self, params: &ClientParams) -> Result<(), FleetLockError> {
-        let nodes = self.list_nodes().await?;
-        let (node, matched_by) = node::find_node_for_id(&nodes, &params.id)?;
+        let (node, matched_by) = self.nodes.node_for_id(&params.id).await?;
+        let node = &*node;
         let name = node.name_any();
         let slots = self.locks.slots(&params.group).await?;
         let mut steps = PreReboot::new(&name, &params.group, slots);
@@ -251,7 +278,7 @@ impl FleetLock {
         loop {
             let step = steps.next(observed);
             observed = match step {
-                Step::TakeSlot => self.take_slot(params, &name, slots, &nodes).await?,
+                Step::TakeSlot => self.take_slot(params, &name, slots).await?,
                 Step::Cordon => Observed::Cordon(self.drainer.cordon(&name).await?),
                 Step::ListPods => Observed::Pods {
                     plan: drain::plan_drain(&name, &self.drainer.pods_on(&name).await?),
@@ -267,31 +294,36 @@ impl FleetLock {
                 }
                 Step::Answer(answer) => return answer,
             };
-            self.report(node, &params.group, matched_by.as_str(), &nodes, &observed)
+            self.report(node, &params.group, matched_by.as_str(), &observed)
                 .await;
         }
     }
 
-    /// Takes or keeps a slot of the request's group, reclaiming those of gone or expired holders.
+    /// Takes or keeps a slot of the request's group, or waits in its queue; reclaims the slots
+    /// of gone or expired holders and drops gone or silent waiters. Whether a Node named in
+    /// the lock state exists is read for that very state, by name where the cache lacks it.
     async fn take_slot(
         &self,
         params: &ClientParams,
         node: &str,
         slots: u32,
-        nodes: &[Node],
     ) -> Result<Observed, FleetLockError> {
-        let existing: BTreeSet<String> = nodes.iter().map(|n| n.name_any()).collect();
         let policy = LockPolicy {
             slots,
             ttl: self.config.lock_ttl,
+            queue_timeout: self.config.queue_timeout,
         };
         let request = LockRequest {
             node,
             id: &params.id,
         };
+        let observe = |state: &lock::LockState| {
+            let names: Vec<String> = state.nodes().map(str::to_owned).collect();
+            async move { self.nodes.existing(names.iter().map(String::as_str)).await }
+        };
         let decision = self
             .locks
-            .update(&params.group, |state| {
+            .update_observing(&params.group, Read::Cached, observe, |state, existing| {
                 let decision =
                     lock::decide_acquire(state, request, policy, Timestamp::now(), &|name| {
                         existing.contains(name)
@@ -302,24 +334,31 @@ impl FleetLock {
         Ok(Observed::Slot {
             outcome: decision.outcome,
             reclaimed: decision.reclaimed,
+            left_queue: decision.left_queue,
         })
     }
 
     /// The Events, metrics and logs of one observation of a pre-reboot request.
-    async fn report(
-        &self,
-        node: &Node,
-        group: &str,
-        matched_by: &str,
-        nodes: &[Node],
-        observed: &Observed,
-    ) {
+    async fn report(&self, node: &Node, group: &str, matched_by: &str, observed: &Observed) {
         let name = node.name_any();
         match observed {
             Observed::Arrived | Observed::Waited => {}
-            Observed::Slot { outcome, reclaimed } => {
+            Observed::Slot {
+                outcome,
+                reclaimed,
+                left_queue,
+            } => {
                 for reclaimed in reclaimed {
-                    self.note_reclaimed(group, reclaimed, nodes).await;
+                    self.note_reclaimed(group, reclaimed).await;
+                }
+                for left in left_queue {
+                    tracing::info!(node = %left.waiter.node, %group, reason = left.reason.as_str(), first_asked_at = %left.waiter.first_asked_at, "node left the reboot queue");
+                }
+                if let AcquireOutcome::Full {
+                    position, waiting, ..
+                } = outcome
+                {
+                    tracing::debug!(node = %name, %group, position, waiting, "node waits in the reboot queue");
                 }
                 if *outcome == AcquireOutcome::Acquired {
                     self.metrics.count_lock_change(LockChange::Acquired);
@@ -391,13 +430,26 @@ impl FleetLock {
         }
     }
 
-    /// UnlockIfHeld: once the Node is Ready, uncordon it if we cordoned it and release its
-    /// slots in every group ([`steps::plan_steady_state`]).
+    /// UnlockIfHeld: the Node leaves every queue at once; once it is Ready, uncordon it if we
+    /// cordoned it and release its slots in every group ([`steps::plan_steady_state`]).
     pub async fn steady_state(&self, params: &ClientParams) -> Result<(), FleetLockError> {
-        let nodes = self.list_nodes().await?;
-        let (node, _) = node::find_node_for_id(&nodes, &params.id)?;
-        let name = node.name_any();
-        let held_in = self.locks.groups_held_by(&name).await?;
+        let (cached, _) = self.nodes.node_for_id(&params.id).await?;
+        let name = cached.name_any();
+        // Readiness and the cordon mark as they are now, not as the watch last saw them.
+        let node = self.nodes.read(&name).await?;
+        let node = &*node.ok_or_else(|| FleetLockError::UnknownMachineId {
+            id: params.id.clone(),
+            annotation: node::ID_ANNOTATION.to_owned(),
+        })?;
+        let (held_in, queued_in) = self.locks.groups_of(&name).await?;
+        for group in &queued_in {
+            self.locks
+                .update(group, Read::Api, |state| {
+                    (lock::decide_release(state, &name).state, ())
+                })
+                .await?;
+            tracing::info!(node = %name, %group, reason = "steady_state", "node left the reboot queue");
+        }
         let ours = drain::uncordon_decision(node) == UncordonDecision::Uncordon;
         let groups = match steps::plan_steady_state(held_in, ours, node::node_is_ready(node)) {
             SteadyState::NothingHeld => return Ok(()),
@@ -414,7 +466,7 @@ impl FleetLock {
         for group in &groups {
             let released = self
                 .locks
-                .update(group, |state| {
+                .update(group, Read::Api, |state| {
                     let decision = lock::decide_release(state, &name);
                     (decision.state, decision.was_held)
                 })
@@ -436,11 +488,9 @@ impl FleetLock {
         Ok(())
     }
 
-    /// Holders per group (every group with a Lease or a ConfigMap key) and their drains.
+    /// Holders and queue per group (every group with a Lease or a ConfigMap key) and the
+    /// holders' drains.
     pub async fn status(&self) -> Result<StatusReport, FleetLockError> {
-        let nodes = self.list_nodes().await?;
-        let nodes_by_name: BTreeMap<String, &Node> =
-            nodes.iter().map(|n| (n.name_any(), n)).collect();
         let mut states: BTreeMap<String, lock::LockState> =
             self.locks.all_groups().await?.into_iter().collect();
         for group in self.locks.configured_groups().await? {
@@ -450,7 +500,8 @@ impl FleetLock {
         for (group, state) in states {
             let mut holders = Vec::with_capacity(state.holders.len());
             for holder in state.holders {
-                let node = nodes_by_name.get(&holder.node).copied();
+                let node = self.nodes.get(&holder.node).await?;
+                let node = node.as_deref();
                 let plan = match node {
                     Some(_) => {
                         let pods = self.drainer.pods_on(&holder.node).await?;
@@ -474,27 +525,43 @@ impl FleetLock {
                     renewed_at: holder.renewed_at,
                 });
             }
+            let queue = state
+                .queue
+                .into_iter()
+                .enumerate()
+                .map(|(index, waiter)| WaiterStatus {
+                    position: index + 1,
+                    node: waiter.node,
+                    id: waiter.id,
+                    first_asked_at: waiter.first_asked_at,
+                    last_asked_at: waiter.last_asked_at,
+                })
+                .collect();
             groups.push(GroupStatus {
                 slots: self.locks.slots(&group).await?,
                 group,
                 holders,
+                queue,
             });
         }
         Ok(StatusReport { groups })
     }
 
-    async fn note_reclaimed(&self, group: &str, reclaimed: &lock::Reclaimed, nodes: &[Node]) {
+    async fn note_reclaimed(&self, group: &str, reclaimed: &lock::Reclaimed) {
         let change = match reclaimed.reason {
             ReleaseReason::NodeGone => LockChange::ReclaimedNodeGone,
             ReleaseReason::Expired => LockChange::ReclaimedExpired,
         };
         self.metrics.count_lock_change(change);
         tracing::warn!(node = %reclaimed.holder.node, %group, reason = reclaimed.reason.as_str(), "reboot slot reclaimed");
-        if let Some(node) = nodes.iter().find(|n| n.name_any() == reclaimed.holder.node) {
+        if reclaimed.reason == ReleaseReason::NodeGone {
+            return;
+        }
+        if let Ok(Some(node)) = self.nodes.get(&reclaimed.holder.node).await {
             let note = format!(
                 "Reboot slot of group {group} reclaimed: no pre-reboot request within the TTL"
             );
-            self.publish(node, EventType::Warning, "RebootSlotExpired", "Lock", note)
+            self.publish(&node, EventType::Warning, "RebootSlotExpired", "Lock", note)
                 .await;
         }
     }

@@ -516,6 +516,7 @@ fn every_values_case_renders_what_its_values_ask_for() {
                     json!({"default": "1", "frozen": "0", "workers": "2"})
                 );
                 assert_eq!(flag(&args, "fleetlock-lock-ttl"), Some("2h"));
+                assert_eq!(flag(&args, "fleetlock-queue-timeout"), Some("30m"));
                 assert_eq!(
                     flag(&args, "fleetlock-config-map"),
                     rendered.one("ConfigMap")["metadata"]["name"].as_str()
@@ -1031,23 +1032,6 @@ async fn the_charts_rbac_lets_fleetlock_lock_cordon_drain_and_release_a_node() {
     let (client, rendered) =
         client_with_the_charts_rbac(cluster, "rbac-fleetlock", &namespace).await;
     let args = args_of(rendered.one("Deployment"));
-    let config = FleetLockConfig {
-        namespace: namespace.clone(),
-        config_map: flag(&args, "fleetlock-config-map").unwrap().to_owned(),
-        drain_wait: Duration::from_secs(1),
-        ..FleetLockConfig::default()
-    };
-    let mut registry = prometheus_client::registry::Registry::default();
-    let fleetlock = fleetlock::router(Arc::new(FleetLock::new(client, config, &mut registry)));
-    let ask = async |endpoint: &str, id: &str| -> u16 {
-        let body = json!({"client_params": {"id": id, "group": "default"}}).to_string();
-        let request = axum::http::Request::post(format!("/fleetlock/v1/{endpoint}"))
-            .header("fleet-lock-protocol", "true")
-            .body(axum::body::Body::from(body))
-            .unwrap();
-        let response = fleetlock.clone().oneshot(request).await.unwrap();
-        response.status().as_u16()
-    };
 
     // A Ready node (named after the test's namespace) with one pod on it.
     let node_name = format!("{namespace}-node");
@@ -1085,6 +1069,24 @@ async fn the_charts_rbac_lets_fleetlock_lock_cordon_drain_and_release_a_node() {
     pods.create(&PostParams::default(), &pod)
         .await
         .expect("create the pod");
+    // FleetLock starts after the Node exists, so its Node watch lists it.
+    let config = FleetLockConfig {
+        namespace: namespace.clone(),
+        config_map: flag(&args, "fleetlock-config-map").unwrap().to_owned(),
+        drain_wait: Duration::from_secs(1),
+        ..FleetLockConfig::default()
+    };
+    let mut registry = prometheus_client::registry::Registry::default();
+    let fleetlock = fleetlock::router(Arc::new(FleetLock::new(client, config, &mut registry)));
+    let ask = async |endpoint: &str, id: &str| -> u16 {
+        let body = json!({"client_params": {"id": id, "group": "default"}}).to_string();
+        let request = axum::http::Request::post(format!("/fleetlock/v1/{endpoint}"))
+            .header("fleet-lock-protocol", "true")
+            .body(axum::body::Body::from(body))
+            .unwrap();
+        let response = fleetlock.clone().oneshot(request).await.unwrap();
+        response.status().as_u16()
+    };
     let id = app_specific_machine_id(machine_id).unwrap();
 
     // pre-reboot: slot taken, node cordoned, pod evicted; it stays terminating without a

@@ -16,11 +16,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dkron_ha::fleetlock::drain::CORDONED_ANNOTATION;
-use dkron_ha::fleetlock::lock::{lease_name, state_from_lease};
+use dkron_ha::fleetlock::lock::{LockState, lease_name, state_from_lease};
 use dkron_ha::fleetlock::protocol::ErrorBody;
 use dkron_ha::fleetlock::{
     FleetLock, FleetLockConfig, StatusReport, app_specific_machine_id, router,
 };
+use futures::StreamExt;
 use futures::future::join_all;
 use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -32,7 +33,9 @@ use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{
+    Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
+};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, ResourceExt};
 use prometheus_client::registry::Registry;
@@ -78,6 +81,14 @@ impl Server {
             drain_wait,
             ..FleetLockConfig::default()
         };
+        Server::with_config(client, eviction_client, config).await
+    }
+
+    async fn with_config(
+        client: Client,
+        eviction_client: Option<Client>,
+        config: FleetLockConfig,
+    ) -> Server {
         let mut registry = Registry::default();
         let mut fleetlock = FleetLock::new(client, config, &mut registry);
         if let Some(eviction_client) = eviction_client {
@@ -117,11 +128,15 @@ impl Server {
         self.zincati("v1/steady-state", id, GROUP).await
     }
 
+    /// The URL Zincati asks: `Url::join` of the endpoint on the base URL.
+    fn url(&self, endpoint: &str) -> reqwest::Url {
+        reqwest::Url::parse(&self.base)
+            .and_then(|base| base.join(endpoint))
+            .expect("valid URL")
+    }
+
     async fn post(&self, endpoint: &str, header: Option<&str>, body: String) -> Answer {
-        let mut request = self
-            .http
-            .post(format!("{}{endpoint}", self.base))
-            .body(body);
+        let mut request = self.http.post(self.url(endpoint)).body(body);
         if let Some(value) = header {
             request = request.header("fleet-lock-protocol", value);
         }
@@ -136,7 +151,7 @@ impl Server {
 
     async fn status(&self) -> StatusReport {
         self.http
-            .get(format!("{}v1/status", self.base))
+            .get(self.url("v1/status"))
             .send()
             .await
             .expect("status answers")
@@ -859,7 +874,11 @@ async fn a_slot_held_by_a_deleted_node_is_reclaimed() {
     );
 
     fx.delete_node(0).await;
-    assert_eq!(server.pre_reboot(&fx.zincati_id(1)).await.status, 200);
+    // Once the Node watch has seen the deletion (until then the slot stays held).
+    eventually("the deleted holder's slot is reclaimed", async || {
+        (server.pre_reboot(&fx.zincati_id(1)).await.status == 200).then_some(())
+    })
+    .await;
     assert_eq!(fx.holders(GROUP).await, [fx.node_name(1)]);
     server.stop();
 }
@@ -887,10 +906,17 @@ async fn slots_per_group_follow_the_config_map_live() {
         third.value()
     );
 
+    // The ConfigMap is watched: an edit applies once its watch event is in.
     fx.set_slots("workers", "3").await;
-    assert_eq!(lock(2).await.status, 200);
+    eventually("the third slot is granted", async || {
+        (lock(2).await.status == 200).then_some(())
+    })
+    .await;
     fx.set_slots("workers", "lots").await;
-    assert_eq!(lock(2).await.kind(), "invalid_configuration");
+    eventually("the bad value is refused", async || {
+        (lock(2).await.kind() == "invalid_configuration").then_some(())
+    })
+    .await;
     server.stop();
 }
 
@@ -1009,7 +1035,7 @@ async fn the_documented_rbac_is_enough_for_a_whole_reboot() {
             &ClusterRole {
                 metadata: named(&cluster_wide),
                 rules: Some(vec![
-                    rule(&[""], &["nodes"], &["get", "list", "patch"]),
+                    rule(&[""], &["nodes"], &["get", "list", "watch", "patch"]),
                     rule(&[""], &["pods"], &["list"]),
                     rule(&[""], &["pods/eviction"], &["create"]),
                 ]),
@@ -1036,9 +1062,9 @@ async fn the_documented_rbac_is_enough_for_a_whole_reboot() {
                 rule(
                     &["coordination.k8s.io"],
                     &["leases"],
-                    &["get", "list", "create", "update"],
+                    &["get", "list", "watch", "create", "update"],
                 ),
-                rule(&[""], &["configmaps"], &["get"]),
+                rule(&[""], &["configmaps"], &["get", "list", "watch"]),
             ],
         ),
         (
@@ -1112,5 +1138,466 @@ async fn the_documented_rbac_is_enough_for_a_whole_reboot() {
         drained,
         "no Drained Event published with the chart's permissions"
     );
+    server.stop();
+}
+
+impl Fixture {
+    /// Nodes `0..count` (Ready, with machine ids), created a few at a time.
+    async fn create_nodes(&self, range: std::ops::Range<usize>) {
+        let created = futures::stream::iter(range.clone())
+            .map(|i| self.create_node(i, true, false))
+            .buffer_unordered(16)
+            .count()
+            .await;
+        assert_eq!(created, range.len());
+    }
+
+    fn leases(&self) -> Api<Lease> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+}
+
+/// Every version of group `GROUP`'s Lease, in the order the API wrote them (a watch from
+/// the start), until [`LeaseHistory::finish`].
+struct LeaseHistory {
+    versions: Arc<std::sync::Mutex<Vec<(String, LockState)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LeaseHistory {
+    async fn record(leases: Api<Lease>) -> LeaseHistory {
+        let versions = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let params = WatchParams::default()
+            .fields(&format!("metadata.name={}", lease_name(GROUP)))
+            .timeout(290);
+        let mut stream = leases
+            .watch(&params, "0")
+            .await
+            .expect("watch the Lease")
+            .boxed();
+        let seen = versions.clone();
+        let task = tokio::spawn(async move {
+            while let Some(event) = stream.next().await {
+                if let Ok(WatchEvent::Added(lease) | WatchEvent::Modified(lease)) = event {
+                    let state = state_from_lease(&lease).expect("readable Lease");
+                    let version = lease.resource_version().unwrap_or_default();
+                    seen.lock().expect("lock").push((version, state));
+                }
+            }
+        });
+        LeaseHistory { versions, task }
+    }
+
+    /// Waits until the watch has delivered the Lease as it is now, then stops it.
+    async fn finish(self, leases: &Api<Lease>) -> Vec<LockState> {
+        let now = leases
+            .get(&lease_name(GROUP))
+            .await
+            .expect("get Lease")
+            .resource_version()
+            .unwrap_or_default();
+        let versions = self.versions.clone();
+        eventually("the watch has seen the Lease's last version", async || {
+            let versions = versions.lock().expect("lock");
+            versions.iter().any(|(v, _)| *v == now).then_some(())
+        })
+        .await;
+        self.task.abort();
+        let versions = self.versions.lock().expect("lock");
+        versions.iter().map(|(_, state)| state.clone()).collect()
+    }
+}
+
+/// Asks for a reboot like Zincati until granted (retrying after a pause that differs per node
+/// and per attempt), reboots, and reports steady-state until it succeeds.
+async fn zincati_reboots_once(servers: &[Server], id: &str, seed: usize) -> usize {
+    let mut refused = 0;
+    for attempt in 0.. {
+        let server = &servers[(seed + attempt) % servers.len()];
+        let answer = server.pre_reboot(id).await;
+        if answer.status == 200 {
+            break;
+        }
+        assert_eq!(answer.kind(), "failed_lock_semaphore_full", "{answer:?}");
+        refused += 1;
+        let pause = 10 + (seed * 37 + attempt * 53) % 90;
+        tokio::time::sleep(Duration::from_millis(pause as u64)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let unlock = servers[seed % servers.len()].steady_state(id).await;
+    assert_eq!(unlock.status, 200, "{unlock:?}");
+    refused
+}
+
+#[tokio::test]
+async fn fifty_of_a_thousand_nodes_reboot_two_at_a_time_in_the_order_they_first_asked() {
+    const NODES: usize = 1000;
+    const ASKING: usize = 50;
+    const SLOTS: usize = 2;
+    let fx = Fixture::new("fl-fleet").await;
+    fx.create_nodes(0..NODES).await;
+    fx.set_slots(GROUP, &SLOTS.to_string()).await;
+    let history = LeaseHistory::record(fx.leases()).await;
+    // Two replicas of serve, each with its own Node cache, share the Lease.
+    let servers = [
+        fx.server(Duration::ZERO).await,
+        fx.server(Duration::ZERO).await,
+    ];
+    let ids: Vec<String> = (0..ASKING).map(|i| fx.zincati_id(i * 7)).collect();
+
+    let refusals = join_all(
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| zincati_reboots_once(&servers, id, i)),
+    )
+    .await;
+
+    let versions = history.finish(&fx.leases()).await;
+    let mut granted: BTreeMap<String, usize> = BTreeMap::new();
+    let mut queued_grants = 0;
+    let mut previous = LockState::default();
+    for state in &versions {
+        assert!(state.holders.len() <= SLOTS, "{state:?}");
+        for holder in &state.holders {
+            if previous.holds(&holder.node) {
+                continue;
+            }
+            *granted.entry(holder.node.clone()).or_default() += 1;
+            // Granted only if no node that asked before it is still waiting beyond the
+            // free slots: its place in the queue was within them.
+            if let Some(place) = previous.queue.iter().position(|w| w.node == holder.node) {
+                let kept = state.holders.iter().filter(|h| previous.holds(&h.node));
+                let free = SLOTS - kept.count();
+                assert!(
+                    place < free,
+                    "{} was granted from place {} of the queue with {free} slot(s) free: {previous:?}",
+                    holder.node,
+                    place + 1
+                );
+                queued_grants += 1;
+            }
+        }
+        previous = state.clone();
+    }
+    assert_eq!(granted.len(), ASKING, "every node rebooted: {granted:?}");
+    assert!(granted.values().all(|&n| n == 1), "once each: {granted:?}");
+    assert!(
+        versions.iter().any(|s| s.holders.len() == SLOTS),
+        "both slots were used"
+    );
+    assert!(
+        queued_grants >= ASKING - SLOTS,
+        "{queued_grants} grants came from the queue"
+    );
+    let last = versions.last().expect("the Lease was written");
+    assert!(last.holders.is_empty() && last.queue.is_empty(), "{last:?}");
+    eprintln!(
+        "fleetlock: {ASKING} of {NODES} nodes rebooted {SLOTS} at a time through {} Lease versions; {} refusals",
+        versions.len(),
+        refusals.iter().sum::<usize>()
+    );
+    for server in servers {
+        server.stop();
+    }
+}
+
+#[tokio::test]
+async fn the_queue_shows_in_the_status_survives_a_restart_and_is_shared_by_replicas() {
+    let fx = Fixture::new("fl-queue").await;
+    fx.create_nodes(0..3).await;
+    let id = |i: usize| fx.zincati_id(i);
+    let first = fx.server(Duration::ZERO).await;
+    assert_eq!(first.pre_reboot(&id(0)).await.status, 200);
+    for (i, expected) in [(1, "number 1 of 1 in line"), (2, "number 2 of 2 in line")] {
+        let refused = first.pre_reboot(&id(i)).await;
+        assert_eq!(refused.kind(), "failed_lock_semaphore_full", "{refused:?}");
+        assert!(refused.value().contains(expected), "{}", refused.value());
+    }
+    let status = first.status().await;
+    let group = status
+        .groups
+        .iter()
+        .find(|g| g.group == GROUP)
+        .expect("group");
+    let queue: Vec<(usize, &str)> = group
+        .queue
+        .iter()
+        .map(|w| (w.position, w.node.as_str()))
+        .collect();
+    assert_eq!(
+        queue,
+        [(1, fx.node_name(1).as_str()), (2, fx.node_name(2).as_str())]
+    );
+    assert!(group.queue[0].first_asked_at <= group.queue[1].first_asked_at);
+    assert!(
+        group
+            .queue
+            .iter()
+            .all(|w| w.first_asked_at <= w.last_asked_at)
+    );
+    assert_eq!(group.queue[1].id, id(2));
+    first.stop();
+
+    // A restarted replica and a second one; their clients write the base URL in other ways.
+    let mut restarted = fx.server(Duration::ZERO).await;
+    restarted.base = restarted.base.trim_end_matches('/').to_owned();
+    let mut other = fx.server(Duration::ZERO).await;
+    other.base.push('/');
+    assert_eq!(restarted.steady_state(&id(0)).await.status, 200);
+    // The slot is free, but node 1 asked before node 2.
+    let second = other.pre_reboot(&id(2)).await;
+    assert_eq!(second.kind(), "failed_lock_semaphore_full", "{second:?}");
+    assert!(
+        second
+            .value()
+            .contains("kept for the node(s) that asked first"),
+        "{}",
+        second.value()
+    );
+    assert_eq!(restarted.pre_reboot(&id(1)).await.status, 200);
+    let status = other.status().await;
+    let group = status
+        .groups
+        .iter()
+        .find(|g| g.group == GROUP)
+        .expect("group");
+    assert_eq!(group.holders[0].node, fx.node_name(1));
+    assert_eq!(group.queue.len(), 1);
+    assert_eq!(group.queue[0].node, fx.node_name(2));
+    // Steady-state also takes a waiting node out of the queue.
+    assert_eq!(other.steady_state(&id(2)).await.status, 200);
+    assert!(
+        fx.leases()
+            .get(&lease_name(GROUP))
+            .await
+            .map(|l| state_from_lease(&l).unwrap().queue.is_empty())
+            .unwrap()
+    );
+    restarted.stop();
+    other.stop();
+}
+
+#[tokio::test]
+async fn unknown_paths_and_methods_over_http_get_the_protocols_json_error() {
+    let fx = Fixture::new("fl-paths").await;
+    let server = fx.server(Duration::ZERO).await;
+    for (method, endpoint, status, kind) in [
+        (reqwest::Method::POST, "v1/reboot", 404, "unknown_endpoint"),
+        (reqwest::Method::GET, "v2/status", 404, "unknown_endpoint"),
+        (
+            reqwest::Method::GET,
+            "v1/pre-reboot",
+            405,
+            "method_not_allowed",
+        ),
+        (
+            reqwest::Method::DELETE,
+            "v1/status",
+            405,
+            "method_not_allowed",
+        ),
+    ] {
+        let response = server
+            .http
+            .request(method.clone(), server.url(endpoint))
+            .header("fleet-lock-protocol", "true")
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(response.status().as_u16(), status, "{method} {endpoint}");
+        let body: ErrorBody = response.json().await.expect("a JSON error body");
+        assert_eq!(body.kind, kind, "{method} {endpoint}");
+        assert!(!body.value.is_empty());
+    }
+    server.stop();
+}
+
+/// Refusal latencies of one node while another holds the only slot (ms, sorted).
+struct Refusals {
+    /// The path before issue 15: its API reads (every Node listed and matched, the slots
+    /// ConfigMap, the Lease), then this server's refusal.
+    before: Vec<f64>,
+    /// Nodes, Leases and the ConfigMap from the watch-fed caches.
+    after: Vec<f64>,
+    /// A node's first refusal, which writes its place in the queue into the Lease.
+    first: Vec<f64>,
+}
+
+fn millis(started: Instant) -> f64 {
+    started.elapsed().as_secs_f64() * 1000.0
+}
+
+fn percentile(sorted: &[f64], p: usize) -> f64 {
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+}
+
+async fn measure_refusals(
+    fx: &Fixture,
+    server: &Server,
+    first_askers: std::ops::Range<usize>,
+) -> Refusals {
+    const SAMPLES: usize = 200;
+    let nodes: Api<Node> = Api::all(fx.client.clone());
+    let config_maps: Api<ConfigMap> = Api::namespaced(fx.client.clone(), &fx.ns);
+    let id = fx.zincati_id(1);
+    let refused = |answer: Answer| assert_eq!(answer.kind(), "failed_lock_semaphore_full");
+    refused(server.pre_reboot(&id).await);
+    let mut first = Vec::new();
+    for i in first_askers {
+        let started = Instant::now();
+        refused(server.pre_reboot(&fx.zincati_id(i)).await);
+        first.push(millis(started));
+    }
+    let (mut before, mut after) = (Vec::new(), Vec::new());
+    for _ in 0..SAMPLES {
+        let started = Instant::now();
+        let listed = nodes
+            .list(&ListParams::default())
+            .await
+            .expect("list Nodes");
+        dkron_ha::fleetlock::node::find_node_for_id(&listed.items, &id).expect("found");
+        config_maps
+            .get_opt("dkron-ha-fleetlock")
+            .await
+            .expect("slots");
+        let lease = fx.leases().get(&lease_name(GROUP)).await.expect("Lease");
+        state_from_lease(&lease).expect("readable");
+        refused(server.pre_reboot(&id).await);
+        before.push(millis(started));
+        let started = Instant::now();
+        refused(server.pre_reboot(&id).await);
+        after.push(millis(started));
+    }
+    for samples in [&mut before, &mut after, &mut first] {
+        samples.sort_by(f64::total_cmp);
+    }
+    Refusals {
+        before,
+        after,
+        first,
+    }
+}
+
+/// `dkron-ha serve` (this build, FleetLock only) against the test control plane: once it has
+/// answered a request (its Node cache listed) and run 10 s more, VmRSS and VmHWM in KiB.
+async fn serve_memory(fx: &Fixture) -> (u64, u64) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    dkron_ha::certs::generate(&dkron_ha::certs::CertRequest {
+        service: "dkron-ha".into(),
+        namespace: fx.ns.clone(),
+        extra_names: vec!["127.0.0.1".into()],
+        valid_days: 1,
+    })
+    .expect("certs")
+    .write_to(dir.path())
+    .expect("write certs");
+    let [https, http] = support::control_plane::free_ports().expect("ports");
+    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_dkron-ha"))
+        .args(["serve", "--log-level", "warn"])
+        .env("DKRON_HA_HTTPS_ADDR", format!("127.0.0.1:{https}"))
+        .env("DKRON_HA_HTTP_ADDR", format!("127.0.0.1:{http}"))
+        .env("DKRON_HA_TLS_CERT", dir.path().join("tls.crt"))
+        .env("DKRON_HA_TLS_KEY", dir.path().join("tls.key"))
+        .env("DKRON_HA_CONTROLLER", "false")
+        .env("DKRON_HA_FLEETLOCK_NAMESPACE", &fx.ns)
+        .env("KUBECONFIG", &ControlPlane::shared().kubeconfig)
+        .env("POD_NAMESPACE", &fx.ns)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start serve");
+    let pid = serve.id().expect("serve runs");
+    let http_client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{http}/fleetlock/v1/pre-reboot");
+    let body = json!({"client_params": {"id": fx.zincati_id(1), "group": GROUP}}).to_string();
+    eventually("serve answers FleetLock from its Node cache", async || {
+        let request = http_client.post(&url).header("fleet-lock-protocol", "true");
+        let response = request.body(body.clone()).send().await.ok()?;
+        let error: ErrorBody = response.json().await.ok()?;
+        (error.kind == "failed_lock_semaphore_full").then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{name} in /proc/{pid}/status"))
+    };
+    let memory = (field("VmRSS:"), field("VmHWM:"));
+    assert!(
+        serve.try_wait().expect("serve status").is_none(),
+        "serve exited during the measurement"
+    );
+    let _ = serve.kill().await;
+    memory
+}
+
+/// BENCHMARKS.md "FleetLock at fleet scale (issue 15)": refusal latency while the slot is held
+/// elsewhere, the old list-per-request path beside the cached one, at 10 and at 1,000 Nodes,
+/// and `serve`'s memory at both. Prints the numbers; run it alone (other tests add Nodes):
+/// `cargo test --test e2e_fleetlock fleet_scale -- --ignored --nocapture`
+#[tokio::test]
+#[ignore = "a measurement: run it alone, by hand"]
+async fn fleet_scale_refusal_latency_and_serve_memory() {
+    let fx = Fixture::new("fl-scale").await;
+    fx.create_nodes(0..10).await;
+    let server = fx.server(Duration::ZERO).await;
+    assert_eq!(server.pre_reboot(&fx.zincati_id(0)).await.status, 200);
+    let mut rows = Vec::new();
+    let mut created = 10;
+    for (count, first_askers) in [(10, 2..10), (1000, 10..18)] {
+        fx.create_nodes(created..count).await;
+        created = count;
+        let in_cluster = Api::<Node>::all(fx.client.clone())
+            .list_metadata(&ListParams::default())
+            .await
+            .expect("list")
+            .items
+            .len();
+        // The cache has them all once it finds the last one created.
+        eventually("the Node cache has every Node", async || {
+            let answer = server.pre_reboot(&fx.zincati_id(count - 1)).await;
+            (answer.kind() == "failed_lock_semaphore_full").then_some(())
+        })
+        .await;
+        let refusals = measure_refusals(&fx, &server, first_askers).await;
+        let memory = serve_memory(&fx).await;
+        rows.push((in_cluster, refusals, memory));
+    }
+    for (nodes, r, (rss, peak)) in &rows {
+        eprintln!(
+            "fleetlock at {nodes} Nodes: refusal before (list, match, GETs) p50 {:.2} ms p99 {:.2} ms; \
+             after (cache) p50 {:.2} ms p99 {:.2} ms; first refusal (joins the queue) median {:.2} ms max {:.2} ms; \
+             serve VmRSS/VmHWM {rss}/{peak} KiB",
+            percentile(&r.before, 50),
+            percentile(&r.before, 99),
+            percentile(&r.after, 50),
+            percentile(&r.after, 99),
+            percentile(&r.first, 50),
+            percentile(&r.first, 100),
+        );
+    }
+    server.stop();
+}
+
+#[tokio::test]
+async fn deleting_the_lease_releases_every_slot_and_empties_the_queue_at_once() {
+    let fx = Fixture::new("fl-reset").await;
+    fx.create_nodes(0..3).await;
+    let server = fx.server(Duration::ZERO).await;
+    assert_eq!(server.pre_reboot(&fx.zincati_id(0)).await.status, 200);
+    let waiting = server.pre_reboot(&fx.zincati_id(1)).await;
+    assert_eq!(waiting.kind(), "failed_lock_semaphore_full", "{waiting:?}");
+    fx.leases()
+        .delete(&lease_name(GROUP), &DeleteParams::default())
+        .await
+        .expect("delete the Lease");
+    // The queue went with the Lease: node 2, which never asked before, gets the free slot.
+    let granted = server.pre_reboot(&fx.zincati_id(2)).await;
+    assert_eq!(granted.status, 200, "{granted:?}");
+    assert_eq!(fx.holders(GROUP).await, [fx.node_name(2)]);
     server.stop();
 }

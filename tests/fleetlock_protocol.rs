@@ -8,9 +8,11 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use clap::Parser;
+use dkron_ha::fleetlock::metrics::Endpoint;
 use dkron_ha::fleetlock::protocol::{
     ErrorBody, MAX_BODY_BYTES, normalize_group, normalize_id, parse_client_params,
 };
+use dkron_ha::fleetlock::router::{Route, route};
 use dkron_ha::fleetlock::{ErrorKind, FleetLock, FleetLockConfig, parse_duration, router};
 use prometheus_client::registry::Registry;
 use tower::ServiceExt;
@@ -198,15 +200,116 @@ async fn refusals_are_counted_by_kind() {
 }
 
 #[tokio::test]
-async fn only_post_locks_and_unlocks() {
+async fn only_post_locks_and_unlocks_and_other_methods_get_a_json_405() {
+    for (method, path, allow) in [
+        (Method::GET, "/fleetlock/v1/pre-reboot", "POST"),
+        (Method::PUT, "/fleetlock/v1/steady-state", "POST"),
+        (Method::DELETE, "/v1/pre-reboot", "POST"),
+        (Method::POST, "/fleetlock/v1/status", "GET"),
+    ] {
+        let (router, _) = offline_router();
+        let request = Request::builder()
+            .method(method.clone())
+            .uri(path)
+            .header("fleet-lock-protocol", "true")
+            .body(Body::from(ZINCATI_BODY))
+            .expect("request");
+        let response = router.oneshot(request).await.expect("infallible");
+        assert_eq!(
+            response.status(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {path}"
+        );
+        assert_eq!(response.headers()["allow"], allow, "{method} {path}");
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        let body: ErrorBody = serde_json::from_slice(&bytes).expect("a JSON error body");
+        assert_eq!(body.kind, "method_not_allowed");
+        assert!(
+            body.value.contains(allow) && body.value.contains(method.as_str()),
+            "{}",
+            body.value
+        );
+    }
+}
+
+#[tokio::test]
+async fn unknown_paths_under_fleetlock_get_a_json_404_and_others_a_plain_one() {
+    for path in [
+        "/fleetlock/",
+        "/fleetlock/v2/pre-reboot",
+        "/fleetlock/v1/lock",
+        "/v1/x",
+    ] {
+        let body = expect_refusal(
+            zincati_request(path, ZINCATI_BODY),
+            StatusCode::NOT_FOUND,
+            ErrorKind::UnknownEndpoint,
+        )
+        .await;
+        assert!(body.value.contains("v1/pre-reboot"), "{}", body.value);
+    }
     let (router, _) = offline_router();
-    let request = Request::builder()
-        .method(Method::GET)
-        .uri("/fleetlock/v1/pre-reboot")
-        .body(Body::empty())
-        .expect("request");
-    let (status, _) = send(router, request).await;
-    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    let response = router
+        .oneshot(zincati_request("/elsewhere", ZINCATI_BODY))
+        .await
+        .expect("infallible");
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn every_way_of_writing_the_base_url_reaches_the_endpoint() {
+    // Each is refused for its missing header by the endpoint itself, not as an unknown path.
+    for path in [
+        "/fleetlock/v1/pre-reboot",
+        "/v1/pre-reboot",
+        "/fleetlock//v1/pre-reboot",
+        "//fleetlock/v1//pre-reboot/",
+    ] {
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(path)
+            .body(Body::from(ZINCATI_BODY))
+            .expect("request");
+        expect_refusal(
+            request,
+            StatusCode::BAD_REQUEST,
+            ErrorKind::MissingFleetLockHeader,
+        )
+        .await;
+    }
+}
+
+#[test]
+fn paths_are_matched_without_empty_segments_and_with_or_without_the_prefix() {
+    let pre_reboot = Route::Endpoint(Endpoint::PreReboot);
+    for path in [
+        "/fleetlock/v1/pre-reboot",
+        "/fleetlock/v1/pre-reboot/",
+        "/fleetlock//v1/pre-reboot",
+        "//fleetlock///v1/pre-reboot//",
+        // `Url::join("v1/pre-reboot")` on `http://svc/fleetlock` (no trailing slash).
+        "/v1/pre-reboot",
+    ] {
+        assert_eq!(route(path), pre_reboot, "{path}");
+    }
+    assert_eq!(
+        route("/fleetlock/v1/steady-state"),
+        Route::Endpoint(Endpoint::SteadyState)
+    );
+    assert_eq!(route("/v1/status/"), Route::Endpoint(Endpoint::Status));
+    for path in [
+        "/fleetlock",
+        "/fleetlock/v1",
+        "/fleetlock/v1/pre-reboot/x",
+        "/v1/",
+    ] {
+        assert_eq!(route(path), Route::UnknownEndpoint, "{path}");
+    }
+    for path in ["/", "/metrics", "/healthz", "/fleetlockv1/pre-reboot"] {
+        assert_eq!(route(path), Route::Elsewhere, "{path}");
+    }
 }
 
 #[test]
@@ -282,6 +385,7 @@ fn config_flags_have_defaults_and_parse_durations() {
     assert_eq!(cli.fleetlock.default_slots, 1);
     assert_eq!(cli.fleetlock.lock_ttl, None);
     assert_eq!(cli.fleetlock.drain_wait, Duration::from_secs(30));
+    assert_eq!(cli.fleetlock.queue_timeout, Duration::from_secs(15 * 60));
     let cli = Cli::try_parse_from([
         "serve",
         "--fleetlock-namespace=ops",
@@ -289,8 +393,10 @@ fn config_flags_have_defaults_and_parse_durations() {
         "--fleetlock-lock-ttl=2h",
         "--fleetlock-drain-wait=500ms",
         "--fleetlock-eviction-concurrency=4",
+        "--fleetlock-queue-timeout=30m",
     ])
     .expect("valid flags");
+    assert_eq!(cli.fleetlock.queue_timeout, Duration::from_secs(30 * 60));
     assert_eq!(cli.fleetlock.namespace, "ops");
     assert_eq!(cli.fleetlock.default_slots, 2);
     assert_eq!(cli.fleetlock.lock_ttl, Some(Duration::from_secs(7200)));
@@ -313,4 +419,30 @@ fn durations_take_common_units() {
         error.contains("\"5 parsecs\"") && error.contains("30s, 15m or 2h"),
         "names the value and an example: {error}"
     );
+}
+
+#[tokio::test]
+async fn merged_into_serves_plain_http_port_it_leaves_health_and_metrics_alone() {
+    let (fleetlock, _) = offline_router();
+    let state = dkron_ha::serve::HttpState {
+        registry: Arc::new(Registry::default()),
+        ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+    };
+    let app = dkron_ha::serve::http_router(state).merge(fleetlock);
+    let get = |path: &str| {
+        Request::builder()
+            .method(Method::GET)
+            .uri(path)
+            .body(Body::empty())
+            .expect("request")
+    };
+    let (status, _) = send(app.clone(), get("/healthz")).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = send(app.clone(), get("/metrics")).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = send(app.clone(), get("/fleetlock/v1/nope")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body.expect("JSON").kind, "unknown_endpoint");
+    let (status, body) = send(app, get("/nope")).await;
+    assert_eq!((status, body), (StatusCode::NOT_FOUND, None));
 }

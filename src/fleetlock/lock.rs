@@ -1,14 +1,25 @@
-//! The reboot semaphore: one counting semaphore per group, recursive, owned by Nodes.
+//! The reboot semaphore: one counting semaphore per group, recursive, owned by Nodes, with a
+//! queue of the Nodes refused because the group was full.
 //!
 //! The decision ([`decide_acquire`], [`decide_release`]) is a pure function of the stored
-//! holders, the request, the slot count and the clock. [`LockStore`] keeps the holders of
-//! group `G` in the Lease `dkron-ha-fleetlock-G` (annotation [`HOLDERS_ANNOTATION`], a JSON
-//! list; `spec.holderIdentity` lists the Nodes for `kubectl get lease`) and writes with the
-//! Lease's resourceVersion, retrying on conflicts, so every replica of `serve` shares one
-//! semaphore and a restart loses nothing.
+//! holders and queue, the request, the policy and the clock. [`LockStore`] keeps both for
+//! group `G` in the Lease `dkron-ha-fleetlock-G` (annotations [`HOLDERS_ANNOTATION`] and
+//! [`QUEUE_ANNOTATION`], JSON lists; `spec.holderIdentity` lists the holders for `kubectl get
+//! lease`) and writes with the Lease's resourceVersion, retrying on conflicts, so every
+//! replica of `serve` shares one semaphore and one queue, and a restart loses nothing.
+//!
+//! Fairness: a Node refused because every slot is taken joins the queue at its first request;
+//! a free slot goes only to a Node whose place in the queue is within the free slots, so
+//! Nodes are granted in the order they first asked, whatever their retry timing. A waiter
+//! that stops asking for `--fleetlock-queue-timeout` ([`DEFAULT_QUEUE_TIMEOUT`]) leaves the
+//! queue, as does a waiter whose Node is gone or which reports steady-state.
+//!
+//! Decisions read the Leases through a watch ([`Read::Cached`]), so a refusal costs no API
+//! call; every write carries the resourceVersion its decision read, and after a conflict the
+//! Lease is read from the API, so a stale cache can delay a grant but never make two.
 //!
 //! Slots per group come from the ConfigMap named by `--fleetlock-config-map` (default
-//! `dkron-ha-fleetlock`) in the lock namespace, read on every decision so edits apply at once:
+//! `dkron-ha-fleetlock`) in the lock namespace, watched, so edits apply within a moment:
 //!
 //! ```yaml
 //! apiVersion: v1
@@ -25,6 +36,7 @@
 //! group gets the default.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
@@ -33,15 +45,25 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, ObjectMeta, PostParams};
+use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use serde::{Deserialize, Serialize};
 
 use super::FleetLockError;
+use super::cache::Watched;
 
 /// Lease `dkron-ha-fleetlock-<group>` holds the semaphore of `<group>`.
 pub const LEASE_PREFIX: &str = "dkron-ha-fleetlock-";
 /// Annotation on the Lease with the holders, a JSON list of [`Holder`].
 pub const HOLDERS_ANNOTATION: &str = "dkron-ha/fleetlock-holders";
+/// Annotation on the Lease with the queue, a JSON list of [`Waiter`], first asked first.
+pub const QUEUE_ANNOTATION: &str = "dkron-ha/fleetlock-queue";
+/// A waiter silent for this long leaves the queue: three of Zincati's 5-minute update
+/// checks, so one missed check (or a `serve` restart) does not cost a Node its place.
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// A waiter's `last_asked_at` is written again only once it is older than this fraction of
+/// the queue timeout, so a Node asking again soon costs no Lease write.
+const LAST_ASKED_REFRESH_DIVISOR: u32 = 10;
 /// Label on the Lease naming its group, so every group can be listed.
 pub const GROUP_LABEL: &str = "dkron-ha/fleetlock-group";
 /// Default name of the ConfigMap with slots per group.
@@ -61,10 +83,23 @@ pub struct Holder {
     pub renewed_at: Timestamp,
 }
 
-/// The holders of one group's semaphore, oldest first.
+/// One Node refused because its group was full, waiting for its turn.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Waiter {
+    pub node: String,
+    pub id: String,
+    /// Its first refused pre-reboot request: the queue's order.
+    pub first_asked_at: Timestamp,
+    /// Its latest request (refreshed at most every tenth of the queue timeout); the queue
+    /// timeout counts from here.
+    pub last_asked_at: Timestamp,
+}
+
+/// The holders of one group's semaphore, oldest first, and its queue, first asked first.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LockState {
     pub holders: Vec<Holder>,
+    pub queue: Vec<Waiter>,
 }
 
 impl LockState {
@@ -72,17 +107,29 @@ impl LockState {
         self.holders.iter().any(|h| h.node == node)
     }
 
+    pub fn is_queued(&self, node: &str) -> bool {
+        self.queue.iter().any(|w| w.node == node)
+    }
+
+    /// Every Node named in the state, holders first.
+    pub fn nodes(&self) -> impl Iterator<Item = &str> {
+        let holders = self.holders.iter().map(|h| h.node.as_str());
+        holders.chain(self.queue.iter().map(|w| w.node.as_str()))
+    }
+
     pub fn node_names(&self) -> Vec<String> {
         self.holders.iter().map(|h| h.node.clone()).collect()
     }
 }
 
-/// How many slots a group has and how long a silent holder keeps one.
+/// How many slots a group has, how long a silent holder keeps one and a silent waiter its
+/// place in the queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LockPolicy {
     pub slots: u32,
     /// `None`: holders are kept until steady-state or until their Node is deleted.
     pub ttl: Option<Duration>,
+    pub queue_timeout: Duration,
 }
 
 /// Why a holder lost its slot without asking.
@@ -113,8 +160,13 @@ pub enum AcquireOutcome {
     Acquired,
     /// The Node already held a slot (recursive lock): it keeps it.
     AlreadyHeld,
-    /// Every slot is taken by these Nodes.
-    Full { holders: Vec<String> },
+    /// No slot for this Node now: the slots are held by `holders`, and any free slot is kept
+    /// for a Node ahead of it; it waits at `position` (1 = next) of `waiting` in the queue.
+    Full {
+        holders: Vec<String>,
+        position: usize,
+        waiting: usize,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -123,6 +175,14 @@ pub struct AcquireDecision {
     pub outcome: AcquireOutcome,
     /// Holders dropped because their Node is gone or their TTL ran out.
     pub reclaimed: Vec<Reclaimed>,
+    /// Waiters dropped because their Node is gone or they stopped asking.
+    pub left_queue: Vec<LeftQueue>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeftQueue {
+    pub waiter: Waiter,
+    pub reason: ReleaseReason,
 }
 
 /// A pre-reboot request for `node`, which the client called `id`.
@@ -133,7 +193,8 @@ pub struct LockRequest<'a> {
 }
 
 /// Drops holders whose Node no longer exists or, with a TTL, whose last request is older than
-/// the TTL; then lets the requester keep its slot, take a free one, or wait.
+/// the TTL, and waiters whose Node is gone or who stopped asking; then lets the requester keep
+/// its slot, take a free one if no earlier waiter is owed it, or wait in the queue.
 pub fn decide_acquire(
     state: &LockState,
     request: LockRequest<'_>,
@@ -155,31 +216,88 @@ pub fn decide_acquire(
             });
         } else if !node_exists(&holder.node) {
             reclaimed.push(reclaim(holder, ReleaseReason::NodeGone));
-        } else if is_expired(holder, policy.ttl, now) {
+        } else if is_expired(holder.renewed_at, policy.ttl, now) {
             reclaimed.push(reclaim(holder, ReleaseReason::Expired));
         } else {
             kept.push(holder.clone());
         }
     }
+    let mut queue = Vec::with_capacity(state.queue.len() + 1);
+    let mut left_queue = Vec::new();
+    for waiter in &state.queue {
+        let leave = |reason| {
+            let waiter = waiter.clone();
+            LeftQueue { waiter, reason }
+        };
+        if waiter.node == request.node {
+            if !already_held {
+                queue.push(asked_again(waiter, request.id, policy, now));
+            }
+        } else if !node_exists(&waiter.node) {
+            left_queue.push(leave(ReleaseReason::NodeGone));
+        } else if is_expired(waiter.last_asked_at, Some(policy.queue_timeout), now) {
+            left_queue.push(leave(ReleaseReason::Expired));
+        } else {
+            queue.push(waiter.clone());
+        }
+    }
     let outcome = if already_held {
         AcquireOutcome::AlreadyHeld
-    } else if kept.len() < policy.slots as usize {
-        kept.push(Holder {
-            node: request.node.to_owned(),
-            id: request.id.to_owned(),
-            acquired_at: now,
-            renewed_at: now,
-        });
-        AcquireOutcome::Acquired
     } else {
-        AcquireOutcome::Full {
-            holders: kept.iter().map(|h| h.node.clone()).collect(),
+        let position = match queue.iter().position(|w| w.node == request.node) {
+            Some(position) => position,
+            None => {
+                queue.push(Waiter {
+                    node: request.node.to_owned(),
+                    id: request.id.to_owned(),
+                    first_asked_at: now,
+                    last_asked_at: now,
+                });
+                queue.len() - 1
+            }
+        };
+        let free = (policy.slots as usize).saturating_sub(kept.len());
+        if position < free {
+            queue.remove(position);
+            kept.push(Holder {
+                node: request.node.to_owned(),
+                id: request.id.to_owned(),
+                acquired_at: now,
+                renewed_at: now,
+            });
+            AcquireOutcome::Acquired
+        } else {
+            AcquireOutcome::Full {
+                holders: kept.iter().map(|h| h.node.clone()).collect(),
+                position: position + 1,
+                waiting: queue.len(),
+            }
         }
     };
     AcquireDecision {
-        state: LockState { holders: kept },
+        state: LockState {
+            holders: kept,
+            queue,
+        },
         outcome,
         reclaimed,
+        left_queue,
+    }
+}
+
+/// A waiter asking again keeps its place; its last request is written only when the stored
+/// one is older than a tenth of the queue timeout.
+fn asked_again(waiter: &Waiter, id: &str, policy: LockPolicy, now: Timestamp) -> Waiter {
+    let refresh_after = policy.queue_timeout / LAST_ASKED_REFRESH_DIVISOR;
+    let last_asked_at = if is_expired(waiter.last_asked_at, Some(refresh_after), now) {
+        now
+    } else {
+        waiter.last_asked_at
+    };
+    Waiter {
+        id: id.to_owned(),
+        last_asked_at,
+        ..waiter.clone()
     }
 }
 
@@ -190,11 +308,12 @@ fn reclaim(holder: &Holder, reason: ReleaseReason) -> Reclaimed {
     }
 }
 
-fn is_expired(holder: &Holder, ttl: Option<Duration>, now: Timestamp) -> bool {
+/// Whether `since` is more than `ttl` before `now`; no TTL or a zero one never expires.
+fn is_expired(since: Timestamp, ttl: Option<Duration>, now: Timestamp) -> bool {
     let Some(ttl) = ttl.filter(|ttl| !ttl.is_zero()) else {
         return false;
     };
-    let silent_for = now.as_millisecond() - holder.renewed_at.as_millisecond();
+    let silent_for = now.as_millisecond() - since.as_millisecond();
     silent_for > i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)
 }
 
@@ -205,7 +324,8 @@ pub struct ReleaseDecision {
     pub was_held: bool,
 }
 
-/// Unlock-if-held: removes `node` from the holders, if it is one.
+/// Unlock-if-held: removes `node` from the holders, if it is one, and from the queue: a Node
+/// in steady state is not waiting to reboot.
 pub fn decide_release(state: &LockState, node: &str) -> ReleaseDecision {
     let holders: Vec<Holder> = state
         .holders
@@ -213,9 +333,15 @@ pub fn decide_release(state: &LockState, node: &str) -> ReleaseDecision {
         .filter(|h| h.node != node)
         .cloned()
         .collect();
+    let queue = state
+        .queue
+        .iter()
+        .filter(|w| w.node != node)
+        .cloned()
+        .collect();
     ReleaseDecision {
         was_held: holders.len() != state.holders.len(),
-        state: LockState { holders },
+        state: LockState { holders, queue },
     }
 }
 
@@ -246,19 +372,28 @@ pub fn lease_name(group: &str) -> String {
     format!("{LEASE_PREFIX}{group}")
 }
 
-/// Reads the holders stored on a Lease.
+/// Reads the holders and the queue stored on a Lease.
 pub fn state_from_lease(lease: &Lease) -> Result<LockState, FleetLockError> {
-    let Some(json) = lease.annotations().get(HOLDERS_ANNOTATION) else {
-        return Ok(LockState::default());
+    Ok(LockState {
+        holders: annotation_list(lease, HOLDERS_ANNOTATION)?,
+        queue: annotation_list(lease, QUEUE_ANNOTATION)?,
+    })
+}
+
+fn annotation_list<T: serde::de::DeserializeOwned>(
+    lease: &Lease,
+    annotation: &str,
+) -> Result<Vec<T>, FleetLockError> {
+    let Some(json) = lease.annotations().get(annotation) else {
+        return Ok(Vec::new());
     };
-    let holders: Vec<Holder> = serde_json::from_str(json).map_err(|e| {
+    serde_json::from_str(json).map_err(|e| {
         FleetLockError::CorruptLockState(format!(
-            "Lease {} has an unreadable {HOLDERS_ANNOTATION} annotation ({e}); fix it or \
-             delete the Lease to release every slot of its group",
+            "Lease {} has an unreadable {annotation} annotation ({e}); fix it or delete the \
+             Lease to release every slot of its group and empty its queue",
             lease.name_any()
         ))
-    })?;
-    Ok(LockState { holders })
+    })
 }
 
 /// Writes `state` into `lease` (a fresh Lease when `None`), keeping its resourceVersion.
@@ -283,11 +418,14 @@ pub fn lease_with_state(
         },
         spec: None,
     });
-    let json = serde_json::to_string(&state.holders)
-        .map_err(|e| FleetLockError::CorruptLockState(format!("cannot encode the holders: {e}")))?;
-    lease
-        .annotations_mut()
-        .insert(HOLDERS_ANNOTATION.to_owned(), json);
+    let encode = |what: &str, json: serde_json::Result<String>| {
+        json.map_err(|e| FleetLockError::CorruptLockState(format!("cannot encode the {what}: {e}")))
+    };
+    let holders = encode("holders", serde_json::to_string(&state.holders))?;
+    let queue = encode("queue", serde_json::to_string(&state.queue))?;
+    let annotations = lease.annotations_mut();
+    annotations.insert(HOLDERS_ANNOTATION.to_owned(), holders);
+    annotations.insert(QUEUE_ANNOTATION.to_owned(), queue);
     let holder_identity = (!state.holders.is_empty()).then(|| state.node_names().join(","));
     lease.spec = Some(LeaseSpec {
         holder_identity,
@@ -296,39 +434,51 @@ pub fn lease_with_state(
     Ok(lease)
 }
 
-/// The semaphores as stored in the Kubernetes API.
-#[derive(Clone)]
+/// Where a decision reads the lock state from first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Read {
+    /// The watch-fed Lease: a refusal costs no API call; a write still carries the read
+    /// resourceVersion, and after a conflict the Lease is read from the API.
+    Cached,
+    /// The API: for decisions that may change nothing on a stale read (a release).
+    Api,
+}
+
+/// The semaphores as stored in the Kubernetes API, read through watches.
 pub struct LockStore {
     leases: Api<Lease>,
-    config_maps: Api<ConfigMap>,
+    cached_leases: Watched<Lease>,
+    cached_config_map: Watched<ConfigMap>,
     namespace: String,
     config_map: String,
     default_slots: u32,
 }
 
 impl LockStore {
+    /// Starts watching the lock Leases and the slots ConfigMap (on the current Tokio runtime).
     pub fn new(
         client: kube::Client,
         namespace: &str,
         config_map: &str,
         default_slots: u32,
     ) -> Self {
+        let leases: Api<Lease> = Api::namespaced(client.clone(), namespace);
+        let config_maps: Api<ConfigMap> = Api::namespaced(client, namespace);
+        let by_label = watcher::Config::default().labels(GROUP_LABEL);
+        let by_name = watcher::Config::default().fields(&format!("metadata.name={config_map}"));
         LockStore {
-            leases: Api::namespaced(client.clone(), namespace),
-            config_maps: Api::namespaced(client, namespace),
+            cached_leases: Watched::start(leases.clone(), by_label, "the lock Leases"),
+            cached_config_map: Watched::start(config_maps, by_name, "the slots ConfigMap"),
+            leases,
             namespace: namespace.to_owned(),
             config_map: config_map.to_owned(),
             default_slots,
         }
     }
 
-    /// Slots of `group`, read from the ConfigMap now.
+    /// Slots of `group`, from the ConfigMap as last watched.
     pub async fn slots(&self, group: &str) -> Result<u32, FleetLockError> {
-        let config_map = self
-            .config_maps
-            .get_opt(&self.config_map)
-            .await
-            .map_err(FleetLockError::kube("reading the slots ConfigMap"))?;
+        let config_map = self.cached_config_map.get(&self.config_map).await?;
         slots_for_group(
             config_map.as_ref().and_then(|cm| cm.data.as_ref()),
             group,
@@ -339,85 +489,129 @@ impl LockStore {
 
     /// Group names configured in the ConfigMap (for the status page).
     pub async fn configured_groups(&self) -> Result<Vec<String>, FleetLockError> {
-        let config_map = self
-            .config_maps
-            .get_opt(&self.config_map)
-            .await
-            .map_err(FleetLockError::kube("reading the slots ConfigMap"))?;
+        let config_map = self.cached_config_map.get(&self.config_map).await?;
         Ok(config_map
-            .and_then(|cm| cm.data)
+            .as_ref()
+            .and_then(|cm| cm.data.as_ref())
             .map(|data| data.keys().map(|k| k.trim().to_ascii_lowercase()).collect())
             .unwrap_or_default())
     }
 
-    /// Reads `group`'s holders, lets `decide` compute the new holders, and writes them back
-    /// if they changed, with optimistic concurrency: on a conflict everything is read and
+    /// Reads `group`'s holders and queue, lets `decide` compute the new ones, and writes them
+    /// back if they changed, with optimistic concurrency: on a conflict everything is read and
     /// decided again. Returns what `decide` returned for the state that was written.
     pub async fn update<T>(
         &self,
         group: &str,
+        read: Read,
         decide: impl Fn(&LockState) -> (LockState, T),
     ) -> Result<T, FleetLockError> {
+        let observe = |_: &LockState| std::future::ready(Ok(()));
+        self.update_observing(group, read, observe, |state, ()| decide(state))
+            .await
+    }
+
+    /// [`LockStore::update`], with `observe` looking at the world for the state just read
+    /// (e.g. which of its Nodes still exist) before `decide` sees both.
+    pub async fn update_observing<P, T, Observing>(
+        &self,
+        group: &str,
+        read: Read,
+        observe: impl Fn(&LockState) -> Observing,
+        decide: impl Fn(&LockState, P) -> (LockState, T),
+    ) -> Result<T, FleetLockError>
+    where
+        Observing: std::future::Future<Output = Result<P, FleetLockError>>,
+    {
         let name = lease_name(group);
-        let (name, decide) = (&name, &decide);
+        let (name, observe, decide) = (&name, &observe, &decide);
         let action = || format!("writing Lease {name}");
-        retry_conflicts(MAX_WRITE_ATTEMPTS, action, move || async move {
-            let lease = self
-                .leases
-                .get_opt(name)
-                .await
-                .map_err(FleetLockError::kube(format!("reading Lease {name}")))?;
-            let current = match &lease {
-                Some(lease) => state_from_lease(lease)?,
-                None => LockState::default(),
-            };
-            let (next, answer) = decide(&current);
-            if next == current {
-                return Ok(answer);
+        let mut from_cache = read == Read::Cached;
+        retry_conflicts(MAX_WRITE_ATTEMPTS, action, move || {
+            let cached = std::mem::replace(&mut from_cache, false);
+            async move {
+                let lease = if cached {
+                    self.cached_leases
+                        .get(name)
+                        .await?
+                        .map(Arc::unwrap_or_clone)
+                } else {
+                    self.leases
+                        .get_opt(name)
+                        .await
+                        .map_err(FleetLockError::kube(format!("reading Lease {name}")))?
+                };
+                let current = match &lease {
+                    Some(lease) => state_from_lease(lease)?,
+                    None => LockState::default(),
+                };
+                let observed = observe(&current).await?;
+                let (next, answer) = decide(&current, observed);
+                if next == current {
+                    return Ok(answer);
+                }
+                let exists = lease.is_some();
+                let desired = lease_with_state(lease, &self.namespace, group, &next)?;
+                let written = if exists {
+                    self.leases
+                        .replace(name, &PostParams::default(), &desired)
+                        .await
+                } else {
+                    self.leases.create(&PostParams::default(), &desired).await
+                };
+                match written {
+                    // Deleted since the cache saw it: read it again, like a conflict.
+                    Err(kube::Error::Api(status)) if status.code == 404 => Err(Attempt::Conflict),
+                    Err(source) => Err(Attempt::failed(action(), source)),
+                    Ok(_) => Ok(answer),
+                }
             }
-            let exists = lease.is_some();
-            let desired = lease_with_state(lease, &self.namespace, group, &next)?;
-            let written = if exists {
-                self.leases
-                    .replace(name, &PostParams::default(), &desired)
-                    .await
-            } else {
-                self.leases.create(&PostParams::default(), &desired).await
-            };
-            written.map_err(|source| Attempt::failed(action(), source))?;
-            Ok(answer)
         })
         .await
     }
 
-    /// Every group with a Lease, and its holders.
+    /// Every group with a Lease, and its holders and queue, as last watched.
     pub async fn all_groups(&self) -> Result<Vec<(String, LockState)>, FleetLockError> {
+        let leases = self.cached_leases.all().await?;
+        groups_of_leases(leases.iter().map(|lease| &**lease))
+    }
+
+    /// Groups in which `node` holds a slot, and those in whose queue it waits, read from the
+    /// API (steady-state must not miss a slot granted a moment ago by another replica).
+    pub async fn groups_of(
+        &self,
+        node: &str,
+    ) -> Result<(BTreeSet<String>, BTreeSet<String>), FleetLockError> {
         let leases = self
             .leases
             .list(&ListParams::default().labels(GROUP_LABEL))
             .await
             .map_err(FleetLockError::kube("listing the lock Leases"))?;
-        let mut groups = Vec::new();
-        for lease in &leases.items {
-            let Some(group) = lease.labels().get(GROUP_LABEL) else {
-                continue;
-            };
-            groups.push((group.clone(), state_from_lease(lease)?));
+        let mut held_in = BTreeSet::new();
+        let mut queued_in = BTreeSet::new();
+        for (group, state) in groups_of_leases(&leases.items)? {
+            if state.holds(node) {
+                held_in.insert(group);
+            } else if state.is_queued(node) {
+                queued_in.insert(group);
+            }
         }
-        groups.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(groups)
+        Ok((held_in, queued_in))
     }
+}
 
-    /// Groups in which `node` holds a slot.
-    pub async fn groups_held_by(&self, node: &str) -> Result<BTreeSet<String>, FleetLockError> {
-        Ok(self
-            .all_groups()
-            .await?
-            .into_iter()
-            .filter(|(_, state)| state.holds(node))
-            .map(|(group, _)| group)
-            .collect())
+fn groups_of_leases<'a>(
+    leases: impl IntoIterator<Item = &'a Lease>,
+) -> Result<Vec<(String, LockState)>, FleetLockError> {
+    let mut groups = Vec::new();
+    for lease in leases {
+        let Some(group) = lease.labels().get(GROUP_LABEL) else {
+            continue;
+        };
+        groups.push((group.clone(), state_from_lease(lease)?));
     }
+    groups.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(groups)
 }
 
 /// Why one optimistic-concurrency attempt did not succeed.

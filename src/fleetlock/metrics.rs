@@ -15,6 +15,8 @@ crate::metrics::label_enum! {
         PreReboot => "pre_reboot",
         SteadyState => "steady_state",
         Status => "status",
+        /// Any other path or method under the FleetLock paths.
+        Unknown => "unknown",
     }
 }
 

@@ -60,10 +60,12 @@ pub enum ErrorKind {
     InvalidConfiguration,
     CorruptLockState,
     KubernetesApiError,
+    UnknownEndpoint,
+    MethodNotAllowed,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 14] = [
+    pub const ALL: [ErrorKind; 16] = [
         ErrorKind::MissingFleetLockHeader,
         ErrorKind::InvalidBody,
         ErrorKind::BodyTooLarge,
@@ -78,6 +80,8 @@ impl ErrorKind {
         ErrorKind::InvalidConfiguration,
         ErrorKind::CorruptLockState,
         ErrorKind::KubernetesApiError,
+        ErrorKind::UnknownEndpoint,
+        ErrorKind::MethodNotAllowed,
     ];
 
     /// The `kind` string on the wire.
@@ -98,6 +102,8 @@ impl ErrorKind {
             ErrorKind::InvalidConfiguration => "invalid_configuration",
             ErrorKind::CorruptLockState => "corrupt_lock_state",
             ErrorKind::KubernetesApiError => "kubernetes_api_error",
+            ErrorKind::UnknownEndpoint => "unknown_endpoint",
+            ErrorKind::MethodNotAllowed => "method_not_allowed",
         }
     }
 
@@ -111,7 +117,8 @@ impl ErrorKind {
             | ErrorKind::InvalidGroup
             | ErrorKind::InvalidMachineId => StatusCode::BAD_REQUEST,
             ErrorKind::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorKind::UnknownMachineId => StatusCode::NOT_FOUND,
+            ErrorKind::UnknownMachineId | ErrorKind::UnknownEndpoint => StatusCode::NOT_FOUND,
+            ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorKind::AmbiguousMachineId
             | ErrorKind::FailedLockSemaphoreFull
             | ErrorKind::DrainInProgress
@@ -165,14 +172,14 @@ pub enum FleetLockError {
         nodes: Vec<String>,
         annotation: String,
     },
-    #[error(
-        "all {slots} reboot slot(s) of group {group} are taken ({}); retry later",
-        describe_holders(holders)
-    )]
+    #[error("{}", describe_full(group, *slots, holders, *position, *waiting))]
     SemaphoreFull {
         group: String,
         slots: u32,
         holders: Vec<String>,
+        /// This Node's place in the group's queue (1 = next).
+        position: usize,
+        waiting: usize,
     },
     #[error("node {node} is still draining: {remaining}")]
     DrainInProgress { node: String, remaining: String },
@@ -190,6 +197,27 @@ pub enum FleetLockError {
     },
     #[error("gave up {action} after {attempts} write conflicts; retry later")]
     TooManyConflicts { action: String, attempts: u32 },
+    #[error(
+        "listing {what} has not finished after {}s (is the API server reachable? see the \
+         log of dkron-ha serve); retry later",
+        waited.as_secs()
+    )]
+    NotListed {
+        what: &'static str,
+        waited: std::time::Duration,
+    },
+    #[error(
+        "no FleetLock endpoint at {path}: the endpoints are POST v1/pre-reboot, POST \
+         v1/steady-state and GET v1/status under Zincati's base_url \
+         \"http://<service>/fleetlock/\""
+    )]
+    UnknownEndpoint { path: String },
+    #[error("{path} takes {allowed}, not {method}")]
+    MethodNotAllowed {
+        path: String,
+        method: String,
+        allowed: &'static str,
+    },
 }
 
 impl FleetLockError {
@@ -208,9 +236,11 @@ impl FleetLockError {
             FleetLockError::NodeNotReady { .. } => ErrorKind::NodeNotReady,
             FleetLockError::InvalidConfiguration(_) => ErrorKind::InvalidConfiguration,
             FleetLockError::CorruptLockState(_) => ErrorKind::CorruptLockState,
-            FleetLockError::Kubernetes { .. } | FleetLockError::TooManyConflicts { .. } => {
-                ErrorKind::KubernetesApiError
-            }
+            FleetLockError::Kubernetes { .. }
+            | FleetLockError::TooManyConflicts { .. }
+            | FleetLockError::NotListed { .. } => ErrorKind::KubernetesApiError,
+            FleetLockError::UnknownEndpoint { .. } => ErrorKind::UnknownEndpoint,
+            FleetLockError::MethodNotAllowed { .. } => ErrorKind::MethodNotAllowed,
         }
     }
 
@@ -229,15 +259,45 @@ impl FleetLockError {
 
 impl IntoResponse for FleetLockError {
     fn into_response(self) -> Response {
-        (self.kind().status(), axum::Json(self.body())).into_response()
+        let mut response = (self.kind().status(), axum::Json(self.body())).into_response();
+        if let FleetLockError::MethodNotAllowed { allowed, .. } = &self {
+            let allow = axum::http::HeaderValue::from_static(allowed);
+            response
+                .headers_mut()
+                .insert(axum::http::header::ALLOW, allow);
+        }
+        response
     }
 }
 
-fn describe_holders(holders: &[String]) -> String {
-    if holders.is_empty() {
-        "the group has no slots: raise its value in the FleetLock ConfigMap".to_owned()
+/// Why a Node may not reboot now, and where it waits.
+fn describe_full(
+    group: &str,
+    slots: u32,
+    holders: &[String],
+    position: usize,
+    waiting: usize,
+) -> String {
+    let in_line = format!("this node is number {position} of {waiting} in line; retry later");
+    if slots == 0 {
+        return format!(
+            "group {group} has no reboot slots: raise its value in the FleetLock ConfigMap; \
+             {in_line}"
+        );
+    }
+    let held = if holders.is_empty() {
+        String::new()
     } else {
-        format!("held by {}", holders.join(", "))
+        format!(" (held by {})", holders.join(", "))
+    };
+    let free = (slots as usize).saturating_sub(holders.len());
+    if free == 0 {
+        format!("all {slots} reboot slot(s) of group {group} are taken{held}; {in_line}")
+    } else {
+        format!(
+            "{free} of {slots} reboot slot(s) of group {group} are free but kept for the \
+             node(s) that asked first{held}; {in_line}"
+        )
     }
 }
 

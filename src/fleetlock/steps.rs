@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::FleetLockError;
 use super::drain::{self, CordonDecision, DrainPlan, EvictionOutcome, PodKey};
-use super::lock::{AcquireOutcome, Reclaimed};
+use super::lock::{AcquireOutcome, LeftQueue, Reclaimed};
 
 /// How often a pre-reboot request looks again at the pods of a draining Node. A poll until
 /// a deadline, decided here step by step, not a retry of a failed call: no backon.
@@ -20,10 +20,11 @@ pub const DRAIN_POLL_INTERVAL: Duration = Duration::from_secs(1);
 pub enum Observed {
     /// Nothing yet: the request just arrived (its Node found).
     Arrived,
-    /// The lock's answer, and the holders it dropped on the way.
+    /// The lock's answer, and the holders and waiters it dropped on the way.
     Slot {
         outcome: AcquireOutcome,
         reclaimed: Vec<Reclaimed>,
+        left_queue: Vec<LeftQueue>,
     },
     Cordon(CordonDecision),
     /// The Node's pods, and how much of the request's drain wait is left.
@@ -75,12 +76,19 @@ impl PreReboot {
         match observed {
             Observed::Arrived => Step::TakeSlot,
             Observed::Slot {
-                outcome: AcquireOutcome::Full { holders },
+                outcome:
+                    AcquireOutcome::Full {
+                        holders,
+                        position,
+                        waiting,
+                    },
                 ..
             } => Step::Answer(Err(FleetLockError::SemaphoreFull {
                 group: self.group.clone(),
                 slots: self.slots,
                 holders,
+                position,
+                waiting,
             })),
             Observed::Slot { .. } => Step::Cordon,
             Observed::Cordon(_) | Observed::Waited => Step::ListPods,
@@ -163,6 +171,7 @@ mod tests {
         Observed::Slot {
             outcome,
             reclaimed: Vec::new(),
+            left_queue: Vec::new(),
         }
     }
 
@@ -240,6 +249,8 @@ mod tests {
         let mut steps = steps();
         let step = steps.next(slot(AcquireOutcome::Full {
             holders: vec!["node-b".into()],
+            position: 2,
+            waiting: 3,
         }));
         assert_eq!(
             seen(&step),
@@ -248,7 +259,11 @@ mod tests {
         let Step::Answer(Err(error)) = step else {
             unreachable!()
         };
-        assert!(error.to_string().contains("node-b"), "{error}");
+        let text = error.to_string();
+        assert!(
+            text.contains("node-b") && text.contains("number 2 of 3 in line"),
+            "{text}"
+        );
     }
 
     #[test]
