@@ -98,7 +98,12 @@ impl Zincati {
                         refusals.push(kind);
                     }
                 }
-                None => {}
+                None => {
+                    let kind = "no serve pod answered".to_owned();
+                    if refusals.last() != Some(&kind) {
+                        refusals.push(kind);
+                    }
+                }
             }
             assert!(
                 Instant::now() < deadline,
@@ -221,6 +226,13 @@ async fn rebooting_every_node_through_fleetlock_keeps_quorum_and_loses_no_job() 
                 .map(|i| i.machine_id)
                 .unwrap();
             let id = app_specific_machine_id(&machine_id).unwrap();
+            // Its Dkron servers before the drain (an evicted one comes back Pending, nodeless).
+            let on_node: Vec<String> = nodes_of(&dkron)
+                .await
+                .into_iter()
+                .filter(|(_, n)| n == node)
+                .map(|(pod, _)| pod)
+                .collect();
             let asked = Instant::now();
             let refusals = zincati
                 .until_ok("pre-reboot", &id, Duration::from_secs(300))
@@ -228,12 +240,6 @@ async fn rebooting_every_node_through_fleetlock_keeps_quorum_and_loses_no_job() 
             // The slot is granted only once every Dkron server not on this node is back as a
             // Ready voter: its own server is gone (evicted), the others are whole.
             let state = dkron.state().await;
-            let on_node: Vec<String> = nodes_of(&dkron)
-                .await
-                .into_iter()
-                .filter(|(_, n)| n == node)
-                .map(|(pod, _)| pod)
-                .collect();
             for (pod, view) in &state.pods {
                 if !on_node.contains(pod) {
                     assert!(
@@ -264,7 +270,7 @@ async fn rebooting_every_node_through_fleetlock_keeps_quorum_and_loses_no_job() 
         // The last node's server comes back too.
         dkron.until_whole(&want, Duration::from_secs(300)).await
     };
-    let (state, samples) = tokio::join!(
+    let (_, samples) = tokio::join!(
         async {
             let state = reboot_all.await;
             done.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -286,8 +292,10 @@ async fn rebooting_every_node_through_fleetlock_keeps_quorum_and_loses_no_job() 
         "fewer than a majority of Ready voters at some time: {samples:?}"
     );
 
-    // Every job on every server; 3 voters at the pods' current IPs; the label and the leader
-    // Service on the leader; no peer removed; every node uncordoned; no slot held.
+    // Every job on every server; 3 voters at the pods' current IPs (Dkron's leader writes a
+    // returning server's new address at its 60 s reconcile); the label and the leader Service
+    // on the leader; no peer removed; every node uncordoned; no slot held.
+    let state = dkron.until_plain(&want, Duration::from_secs(120)).await;
     for pod in &want {
         for job in &jobs {
             dkron
@@ -295,7 +303,6 @@ async fn rebooting_every_node_through_fleetlock_keeps_quorum_and_loses_no_job() 
                 .await;
         }
     }
-    assert!(state.is_plain_whole(&want), "{}", state.summary());
     let leader_ip = state.leader_ip();
     support::eventually("the leader Service selects the leader only", async || {
         (dkron.leader_endpoints().await == [leader_ip.clone()]).then_some(())

@@ -787,7 +787,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         }
     }
 
-    /// Waits until Node `name` is Ready with no taints; on failure the error carries the
+    /// Waits until Node `name` is Ready with no taints but a cordon's; on failure the error carries the
     /// node's log tails.
     pub async fn wait_node_ready(&self, name: &str) -> Result<(), String> {
         self.wait_node_ready_since(name, None).await
@@ -820,17 +820,25 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                         conditions.iter().any(|c| {
                             let fresh = match (since_seconds, &c.last_heartbeat_time) {
                                 (None, _) => true,
-                                (Some(since), Some(beat)) => beat.0.as_second() >= since,
+                                // Strictly later: the last heartbeat before a stop can fall
+                                // in the same second.
+                                (Some(since), Some(beat)) => beat.0.as_second() > since,
                                 (Some(_), None) => false,
                             };
                             c.type_ == "Ready" && c.status == "True" && fresh
                         })
                     });
+                // A cordon's taint stays over a reboot: whoever cordoned the node lifts it.
+                let cordoned = node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true);
                 let tainted = node
                     .spec
                     .as_ref()
                     .and_then(|s| s.taints.as_ref())
-                    .is_some_and(|taints| !taints.is_empty());
+                    .is_some_and(|taints| {
+                        taints
+                            .iter()
+                            .any(|t| !(cordoned && t.key == "node.kubernetes.io/unschedulable"))
+                    });
                 if ready && !tainted {
                     return Ok(());
                 }
