@@ -476,26 +476,7 @@ async fn a_rolling_restart_waits_for_each_server_and_loses_the_leader_for_one_el
 async fn plain_dkron_without_dkron_ha_baseline() {
     let _one = serial().await;
     let name = "plain";
-    let (dkron, created) = Dkron::create_with(name, 3, |sts| {
-        sts["metadata"]["annotations"] = json!({});
-        let container = &mut sts["spec"]["template"]["spec"]["containers"][0];
-        // Short names: the pods' DNS search path completes them with the namespace.
-        container["args"] = json!([
-            "agent",
-            "--server",
-            "--bootstrap-expect=3",
-            "--data-dir=/data",
-            "--log-level=info",
-            "--retry-join=plain-0.plain",
-            "--retry-join=plain-1.plain",
-            "--retry-join=plain-2.plain"
-        ]);
-        container["readinessProbe"] = json!({
-            "httpGet": { "path": "/health", "port": 8080 }, "periodSeconds": 2 });
-        // Parallel, as dkron-ha sets it: OrderedReady would only make the cold start slower.
-        sts["spec"]["podManagementPolicy"] = json!("Parallel");
-    })
-    .await;
+    let (dkron, created) = Dkron::create_plain(name, 3).await;
     let want = names(&dkron, 3);
     let state = dkron.until_plain(&want, Duration::from_secs(300)).await;
     eprintln!(

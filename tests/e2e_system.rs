@@ -33,7 +33,9 @@ impl Zincati {
         Zincati {
             http: reqwest::Client::builder()
                 .no_proxy()
-                .timeout(Duration::from_secs(10))
+                // Zincati waits up to 30 minutes for an answer; a pre-reboot waits up to
+                // `--fleetlock-drain-wait` (30 s) for the drain before it answers.
+                .timeout(Duration::from_secs(60))
                 .build()
                 .unwrap(),
             serve: Api::namespaced(dkron.cluster.client().await, "dkron-ha"),
@@ -153,29 +155,51 @@ struct Samples {
     fewest_ready_voters: usize,
 }
 
+/// Pods that are Ready and raft voters: by the `dkron-ha/raft-voter` condition, or for plain
+/// Dkron (no condition) by the leader's configuration.
 fn ready_voters(state: &State) -> usize {
+    let voters = state.voters();
     state
         .pods
-        .values()
-        .filter(|p| p.ready == Some(true) && p.voter == Some(true))
+        .iter()
+        .filter(|(name, p)| {
+            p.ready == Some(true) && p.voter.unwrap_or_else(|| voters.contains(name))
+        })
         .count()
 }
 
-#[tokio::test]
-async fn rebooting_every_node_through_fleetlock_keeps_quorum_and_loses_no_job() {
-    let _one = serial().await;
-    let (dkron, _) = Dkron::create("system", 3).await;
-    let want = names(&dkron, 3);
-    let state = dkron.until_whole(&want, Duration::from_secs(180)).await;
+/// Samples the cluster every 200 ms until `done`.
+async fn sample(dkron: &Dkron, done: &std::sync::atomic::AtomicBool) -> Samples {
+    let mut samples = Samples {
+        fewest_ready_voters: usize::MAX,
+        ..Samples::default()
+    };
+    let mut since: Option<Instant> = None;
+    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+        let state = dkron.state().await;
+        samples.count += 1;
+        samples.fewest_ready_voters = samples.fewest_ready_voters.min(ready_voters(&state));
+        match (&state.leader, since) {
+            (None, None) => since = Some(Instant::now()),
+            (Some(_), Some(at)) => {
+                samples.leaderless += at.elapsed();
+                samples.longest_leaderless = samples.longest_leaderless.max(at.elapsed());
+                since = None;
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    samples
+}
+
+/// A Dkron cluster of 3 with [`JOBS`] jobs; the nodes in reboot order: the leader's first.
+async fn with_jobs(dkron: &Dkron, state: &State) -> (Vec<String>, Vec<String>) {
     let jobs: Vec<String> = (0..JOBS).map(|i| format!("job-{i}")).collect();
     for job in &jobs {
         dkron.post_job(&state.leader_ip(), job).await;
     }
-    let zincati = Zincati::new(&dkron).await;
-    let node_api: Api<Node> = Api::all(dkron.cluster.client().await);
-
-    // The leader's node first, then the others.
-    let placement = nodes_of(&dkron).await;
+    let placement = nodes_of(dkron).await;
     let leader_node = placement
         .iter()
         .find(|(pod, _)| Some(pod) == state.leader.as_ref())
@@ -189,31 +213,19 @@ async fn rebooting_every_node_through_fleetlock_keeps_quorum_and_loses_no_job() 
             .into_iter()
             .filter(|n| *n != leader_node),
     );
+    (jobs, order)
+}
 
+#[tokio::test]
+async fn rebooting_every_node_through_fleetlock_keeps_quorum_and_loses_no_job() {
+    let _one = serial().await;
+    let (dkron, _) = Dkron::create("system", 3).await;
+    let want = names(&dkron, 3);
+    let state = dkron.until_whole(&want, Duration::from_secs(180)).await;
+    let (jobs, order) = with_jobs(&dkron, &state).await;
+    let zincati = Zincati::new(&dkron).await;
+    let node_api: Api<Node> = Api::all(dkron.cluster.client().await);
     let done = std::sync::atomic::AtomicBool::new(false);
-    let sample = async {
-        let mut samples = Samples {
-            fewest_ready_voters: usize::MAX,
-            ..Samples::default()
-        };
-        let mut since: Option<Instant> = None;
-        while !done.load(std::sync::atomic::Ordering::Relaxed) {
-            let state = dkron.state().await;
-            samples.count += 1;
-            samples.fewest_ready_voters = samples.fewest_ready_voters.min(ready_voters(&state));
-            match (&state.leader, since) {
-                (None, None) => since = Some(Instant::now()),
-                (Some(_), Some(at)) => {
-                    samples.leaderless += at.elapsed();
-                    samples.longest_leaderless = samples.longest_leaderless.max(at.elapsed());
-                    since = None;
-                }
-                _ => {}
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        samples
-    };
     let began = Instant::now();
     let reboot_all = async {
         for node in &order {
@@ -276,7 +288,7 @@ async fn rebooting_every_node_through_fleetlock_keeps_quorum_and_loses_no_job() 
             done.store(true, std::sync::atomic::Ordering::Relaxed);
             state
         },
-        sample
+        sample(&dkron, &done)
     );
     eprintln!(
         "rolling reboot of {} nodes through FleetLock: {:.1}s in all; without a leader {:.1}s (longest {:.1}s); at least {} Ready voters at any time ({} samples)",
@@ -325,4 +337,118 @@ async fn rebooting_every_node_through_fleetlock_keeps_quorum_and_loses_no_job() 
             "a slot is still held: {status}"
         );
     }
+}
+
+/// `kubectl` of the tools cache against the test cluster; panics with its output on failure.
+fn kubectl(dkron: &Dkron, args: &[&str]) {
+    let output = std::process::Command::new(support::ControlPlane::tool("kubectl"))
+        .arg("--kubeconfig")
+        .arg(&dkron.cluster.control_plane.kubeconfig)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "kubectl {args:?}: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The same rolling reboot without dkron-ha: plain Dkron as the community chart runs it, each
+/// node drained with `kubectl drain` before its reboot and uncordoned after it. The baseline of
+/// BENCHMARKS.md, measured in the same run as the test above
+/// (`cargo test --test e2e_system -- --include-ignored --nocapture`); it prints what it saw.
+#[tokio::test]
+#[ignore = "a measurement: run it by hand with --include-ignored"]
+async fn plain_dkron_rebooted_with_kubectl_drain_baseline() {
+    let _one = serial().await;
+    let (dkron, _) = Dkron::create_plain("plainsys", 3).await;
+    let want = names(&dkron, 3);
+    let state = dkron.until_plain(&want, Duration::from_secs(300)).await;
+    let (jobs, order) = with_jobs(&dkron, &state).await;
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let began = Instant::now();
+    let reboot_all = async {
+        for node in &order {
+            let drained = Instant::now();
+            let dkron_ref = &dkron;
+            let node_ref = node.as_str();
+            std::thread::scope(|scope| {
+                scope
+                    .spawn(|| {
+                        kubectl(
+                            dkron_ref,
+                            &[
+                                "drain",
+                                node_ref,
+                                "--ignore-daemonsets",
+                                "--delete-emptydir-data",
+                                "--timeout=300s",
+                            ],
+                        )
+                    })
+                    .join()
+                    .unwrap()
+            });
+            eprintln!(
+                "plain: {node} drained by kubectl in {:.1}s",
+                drained.elapsed().as_secs_f64()
+            );
+            dkron
+                .cluster
+                .reboot_node(node)
+                .await
+                .unwrap_or_else(|error| panic!("{error}"));
+            kubectl(&dkron, &["uncordon", node]);
+        }
+        let rebooted = began.elapsed();
+        // Then as long as it takes (at most 5 minutes) until it is whole again, if ever.
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let state = dkron.state().await;
+            if state.is_plain_whole(&want) || Instant::now() > deadline {
+                break (rebooted, state);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
+    let ((rebooted, state), samples) = tokio::join!(
+        async {
+            let end = reboot_all.await;
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            end
+        },
+        sample(&dkron, &done)
+    );
+    let mut lost = Vec::new();
+    for (pod, view) in &state.pods {
+        let Some(ip) = &view.ip else {
+            lost.push(format!("{pod}: no IP"));
+            continue;
+        };
+        for job in &jobs {
+            let answer = dkron.http_get(ip, &format!("/v1/jobs/{job}")).await;
+            if answer.map(|(code, _)| code) != Some(200) {
+                lost.push(format!("{pod}: {job}"));
+            }
+        }
+    }
+    eprintln!(
+        "plain Dkron, rolling reboot of {} nodes with kubectl drain: reboots done {:.1}s, whole again {:.1}s after the first drain ({}); without a leader {:.1}s (longest {:.1}s); at least {} Ready voters at any time ({} samples); jobs missing at the end: {} {lost:?}; voters at the end {:?}",
+        order.len(),
+        rebooted.as_secs_f64(),
+        began.elapsed().as_secs_f64(),
+        if state.is_plain_whole(&want) {
+            "whole"
+        } else {
+            "NOT whole"
+        },
+        samples.leaderless.as_secs_f64(),
+        samples.longest_leaderless.as_secs_f64(),
+        samples.fewest_ready_voters,
+        samples.count,
+        lost.len(),
+        state.voters()
+    );
 }

@@ -152,6 +152,31 @@ impl Dkron {
         Self::create_with(name, replicas, |_| {}).await
     }
 
+    /// Plain Dkron as users run it without dkron-ha (not opted in: no `wrap`, no gate, no
+    /// label), the community chart's way: `--bootstrap-expect`, `--retry-join` to every
+    /// server's stable name, a readiness probe on `/health`; Parallel, as dkron-ha sets it
+    /// (OrderedReady would only make its cold start slower).
+    pub async fn create_plain(name: &str, replicas: i32) -> (Dkron, Instant) {
+        Self::create_with(name, replicas, |sts| {
+            sts["metadata"]["annotations"] = json!({});
+            let container = &mut sts["spec"]["template"]["spec"]["containers"][0];
+            let mut args = vec![
+                "agent".to_owned(),
+                "--server".to_owned(),
+                format!("--bootstrap-expect={replicas}"),
+                "--data-dir=/data".to_owned(),
+                "--log-level=info".to_owned(),
+            ];
+            // Short names: the pods' DNS search path completes them with the namespace.
+            args.extend((0..replicas).map(|i| format!("--retry-join={name}-{i}.{name}")));
+            container["args"] = json!(args);
+            container["readinessProbe"] = json!({
+                "httpGet": { "path": "/health", "port": 8080 }, "periodSeconds": 2 });
+            sts["spec"]["podManagementPolicy"] = json!("Parallel");
+        })
+        .await
+    }
+
     /// [`Dkron::create`] with `customize` applied to the StatefulSet's JSON.
     pub async fn create_with(
         name: &str,
