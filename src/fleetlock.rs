@@ -256,6 +256,25 @@ impl FleetLock {
         self
     }
 
+    /// Waits until every watch has its first list, retrying (logged) while the API server
+    /// does not answer: what `serve`'s readiness waits for.
+    pub async fn until_ready(&self) {
+        loop {
+            match async {
+                self.nodes.ready().await?;
+                self.locks.ready().await
+            }
+            .await
+            {
+                Ok(()) => return,
+                Err(error) => {
+                    tracing::warn!(%error, "FleetLock's caches are not filled yet; not ready");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
     pub fn config(&self) -> &FleetLockConfig {
         &self.config
     }

@@ -238,7 +238,10 @@ fn run_serve(
                 let fleetlock =
                     fleetlock::FleetLock::new(client.clone(), fleetlock_config, server.registry_mut())
                         .with_eviction_client(eviction_client);
-                server.merge_http(fleetlock::router(std::sync::Arc::new(fleetlock)));
+                let fleetlock = std::sync::Arc::new(fleetlock);
+                let gate = fleetlock.clone();
+                server.ready_after(Box::pin(async move { gate.until_ready().await }));
+                server.merge_http(fleetlock::router(fleetlock));
                 if controller_args.enabled {
                     let metrics = controller::ControllerMetrics::register(server.registry_mut());
                     server.add_task(Box::new(move |stop| {

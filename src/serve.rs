@@ -254,6 +254,7 @@ pub struct Server {
     registry: Registry,
     extra_http: Router,
     tasks: Vec<BackgroundTask>,
+    ready_gates: Vec<futures::future::BoxFuture<'static, ()>>,
     ready: Arc<AtomicBool>,
 }
 
@@ -286,6 +287,7 @@ impl Server {
             registry,
             extra_http: Router::new(),
             tasks: Vec::new(),
+            ready_gates: Vec::new(),
             ready: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -306,6 +308,12 @@ impl Server {
     /// Adds routes to the plain-HTTP port (FleetLock).
     pub fn merge_http(&mut self, router: Router) {
         self.extra_http = std::mem::take(&mut self.extra_http).merge(router);
+    }
+
+    /// `/readyz` answers 200 only once `gate` has completed (e.g. FleetLock's first lists), so
+    /// the Service sends no request that could only wait.
+    pub fn ready_after(&mut self, gate: futures::future::BoxFuture<'static, ()>) {
+        self.ready_gates.push(gate);
     }
 
     /// Adds a background role, started by [`Server::run`] and stopped at shutdown.
@@ -334,7 +342,13 @@ impl Server {
             background.spawn(task(stop.child_token()));
         }
         background.close();
-        self.ready.store(true, Ordering::Relaxed);
+        let ready = self.ready.clone();
+        let gates = futures::future::join_all(self.ready_gates);
+        let gated = tokio::spawn(async move {
+            gates.await;
+            ready.store(true, Ordering::Relaxed);
+            tracing::info!("ready");
+        });
         let https = tokio::spawn(serve_https(
             self.https,
             self.tls_config,
@@ -348,6 +362,7 @@ impl Server {
         );
         shutdown.await;
         tracing::info!("shutting down");
+        gated.abort();
         self.ready.store(false, Ordering::Relaxed);
         stop.cancel();
         // Background roles get a bounded time to hand over (e.g. release the Lease).

@@ -302,6 +302,61 @@ async fn malformed_reviews_get_400(
 }
 
 #[tokio::test]
+async fn readiness_waits_for_every_gate_and_health_does_not() {
+    let (_tmp, dir, _certs) = secret_dir();
+    let args = ServeArgs {
+        https_addr: "127.0.0.1:0".parse().unwrap(),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        tls_cert: dir.join("tls.crt"),
+        tls_key: dir.join("tls.key"),
+        tls_reload_seconds: 1,
+        injector: InjectorArgs {
+            inject_image: "dkron-ha:test".into(),
+            cluster_domain: "cluster.local".into(),
+            native_sidecar: false,
+        },
+    };
+    let mut server = Server::bind(&args).await.expect("bind");
+    let http = format!("http://127.0.0.1:{}", server.http_addr().unwrap().port());
+    let (open, gate) = tokio::sync::oneshot::channel::<()>();
+    server.ready_after(Box::pin(async move {
+        let _ = gate.await;
+    }));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        server
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("serve");
+    });
+    let plain = reqwest::Client::new();
+    let status = async |path: &str| {
+        plain
+            .get(format!("{http}{path}"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(status("/healthz").await, 200);
+    assert_eq!(status("/readyz").await, 503, "ready before its gate opened");
+    open.send(()).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while status("/readyz").await != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ready after its gate opened"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}
+
+#[tokio::test]
 async fn health_readiness_and_metrics_are_served_over_plain_http() {
     let (_tmp, dir, certs) = secret_dir();
     let server = start(&dir).await;

@@ -476,6 +476,12 @@ impl LockStore {
         }
     }
 
+    /// Waits (bounded) for the first lists of the Leases and the ConfigMap.
+    pub async fn ready(&self) -> Result<(), FleetLockError> {
+        self.cached_leases.ready().await?;
+        self.cached_config_map.ready().await
+    }
+
     /// Slots of `group`, from the ConfigMap as last watched.
     pub async fn slots(&self, group: &str) -> Result<u32, FleetLockError> {
         let config_map = self.cached_config_map.get(&self.config_map).await?;
