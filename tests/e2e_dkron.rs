@@ -546,7 +546,8 @@ async fn plain_dkron_without_dkron_ha_baseline() {
         }
         if Instant::now() > deadline {
             eprintln!(
-                "plain Dkron: rolling restart not whole after 600s: {}",
+                "plain Dkron: rolling restart not whole after 600s: every pod replaced {replaced}; raft configuration {:?}; {}",
+                state.configuration,
                 state.summary()
             );
             break;
