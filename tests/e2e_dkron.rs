@@ -13,10 +13,12 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use support::dkron::{
-    Dkron, freeze, label_updater_pids, label_updater_rss, names, processes, serial, signal, thaw,
+    DKRON_IMAGE, Dkron, freeze, label_updater_pids, label_updater_rss, names, processes, serial,
+    signal, thaw,
 };
 
 #[tokio::test]
@@ -188,6 +190,101 @@ async fn a_scale_down_removes_exactly_the_servers_that_are_gone_with_or_without_
         events.len(),
         "{events:?}"
     );
+}
+
+/// A server whose pod comes back without its data (its PVC deleted) is the same raft server:
+/// it is kept and catches up. A raft server that is not one of the StatefulSet's pods (a Dkron
+/// the user runs beside it) is never removed, even once it is gone for good.
+#[tokio::test]
+async fn a_server_back_without_its_data_is_kept_and_a_foreign_server_is_never_touched() {
+    let _one = serial().await;
+    let (dkron, _) = Dkron::create("keep", 3).await;
+    let want = names(&dkron, 3);
+    let state = dkron.until_whole(&want, Duration::from_secs(180)).await;
+    dkron.post_job(&state.leader_ip(), "before").await;
+
+    // Without its data: the claim goes with the pod, the StatefulSet makes a new, empty one.
+    let follower = state.a_follower();
+    let client = dkron.cluster.client().await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &dkron.ns);
+    let claim = format!("data-{follower}");
+    let old_claim = claims.get(&claim).await.unwrap().metadata.uid;
+    claims
+        .delete(&claim, &DeleteParams::default())
+        .await
+        .unwrap();
+    let deleted = Instant::now();
+    dkron.replace_pod(&follower, None).await;
+    let state = dkron.until_whole(&want, Duration::from_secs(180)).await;
+    let new_claim = claims.get(&claim).await.unwrap().metadata.uid;
+    assert_ne!(old_claim, new_claim, "{follower} kept its claim");
+    dkron
+        .until_job_on(&state.ip(&follower), "before", Duration::from_secs(5))
+        .await;
+    eprintln!(
+        "restart without its data: {follower} whole with its jobs {:.1}s after the delete",
+        deleted.elapsed().as_secs_f64()
+    );
+
+    // A foreign server joins the cluster, becomes a voter, and dies without a leave.
+    let pods: Api<Pod> = Api::namespaced(client, &dkron.ns);
+    let intruder: Pod = serde_json::from_value(json!({
+        "metadata": { "name": "intruder" },
+        "spec": { "containers": [{
+            "name": "dkron", "image": DKRON_IMAGE, "imagePullPolicy": "Never",
+            "args": ["agent", "--server", "--data-dir=/tmp/dkron", "--node-name=intruder",
+                     "--retry-join=keep-0.keep", "--retry-interval=1s"],
+        }] },
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &intruder)
+        .await
+        .unwrap();
+    let joined = Instant::now();
+    let deadline = joined + Duration::from_secs(150);
+    loop {
+        let state = dkron.state().await;
+        let voters = state.voters();
+        if voters.contains(&"intruder".to_owned()) {
+            break;
+        }
+        if Instant::now() > deadline {
+            dkron
+                .fail(format!("intruder no voter after 150s: {voters:?}"))
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!(
+        "a foreign server became a voter {:.1}s after its pod was created",
+        joined.elapsed().as_secs_f64()
+    );
+    pods.delete(
+        "intruder",
+        &DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    // Several rounds of the raft loop (5 s each) after it is gone for good.
+    support::eventually("the intruder's pod is gone", async || {
+        pods.get_opt("intruder")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let state = dkron.state().await;
+    assert!(
+        state.voters().contains(&"intruder".to_owned()),
+        "the foreign server was removed: {}",
+        state.summary()
+    );
+    assert_eq!(dkron.removal_events().await, Vec::<String>::new());
 }
 
 /// A staggered cold start (the pods appear one by one, as with slow image pulls or a busy

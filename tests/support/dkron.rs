@@ -44,10 +44,10 @@ pub async fn cluster() -> &'static Cluster {
             cluster
                 .import_image(&archive)
                 .unwrap_or_else(|error| panic!("{error}"));
-            // Claims are never given back (Retain), and the scenarios claim 26 in all: 10 per
-            // node leaves room for an uneven spread.
+            // Claims are never given back (Retain), and e2e_dkron's scenarios claim 30 in all:
+            // 14 per node leaves room for an uneven spread.
             cluster
-                .local_volumes(10)
+                .local_volumes(14)
                 .await
                 .unwrap_or_else(|error| panic!("{error}"));
             cluster
