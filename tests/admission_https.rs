@@ -53,8 +53,9 @@ fn loopback_certs() -> dkron_ha::certs::GeneratedCerts {
     .unwrap()
 }
 
-async fn start(dir: &Path) -> Running {
-    let args = ServeArgs {
+/// `serve`'s arguments for loopback ports and the certificate in `dir`.
+fn serve_args(dir: &Path) -> ServeArgs {
+    ServeArgs {
         https_addr: "127.0.0.1:0".parse().unwrap(),
         http_addr: "127.0.0.1:0".parse().unwrap(),
         tls_cert: dir.join("tls.crt"),
@@ -65,8 +66,11 @@ async fn start(dir: &Path) -> Running {
             cluster_domain: "cluster.local".into(),
             native_sidecar: false,
         },
-    };
-    let server = Server::bind(&args).await.expect("bind");
+    }
+}
+
+async fn start(dir: &Path) -> Running {
+    let server = Server::bind(&serve_args(dir)).await.expect("bind");
     let https = format!("https://127.0.0.1:{}", server.https_addr().unwrap().port());
     let http = format!("http://127.0.0.1:{}", server.http_addr().unwrap().port());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -304,19 +308,7 @@ async fn malformed_reviews_get_400(
 #[tokio::test]
 async fn readiness_waits_for_every_gate_and_health_does_not() {
     let (_tmp, dir, _certs) = secret_dir();
-    let args = ServeArgs {
-        https_addr: "127.0.0.1:0".parse().unwrap(),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        tls_cert: dir.join("tls.crt"),
-        tls_key: dir.join("tls.key"),
-        tls_reload_seconds: 1,
-        injector: InjectorArgs {
-            inject_image: "dkron-ha:test".into(),
-            cluster_domain: "cluster.local".into(),
-            native_sidecar: false,
-        },
-    };
-    let mut server = Server::bind(&args).await.expect("bind");
+    let mut server = Server::bind(&serve_args(&dir)).await.expect("bind");
     let http = format!("http://127.0.0.1:{}", server.http_addr().unwrap().port());
     let (open, gate) = tokio::sync::oneshot::channel::<()>();
     server.ready_after(Box::pin(async move {

@@ -9,12 +9,10 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
 use support::dkron::{
     DKRON_IMAGE, Dkron, freeze, label_updater_pids, label_updater_rss, names, processes, serial,
@@ -439,38 +437,27 @@ async fn signals_reach_dkron_exit_statuses_come_back_and_the_label_updater_demot
     let leader = state.leader.clone().unwrap();
     let updater = label_updater_pids(std::slice::from_ref(&leader));
     assert_eq!(updater.len(), 1, "{updater:?}");
-    let watch = dkron.pods.clone();
-    let seen = tokio::spawn({
-        let leader = leader.clone();
-        async move {
-            let mut labels = Vec::new();
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while Instant::now() < deadline {
-                let pod = watch.get(&leader).await.unwrap();
-                let label = pod
-                    .metadata
-                    .labels
-                    .unwrap_or_default()
-                    .get("dkron-ha/leader")
-                    .cloned();
-                if labels.last() != Some(&label) {
-                    labels.push(label.clone());
-                }
-                if labels.len() >= 3 {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+    let watch_labels = async {
+        let mut labels = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline && labels.len() < 3 {
+            let label = dkron.leader_label(&leader).await;
+            if labels.last() != Some(&label) {
+                labels.push(label);
             }
-            labels
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    signal("TERM", &updater[0].1.to_string());
-    let code = dkron
-        .until_restarted(&leader, "dkron-ha-label-updater", 1)
-        .await;
+        labels
+    };
+    let terminate = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        signal("TERM", &updater[0].1.to_string());
+        dkron
+            .until_restarted(&leader, "dkron-ha-label-updater", 1)
+            .await
+    };
+    let (labels, code) = tokio::join!(watch_labels, terminate);
     assert_eq!(code, 0, "the label-updater's exit code after SIGTERM");
-    let labels = seen.await.unwrap();
     let t = Some("true".to_owned());
     let f = Some("false".to_owned());
     assert_eq!(
@@ -495,58 +482,24 @@ async fn a_rolling_restart_waits_for_each_server_and_loses_the_leader_for_one_el
     let _one = serial().await;
     let (dkron, _) = Dkron::create("roll", 3).await;
     let want = names(&dkron, 3);
-    let state = dkron.until_whole(&want, Duration::from_secs(180)).await;
-    let before: BTreeMap<String, String> = state
-        .pods
-        .iter()
-        .map(|(name, p)| (name.clone(), p.uid.clone()))
-        .collect();
+    dkron.until_whole(&want, Duration::from_secs(180)).await;
     // A template change: the StatefulSet replaces the pods one at a time, each only once the
     // one before is Ready, which the raft-voter gate holds back until it is back in raft.
-    let client = dkron.cluster.client().await;
-    Api::<StatefulSet>::namespaced(client, &dkron.ns)
-        .patch(
-            &dkron.name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "spec": { "template": { "metadata": {
-                "annotations": { "example.com/restarted": "1" } } } } })),
-        )
-        .await
-        .unwrap();
-    let rolled = Instant::now();
-    let deadline = rolled + Duration::from_secs(400);
-    let mut leaderless_since: Option<Instant> = None;
-    let mut longest = Duration::ZERO;
-    loop {
-        let state = dkron.state().await;
-        match (&state.leader, leaderless_since) {
-            (None, None) => leaderless_since = Some(Instant::now()),
-            (Some(_), Some(since)) => {
-                longest = longest.max(since.elapsed());
-                leaderless_since = None;
-            }
-            _ => {}
-        }
-        let replaced = state
-            .pods
-            .iter()
-            .all(|(name, p)| before.get(name) != Some(&p.uid));
-        if replaced && state.is_whole(&want) {
-            break;
-        }
-        if Instant::now() > deadline {
-            dkron
-                .fail(format!(
-                    "rolling restart not done after 400s: {}",
-                    state.summary()
-                ))
-                .await;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let rolled = dkron
+        .rolling_restart(Duration::from_secs(400), |state| state.is_whole(&want))
+        .await;
+    if !rolled.done {
+        dkron
+            .fail(format!(
+                "rolling restart not done after 400s: {}",
+                rolled.state.summary()
+            ))
+            .await;
     }
+    let longest = rolled.gaps.longest;
     eprintln!(
         "rolling restart of 3: done {:.1}s after the template change; longest time without a leader {:.1}s",
-        rolled.elapsed().as_secs_f64(),
+        rolled.elapsed.as_secs_f64(),
         longest.as_secs_f64()
     );
     // Raft's election after a leader leaves takes a few seconds here (heartbeat timeout, then a
@@ -603,58 +556,24 @@ async fn plain_dkron_without_dkron_ha_baseline() {
     );
 
     // A rolling restart (template change): total time and the longest time without a leader.
-    let before: BTreeMap<String, String> = state
-        .pods
-        .iter()
-        .map(|(name, p)| (name.clone(), p.uid.clone()))
-        .collect();
-    let client = dkron.cluster.client().await;
-    Api::<StatefulSet>::namespaced(client, &dkron.ns)
-        .patch(
-            &dkron.name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "spec": { "template": { "metadata": {
-                "annotations": { "example.com/restarted": "1" } } } } })),
-        )
-        .await
-        .unwrap();
-    let rolled = Instant::now();
-    let deadline = rolled + Duration::from_secs(600);
-    let mut leaderless_since: Option<Instant> = None;
-    let mut longest = Duration::ZERO;
-    let mut leaderless = Duration::ZERO;
-    loop {
-        let state = dkron.state().await;
-        match (&state.leader, leaderless_since) {
-            (None, None) => leaderless_since = Some(Instant::now()),
-            (Some(_), Some(since)) => {
-                longest = longest.max(since.elapsed());
-                leaderless += since.elapsed();
-                leaderless_since = None;
-            }
-            _ => {}
-        }
-        let replaced = state
-            .pods
-            .iter()
-            .all(|(name, p)| before.get(name) != Some(&p.uid));
-        if replaced && state.is_plain_whole(&want) {
-            break;
-        }
-        if Instant::now() > deadline {
-            eprintln!(
-                "plain Dkron: rolling restart not whole after 600s: every pod replaced {replaced}; raft configuration {:?}; {}",
-                state.configuration,
-                state.summary()
-            );
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let rolled = dkron
+        .rolling_restart(Duration::from_secs(600), |state| {
+            state.is_plain_whole(&want)
+        })
+        .await;
+    if !rolled.done {
+        eprintln!(
+            "plain Dkron: rolling restart not whole after 600s: every pod replaced {}; raft configuration {:?}; {}",
+            rolled.replaced,
+            rolled.state.configuration,
+            rolled.state.summary()
+        );
     }
     eprintln!(
-        "plain Dkron: rolling restart of 3: whole {:.1}s after the template change; without a leader {:.1}s in all, longest {:.1}s",
-        rolled.elapsed().as_secs_f64(),
-        leaderless.as_secs_f64(),
-        longest.as_secs_f64()
+        "plain Dkron: rolling restart of 3: {} {:.1}s after the template change; without a leader {:.1}s in all, longest {:.1}s",
+        if rolled.done { "whole" } else { "given up" },
+        rolled.elapsed.as_secs_f64(),
+        rolled.gaps.total.as_secs_f64(),
+        rolled.gaps.longest.as_secs_f64()
     );
 }

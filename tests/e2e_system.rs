@@ -17,7 +17,7 @@ use dkron_ha::fleetlock::app_specific_machine_id;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams};
 use serde_json::{Value, json};
-use support::dkron::{Dkron, State, names, serial};
+use support::dkron::{Dkron, LeaderGaps, State, names, serial};
 
 const JOBS: usize = 20;
 const GROUP: &str = "default";
@@ -149,8 +149,7 @@ async fn nodes_of(dkron: &Dkron) -> Vec<(String, String)> {
 #[derive(Debug, Default)]
 struct Samples {
     count: u32,
-    leaderless: Duration,
-    longest_leaderless: Duration,
+    gaps: LeaderGaps,
     /// Fewest pods that were Ready raft voters at once.
     fewest_ready_voters: usize,
 }
@@ -174,20 +173,11 @@ async fn sample(dkron: &Dkron, done: &std::sync::atomic::AtomicBool) -> Samples 
         fewest_ready_voters: usize::MAX,
         ..Samples::default()
     };
-    let mut since: Option<Instant> = None;
     while !done.load(std::sync::atomic::Ordering::Relaxed) {
         let state = dkron.state().await;
         samples.count += 1;
         samples.fewest_ready_voters = samples.fewest_ready_voters.min(ready_voters(&state));
-        match (&state.leader, since) {
-            (None, None) => since = Some(Instant::now()),
-            (Some(_), Some(at)) => {
-                samples.leaderless += at.elapsed();
-                samples.longest_leaderless = samples.longest_leaderless.max(at.elapsed());
-                since = None;
-            }
-            _ => {}
-        }
+        samples.gaps.observe(&state);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     samples
@@ -294,8 +284,8 @@ async fn rebooting_every_node_through_fleetlock_keeps_quorum_and_loses_no_job() 
         "rolling reboot of {} nodes through FleetLock: {:.1}s in all; without a leader {:.1}s (longest {:.1}s); at least {} Ready voters at any time ({} samples)",
         order.len(),
         began.elapsed().as_secs_f64(),
-        samples.leaderless.as_secs_f64(),
-        samples.longest_leaderless.as_secs_f64(),
+        samples.gaps.total.as_secs_f64(),
+        samples.gaps.longest.as_secs_f64(),
         samples.fewest_ready_voters,
         samples.count
     );
@@ -444,8 +434,8 @@ async fn plain_dkron_rebooted_with_kubectl_drain_baseline() {
         } else {
             "NOT whole"
         },
-        samples.leaderless.as_secs_f64(),
-        samples.longest_leaderless.as_secs_f64(),
+        samples.gaps.total.as_secs_f64(),
+        samples.gaps.longest.as_secs_f64(),
         samples.fewest_ready_voters,
         samples.count,
         lost.len(),

@@ -352,6 +352,54 @@ impl Dkron {
         }
     }
 
+    /// The `dkron-ha/leader` label of `pod` now.
+    pub async fn leader_label(&self, pod: &str) -> Option<String> {
+        let pod = self.pods.get(pod).await.unwrap();
+        pod.metadata.labels?.get("dkron-ha/leader").cloned()
+    }
+
+    /// A rolling restart (a pod-template change), observed every 200 ms until every pod is
+    /// replaced and `whole` holds, or `bound` has passed.
+    pub async fn rolling_restart(&self, bound: Duration, whole: impl Fn(&State) -> bool) -> Rolled {
+        let before: BTreeMap<String, String> = self
+            .state()
+            .await
+            .pods
+            .into_iter()
+            .map(|(name, p)| (name, p.uid))
+            .collect();
+        Api::<StatefulSet>::namespaced(self.cluster.client().await, &self.ns)
+            .patch(
+                &self.name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "spec": { "template": { "metadata": {
+                    "annotations": { "example.com/restarted": "1" } } } } })),
+            )
+            .await
+            .unwrap();
+        let rolled = Instant::now();
+        let mut gaps = LeaderGaps::default();
+        loop {
+            let state = self.state().await;
+            gaps.observe(&state);
+            let replaced = state
+                .pods
+                .iter()
+                .all(|(name, p)| before.get(name) != Some(&p.uid));
+            let done = replaced && whole(&state);
+            if done || rolled.elapsed() > bound {
+                return Rolled {
+                    elapsed: rolled.elapsed(),
+                    gaps,
+                    replaced,
+                    done,
+                    state,
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// The `dkron` container's log of every pod (and of its previous container, if it
     /// restarted), and the namespace's events, for failure messages.
     pub async fn logs(&self) -> String {
@@ -585,13 +633,7 @@ impl Dkron {
         };
         let elected = started.elapsed().as_secs_f64();
         loop {
-            let pod = self.pods.get(&name).await.unwrap();
-            let label = pod
-                .metadata
-                .labels
-                .unwrap_or_default()
-                .get("dkron-ha/leader")
-                .cloned();
+            let label = self.leader_label(&name).await;
             if label.as_deref() == Some("true") && self.leader_endpoints().await == [ip.clone()] {
                 return (elected, started.elapsed().as_secs_f64());
             }
@@ -629,6 +671,41 @@ impl Dkron {
             }
             assert!(Instant::now() < deadline, "{pod} not back after 120s");
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// What [`Dkron::rolling_restart`] saw.
+#[derive(Debug)]
+pub struct Rolled {
+    pub elapsed: Duration,
+    pub gaps: LeaderGaps,
+    /// Every pod was replaced.
+    pub replaced: bool,
+    /// Every pod was replaced and the cluster whole, within the bound.
+    pub done: bool,
+    /// The last state seen.
+    pub state: State,
+}
+
+/// Time without a leader, from states observed one after another.
+#[derive(Debug, Default)]
+pub struct LeaderGaps {
+    since: Option<Instant>,
+    pub total: Duration,
+    pub longest: Duration,
+}
+
+impl LeaderGaps {
+    pub fn observe(&mut self, state: &State) {
+        match (&state.leader, self.since) {
+            (None, None) => self.since = Some(Instant::now()),
+            (Some(_), Some(at)) => {
+                self.total += at.elapsed();
+                self.longest = self.longest.max(at.elapsed());
+                self.since = None;
+            }
+            _ => {}
         }
     }
 }
