@@ -24,6 +24,8 @@
 //! - Nodes (cluster): `get`, `list`, `watch`, `patch`. Cordon mark: annotation
 //!   `dkron-ha/fleetlock-cordoned: "true"`; id override: annotation `dkron-ha/fleetlock-id`.
 //! - Pods (all namespaces): `list`; `pods/eviction`: `create`.
+//! - StatefulSets (all namespaces, `apps`): `get`, for the Dkron clusters of the pods a drain
+//!   would evict ([`quorum`]).
 //! - Leases `dkron-ha-fleetlock-<group>` (lock namespace, `coordination.k8s.io`): `get`,
 //!   `list`, `watch`, `create`, `update`.
 //! - ConfigMap `dkron-ha-fleetlock` (lock namespace): `get`, `list`, `watch` (slots per
@@ -38,6 +40,7 @@ pub mod machine_id;
 pub mod metrics;
 pub mod node;
 pub mod protocol;
+pub mod quorum;
 pub mod router;
 pub mod steps;
 
@@ -299,10 +302,20 @@ impl FleetLock {
             observed = match step {
                 Step::TakeSlot => self.take_slot(params, &name, slots).await?,
                 Step::Cordon => Observed::Cordon(self.drainer.cordon(&name).await?),
-                Step::ListPods => Observed::Pods {
-                    plan: drain::plan_drain(&name, &self.drainer.pods_on(&name).await?),
-                    time_left: time_left(),
-                },
+                Step::ListPods => {
+                    let pods = self.drainer.pods_on(&name).await?;
+                    let plan = drain::plan_drain(&name, &pods);
+                    let to_evict: Vec<_> = pods
+                        .into_iter()
+                        .filter(|pod| plan.to_evict.contains(&PodKey::of(pod)))
+                        .collect();
+                    let held = self.drainer.quorum_shortfalls(&name, &to_evict).await?;
+                    Observed::Pods {
+                        plan,
+                        held,
+                        time_left: time_left(),
+                    }
+                }
                 Step::Evict(pods) => Observed::Evicted {
                     outcomes: self.drainer.evict(&pods).await,
                     time_left: time_left(),
@@ -404,7 +417,11 @@ impl FleetLock {
                 self.publish(node, EventType::Normal, "Drained", "Drain", note)
                     .await;
             }
-            Observed::Pods { .. } => {}
+            Observed::Pods { held, .. } => {
+                for shortfall in held {
+                    tracing::debug!(node = %name, namespace = %shortfall.namespace, statefulset = %shortfall.statefulset, ready_voters = shortfall.ready_voters.len(), majority = shortfall.majority, "Dkron server evictions held back for the cluster's majority");
+                }
+            }
             Observed::Evicted { outcomes, .. } => self.report_evictions(node, outcomes).await,
         }
     }

@@ -643,6 +643,139 @@ async fn a_pdb_blocked_pod_keeps_the_answer_non_200_until_the_pdb_allows_it() {
     server.stop();
 }
 
+/// Dkron servers as the StatefulSet controller creates them (no scheduler takes them: the
+/// test binds each to its Node), with the status a kubelet and dkron-ha's controller would
+/// write: Ready, and the `dkron-ha/raft-voter` condition.
+async fn dkron_servers(fx: &Fixture, name: &str, nodes: &[usize]) {
+    let statefulset = json!({
+        "metadata": { "name": name },
+        "spec": {
+            "replicas": nodes.len(),
+            "serviceName": name,
+            "podManagementPolicy": "Parallel",
+            "updateStrategy": { "type": "OnDelete" },
+            "selector": { "matchLabels": { "app": name } },
+            "template": {
+                "metadata": { "labels": { "app": name },
+                              "annotations": { "dkron-ha/injected": "test" } },
+                "spec": {
+                    "schedulerName": "dkron-ha-test-nobody",
+                    "readinessGates": [{ "conditionType": "dkron-ha/raft-voter" }],
+                    "containers": [{ "name": "dkron", "image": PAUSE_IMAGE }],
+                },
+            },
+        },
+    });
+    Api::<k8s_openapi::api::apps::v1::StatefulSet>::namespaced(fx.client.clone(), &fx.ns)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(statefulset).unwrap(),
+        )
+        .await
+        .expect("create StatefulSet");
+    for (ordinal, node) in nodes.iter().enumerate() {
+        let pod = format!("{name}-{ordinal}");
+        eventually(
+            &format!("the StatefulSet controller creates {pod}"),
+            async || fx.pods().get_opt(&pod).await.ok().flatten().map(|_| ()),
+        )
+        .await;
+        let binding = json!({
+            "apiVersion": "v1", "kind": "Binding",
+            "metadata": { "name": pod },
+            "target": { "apiVersion": "v1", "kind": "Node", "name": fx.node_name(*node) },
+        });
+        fx.pods()
+            .create_subresource::<_, serde_json::Value>(
+                "binding",
+                &pod,
+                &PostParams::default(),
+                &binding,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("bind {pod}: {e}"));
+        set_server_status(fx, &pod, true).await;
+    }
+}
+
+/// A kubelet's Ready and the controller's `dkron-ha/raft-voter`, both `voter`.
+async fn set_server_status(fx: &Fixture, pod: &str, voter: bool) {
+    let status = if voter { "True" } else { "False" };
+    fx.pods()
+        .patch_status(
+            pod,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": {
+                "phase": "Running",
+                "conditions": [{ "type": "Ready", "status": status },
+                               { "type": "dkron-ha/raft-voter", "status": status }],
+            } })),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("Pod {pod} status: {e}"));
+}
+
+/// No PodDisruptionBudget here: FleetLock's own check is what holds the server.
+#[tokio::test]
+async fn a_drain_that_would_cost_a_dkron_cluster_its_majority_waits_with_its_own_kind() {
+    let fx = Fixture::new("fl-quorum").await;
+    for node in 0..3 {
+        fx.create_node(node, true, false).await;
+    }
+    dkron_servers(&fx, "dkron", &[0, 1, 2]).await;
+    fx.create_running_pod("web", 0, &[("app", "web")], None, &[])
+        .await;
+    // dkron-1 is back from its Node's reboot but not yet a raft voter.
+    set_server_status(&fx, "dkron-1", false).await;
+    let server = fx.server(Duration::from_secs(2)).await;
+    let id = fx.zincati_id(0);
+
+    for _ in 0..2 {
+        let held = server.pre_reboot(&id).await;
+        assert_eq!(
+            (held.status, held.kind()),
+            (409, "dkron_quorum_at_risk"),
+            "{held:?}"
+        );
+        let want = format!(
+            "Dkron cluster {}/dkron has 2 of 3 servers Ready as raft voters (dkron-0, dkron-2); \
+             evicting dkron-0 would leave 1, fewer than its majority of 2",
+            fx.ns
+        );
+        assert!(held.value().contains(&want), "{}", held.value());
+    }
+    // The server stays; the Node's other pods are evicted meanwhile.
+    let dkron_0 = fx.pods().get("dkron-0").await.expect("dkron-0");
+    assert!(dkron_0.metadata.deletion_timestamp.is_none());
+    assert!(
+        fx.pods()
+            .get("web")
+            .await
+            .expect("web")
+            .metadata
+            .deletion_timestamp
+            .is_some()
+    );
+
+    // Once dkron-1 is a Ready voter again, the drain goes on and finishes.
+    set_server_status(&fx, "dkron-1", true).await;
+    let evicted = server.pre_reboot(&id).await;
+    assert_eq!(
+        (evicted.status, evicted.kind()),
+        (409, "drain_in_progress"),
+        "{evicted:?}"
+    );
+    assert!(
+        evicted.value().contains("dkron-0 (terminating)"),
+        "{}",
+        evicted.value()
+    );
+    fx.kubelet_removes_terminating_pods(0).await;
+    let drained = server.pre_reboot(&id).await;
+    assert_eq!(drained.status, 200, "{drained:?}");
+    server.stop();
+}
+
 #[tokio::test]
 async fn daemonset_mirror_and_finished_pods_stay() {
     let fx = Fixture::new("fl-stay").await;
@@ -1038,6 +1171,7 @@ async fn the_documented_rbac_is_enough_for_a_whole_reboot() {
                     rule(&[""], &["nodes"], &["get", "list", "watch", "patch"]),
                     rule(&[""], &["pods"], &["list"]),
                     rule(&[""], &["pods/eviction"], &["create"]),
+                    rule(&["apps"], &["statefulsets"], &["get"]),
                 ]),
                 ..ClusterRole::default()
             },

@@ -9,13 +9,16 @@ use std::fmt;
 use std::time::Duration;
 
 use futures::stream::{self, StreamExt};
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{EvictParams, ListParams, Patch, PatchParams};
+use kube::core::Selector;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
 use super::FleetLockError;
 use super::lock;
+use super::quorum::{self, Shortfall};
 
 /// `"true"` on a Node means FleetLock cordoned it, so steady-state uncordons it. A Node that
 /// was cordoned before FleetLock came never gets this annotation and stays cordoned.
@@ -371,6 +374,48 @@ impl Drainer {
                 "listing the pods of Node {node}"
             )))?
             .items)
+    }
+
+    /// The Dkron clusters whose servers among `pods` (those to evict from `node`) must stay
+    /// for now: one GET of the StatefulSet and one list of its pods per cluster, only while
+    /// such a server is still on the Node.
+    pub async fn quorum_shortfalls(
+        &self,
+        node: &str,
+        to_evict: &[Pod],
+    ) -> Result<Vec<Shortfall>, FleetLockError> {
+        let clusters: std::collections::BTreeSet<(String, String)> = to_evict
+            .iter()
+            .filter_map(|pod| {
+                let statefulset = quorum::server_statefulset(pod)?;
+                Some((pod.namespace().unwrap_or_default(), statefulset.to_owned()))
+            })
+            .collect();
+        let mut shortfalls = Vec::new();
+        for (namespace, name) in clusters {
+            let action = || format!("reading Dkron StatefulSet {namespace}/{name}");
+            let statefulsets: Api<StatefulSet> = Api::namespaced(self.client.clone(), &namespace);
+            let Some(statefulset) = statefulsets
+                .get_opt(&name)
+                .await
+                .map_err(FleetLockError::kube(action()))?
+            else {
+                continue;
+            };
+            let selector = statefulset
+                .spec
+                .as_ref()
+                .and_then(|spec| Selector::try_from(spec.selector.clone()).ok())
+                .unwrap_or_default();
+            let pods: Api<Pod> = Api::namespaced(self.client.clone(), &namespace);
+            let members = pods
+                .list(&ListParams::default().labels_from(&selector))
+                .await
+                .map_err(FleetLockError::kube(action()))?
+                .items;
+            shortfalls.extend(quorum::shortfall(node, &statefulset, &members));
+        }
+        Ok(shortfalls)
     }
 
     /// Asks the Eviction API to evict every pod in `pods`, several at a time.

@@ -56,6 +56,7 @@ pub enum ErrorKind {
     AmbiguousMachineId,
     FailedLockSemaphoreFull,
     DrainInProgress,
+    DkronQuorumAtRisk,
     NodeNotReady,
     InvalidConfiguration,
     CorruptLockState,
@@ -65,7 +66,7 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 16] = [
+    pub const ALL: [ErrorKind; 17] = [
         ErrorKind::MissingFleetLockHeader,
         ErrorKind::InvalidBody,
         ErrorKind::BodyTooLarge,
@@ -76,6 +77,7 @@ impl ErrorKind {
         ErrorKind::AmbiguousMachineId,
         ErrorKind::FailedLockSemaphoreFull,
         ErrorKind::DrainInProgress,
+        ErrorKind::DkronQuorumAtRisk,
         ErrorKind::NodeNotReady,
         ErrorKind::InvalidConfiguration,
         ErrorKind::CorruptLockState,
@@ -98,6 +100,7 @@ impl ErrorKind {
             // The name the protocol document uses for this case.
             ErrorKind::FailedLockSemaphoreFull => "failed_lock_semaphore_full",
             ErrorKind::DrainInProgress => "drain_in_progress",
+            ErrorKind::DkronQuorumAtRisk => "dkron_quorum_at_risk",
             ErrorKind::NodeNotReady => "node_not_ready",
             ErrorKind::InvalidConfiguration => "invalid_configuration",
             ErrorKind::CorruptLockState => "corrupt_lock_state",
@@ -122,6 +125,7 @@ impl ErrorKind {
             ErrorKind::AmbiguousMachineId
             | ErrorKind::FailedLockSemaphoreFull
             | ErrorKind::DrainInProgress
+            | ErrorKind::DkronQuorumAtRisk
             | ErrorKind::NodeNotReady => StatusCode::CONFLICT,
             ErrorKind::InvalidConfiguration | ErrorKind::CorruptLockState => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -183,6 +187,13 @@ pub enum FleetLockError {
     },
     #[error("node {node} is still draining: {remaining}")]
     DrainInProgress { node: String, remaining: String },
+    #[error(
+        "node {node} waits before its drain would cost a Dkron cluster its majority: {shortfall}"
+    )]
+    DkronQuorumAtRisk {
+        node: String,
+        shortfall: Box<super::quorum::Shortfall>,
+    },
     #[error("node {node} is not Ready yet; its reboot slot is released once it is")]
     NodeNotReady { node: String },
     #[error("{0}")]
@@ -233,6 +244,7 @@ impl FleetLockError {
             FleetLockError::AmbiguousMachineId { .. } => ErrorKind::AmbiguousMachineId,
             FleetLockError::SemaphoreFull { .. } => ErrorKind::FailedLockSemaphoreFull,
             FleetLockError::DrainInProgress { .. } => ErrorKind::DrainInProgress,
+            FleetLockError::DkronQuorumAtRisk { .. } => ErrorKind::DkronQuorumAtRisk,
             FleetLockError::NodeNotReady { .. } => ErrorKind::NodeNotReady,
             FleetLockError::InvalidConfiguration(_) => ErrorKind::InvalidConfiguration,
             FleetLockError::CorruptLockState(_) => ErrorKind::CorruptLockState,

@@ -10,6 +10,7 @@ use std::time::Duration;
 use super::FleetLockError;
 use super::drain::{self, CordonDecision, DrainPlan, EvictionOutcome, PodKey};
 use super::lock::{AcquireOutcome, LeftQueue, Reclaimed};
+use super::quorum::Shortfall;
 
 /// How often a pre-reboot request looks again at the pods of a draining Node. A poll until
 /// a deadline, decided here step by step, not a retry of a failed call: no backon.
@@ -27,9 +28,11 @@ pub enum Observed {
         left_queue: Vec<LeftQueue>,
     },
     Cordon(CordonDecision),
-    /// The Node's pods, and how much of the request's drain wait is left.
+    /// The Node's pods, the Dkron clusters whose servers among them must stay for now, and how
+    /// much of the request's drain wait is left.
     Pods {
         plan: DrainPlan,
+        held: Vec<Shortfall>,
         time_left: Duration,
     },
     /// The Eviction API's answers, and how much of the drain wait is left.
@@ -93,15 +96,30 @@ impl PreReboot {
             Observed::Slot { .. } => Step::Cordon,
             Observed::Cordon(_) | Observed::Waited => Step::ListPods,
             Observed::Pods { plan, .. } if plan.is_drained() => Step::Answer(Ok(())),
-            Observed::Pods { plan, time_left } => match &self.last_outcomes {
+            Observed::Pods {
+                plan,
+                held,
+                time_left,
+            } => match &self.last_outcomes {
                 // Evict at least once per request, however short its wait.
                 Some(outcomes) if time_left.is_zero() => {
-                    Step::Answer(Err(FleetLockError::DrainInProgress {
-                        node: self.node.clone(),
-                        remaining: drain::describe_remaining(&plan, outcomes),
+                    Step::Answer(Err(match held.into_iter().next() {
+                        Some(shortfall) => FleetLockError::DkronQuorumAtRisk {
+                            node: self.node.clone(),
+                            shortfall: Box::new(shortfall),
+                        },
+                        None => FleetLockError::DrainInProgress {
+                            node: self.node.clone(),
+                            remaining: drain::describe_remaining(&plan, outcomes),
+                        },
                     }))
                 }
-                _ => Step::Evict(plan.to_evict),
+                _ => Step::Evict(
+                    plan.to_evict
+                        .into_iter()
+                        .filter(|pod| !held.iter().any(|shortfall| shortfall.holds(pod)))
+                        .collect(),
+                ),
             },
             Observed::Evicted {
                 outcomes,
@@ -222,6 +240,7 @@ mod tests {
         );
         let drained = Observed::Pods {
             plan: plan(&[], &[]),
+            held: Vec::new(),
             time_left: WAIT,
         };
         assert_eq!(after(&mut steps, drained), Seen::Approve);
@@ -271,6 +290,7 @@ mod tests {
         let mut steps = steps();
         let pods = Observed::Pods {
             plan: plan(&["web-1", "web-2"], &["old"]),
+            held: Vec::new(),
             time_left: WAIT,
         };
         assert_eq!(
@@ -302,6 +322,7 @@ mod tests {
         let mut steps = steps();
         let pods = Observed::Pods {
             plan: plan(&[], &["web-1"]),
+            held: Vec::new(),
             time_left: WAIT,
         };
         assert_eq!(after(&mut steps, pods), Seen::Evict(Vec::new()));
@@ -312,6 +333,7 @@ mod tests {
         let mut steps = steps();
         let pods = Observed::Pods {
             plan: plan(&["web-1"], &[]),
+            held: Vec::new(),
             time_left: Duration::ZERO,
         };
         assert_eq!(after(&mut steps, pods), Seen::Evict(vec![pod("web-1")]));
@@ -322,6 +344,7 @@ mod tests {
         let mut steps = steps();
         steps.next(Observed::Pods {
             plan: plan(&["dkron-1"], &[]),
+            held: Vec::new(),
             time_left: Duration::from_millis(10),
         });
         let evicted = Observed::Evicted {
@@ -334,6 +357,7 @@ mod tests {
         assert_eq!(after(&mut steps, evicted), Seen::ListPods);
         let step = steps.next(Observed::Pods {
             plan: plan(&["dkron-1"], &[]),
+            held: Vec::new(),
             time_left: Duration::ZERO,
         });
         assert_eq!(seen(&step), Seen::Refuse(ErrorKind::DrainInProgress));
@@ -348,6 +372,45 @@ mod tests {
     }
 
     #[test]
+    fn a_dkron_server_held_for_its_quorum_is_not_evicted_and_the_answer_names_its_cluster() {
+        let mut steps = steps();
+        let shortfall = Shortfall {
+            namespace: "default".into(),
+            statefulset: "dkron".into(),
+            replicas: 3,
+            ready_voters: vec!["dkron-0".into(), "dkron-2".into()],
+            would_remain: 1,
+            majority: 2,
+            on_node: vec![pod("dkron-0")],
+        };
+        let pods = |time_left| Observed::Pods {
+            plan: plan(&["dkron-0", "web-1"], &[]),
+            held: vec![shortfall.clone()],
+            time_left,
+        };
+        // The other pods go; the server stays.
+        assert_eq!(
+            after(&mut steps, pods(WAIT)),
+            Seen::Evict(vec![pod("web-1")])
+        );
+        steps.next(Observed::Evicted {
+            outcomes: BTreeMap::from([(pod("web-1"), EvictionOutcome::Evicted)]),
+            time_left: Duration::ZERO,
+        });
+        let step = steps.next(pods(Duration::ZERO));
+        assert_eq!(seen(&step), Seen::Refuse(ErrorKind::DkronQuorumAtRisk));
+        let Step::Answer(Err(error)) = step else {
+            unreachable!()
+        };
+        let text = error.to_string();
+        assert!(
+            text.contains("node-a waits")
+                && text.contains("default/dkron has 2 of 3 servers Ready as raft voters"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn a_node_drained_at_the_last_look_is_approved_although_the_wait_is_over() {
         let mut steps = steps();
         steps.next(Observed::Evicted {
@@ -356,6 +419,7 @@ mod tests {
         });
         let drained = Observed::Pods {
             plan: plan(&[], &[]),
+            held: Vec::new(),
             time_left: Duration::ZERO,
         };
         assert_eq!(after(&mut steps, drained), Seen::Approve);
