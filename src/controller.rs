@@ -3,6 +3,7 @@
 //! and removes them when the StatefulSet opts out. Runs inside `serve`, only on the replica
 //! holding the Lease; the webhook and FleetLock serve on every replica.
 
+pub mod node_failure;
 mod peers;
 pub mod raft;
 pub mod supporting;

@@ -6,21 +6,22 @@
 //! an injected object (the API server's reinvocation, an UPDATE carrying the live template)
 //! yields the same object.
 
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector,
-    PodReadinessGate, PodSpec, ResourceRequirements, SecurityContext, Volume, VolumeMount,
+    PodReadinessGate, PodSpec, ResourceRequirements, SeccompProfile, SecurityContext, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use std::collections::BTreeMap;
 
 use crate::names::{
     ANNOTATION_CONTAINER, ANNOTATION_DKRON_COMMAND, ANNOTATION_ENABLED,
-    ANNOTATION_INITIAL_CLUSTER_SIZE, ANNOTATION_INJECTED, ANNOTATION_RAFT_VOTER_GATE, BIN_DIR,
-    BIN_VOLUME, BIN_VOLUME_SIZE_LIMIT_MIB, CONDITION_RAFT_VOTER, ENV_CLUSTER_DOMAIN,
-    ENV_INITIAL_CLUSTER_SIZE, ENV_LEADER_SERVICE, ENV_LOG_FORMAT, ENV_POD_IP, ENV_POD_NAME,
-    ENV_POD_NAMESPACE, ENV_SERVICE, ENV_STATEFULSET, IMAGE_BINARY, INSTALL_CONTAINER,
-    LABEL_UPDATER_CONTAINER, WRAPPER_PATH,
+    ANNOTATION_INITIAL_CLUSTER_SIZE, ANNOTATION_INJECTED, ANNOTATION_PVC_RETENTION,
+    ANNOTATION_RAFT_VOTER_GATE, ANNOTATION_REPLACE_ON_NODE_FAILURE, BIN_DIR, BIN_VOLUME,
+    BIN_VOLUME_SIZE_LIMIT_MIB, CONDITION_RAFT_VOTER, ENV_CLUSTER_DOMAIN, ENV_INITIAL_CLUSTER_SIZE,
+    ENV_LEADER_SERVICE, ENV_LOG_FORMAT, ENV_POD_IP, ENV_POD_NAME, ENV_POD_NAMESPACE, ENV_SERVICE,
+    ENV_STATEFULSET, IMAGE_BINARY, INSTALL_CONTAINER, LABEL_UPDATER_CONTAINER, WRAPPER_PATH,
 };
 
 pub const DEFAULT_DKRON_COMMAND: &str = "/usr/local/bin/dkron";
@@ -84,6 +85,14 @@ pub enum InjectError {
     )]
     InvalidRaftVoterGate { value: String },
     #[error(
+        "annotation {ANNOTATION_PVC_RETENTION}={value:?} is not valid: set it to \"Delete\" (a server's PVC goes with its pod when the StatefulSet is scaled down or deleted, so a server scaled back never returns with a stale raft log) or \"Retain\" (Kubernetes' default: PVCs stay), or remove it to leave spec.persistentVolumeClaimRetentionPolicy as it is"
+    )]
+    InvalidPvcRetention { value: String },
+    #[error(
+        "annotation {ANNOTATION_REPLACE_ON_NODE_FAILURE}={value:?} is not valid: set it to how long a Node must be NotReady before its Dkron server pod is replaced elsewhere (a duration such as \"5m\" or \"90s\", at least 1s and longer than your reboots take), or remove it to never replace pods"
+    )]
+    InvalidReplaceOnNodeFailure { value: String },
+    #[error(
         "StatefulSet has no metadata.name: dkron-ha derives peer names from it, so set metadata.name (generateName is not supported)"
     )]
     MissingName,
@@ -115,6 +124,23 @@ fn annotation<'a>(sts: &'a StatefulSet, key: &str) -> Option<&'a str> {
         .map(String::as_str)
 }
 
+/// `dkron-ha/replace-on-node-failure`: how long a Node must be NotReady before the controller
+/// replaces a server pod stuck on it; `None` without the annotation.
+pub fn replace_on_node_failure(
+    sts: &StatefulSet,
+) -> Result<Option<std::time::Duration>, InjectError> {
+    let Some(value) = annotation(sts, ANNOTATION_REPLACE_ON_NODE_FAILURE) else {
+        return Ok(None);
+    };
+    humantime::parse_duration(value.trim())
+        .ok()
+        .filter(|d| *d >= std::time::Duration::from_secs(1))
+        .map(Some)
+        .ok_or_else(|| InjectError::InvalidReplaceOnNodeFailure {
+            value: value.to_string(),
+        })
+}
+
 /// What the engine will do, resolved from annotations and the objects before anything changes,
 /// so a bad annotation is a denial and never a half-injection.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -128,6 +154,8 @@ pub struct InjectionPlan {
     pub service_account: Option<String>,
     /// Whether the pods get the `dkron-ha/raft-voter` readiness gate.
     pub raft_voter_gate: bool,
+    /// `Retain` or `Delete` for both cases of the PVC retention policy; `None` leaves it.
+    pub pvc_retention: Option<&'static str>,
 }
 
 /// Injects `sts` if it opts in; returns `None` when it does not (the object is left alone).
@@ -203,6 +231,19 @@ fn plan(
         }
     };
 
+    replace_on_node_failure(sts)?;
+
+    let pvc_retention = match annotation(sts, ANNOTATION_PVC_RETENTION).map(str::trim) {
+        None => None,
+        Some("Retain") => Some("Retain"),
+        Some("Delete") => Some("Delete"),
+        Some(value) => {
+            return Err(InjectError::InvalidPvcRetention {
+                value: value.to_string(),
+            });
+        }
+    };
+
     Ok(InjectionPlan {
         name: name.to_string(),
         service: service.to_string(),
@@ -211,6 +252,7 @@ fn plan(
         dkron_command,
         service_account,
         raft_voter_gate,
+        pvc_retention,
     })
 }
 
@@ -325,6 +367,25 @@ fn apply_plan(
         ordered_ready_warning(operation, spec.pod_management_policy.as_deref(), plan)
     {
         warnings.push(warning);
+    }
+
+    if let Some(policy) = plan.pvc_retention {
+        let wanted = StatefulSetPersistentVolumeClaimRetentionPolicy {
+            when_deleted: Some(policy.into()),
+            when_scaled: Some(policy.into()),
+        };
+        if let Some(own) = spec
+            .persistent_volume_claim_retention_policy
+            .as_ref()
+            .filter(|own| **own != wanted)
+        {
+            warnings.push(format!(
+                "annotation {ANNOTATION_PVC_RETENTION}={policy} replaces spec.persistentVolumeClaimRetentionPolicy (whenDeleted {}, whenScaled {}): set both to {policy} or remove the annotation",
+                own.when_deleted.as_deref().unwrap_or("Retain"),
+                own.when_scaled.as_deref().unwrap_or("Retain"),
+            ));
+        }
+        spec.persistent_volume_claim_retention_policy = Some(wanted);
     }
 
     let template = &mut spec.template;
@@ -582,6 +643,12 @@ fn restricted_security_context() -> SecurityContext {
         allow_privilege_escalation: Some(false),
         capabilities: Some(Capabilities {
             drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        // Pod Security `restricted` wants a seccomp profile on every container unless the pod
+        // sets one; the user's pod-level setting stays theirs.
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
             ..Default::default()
         }),
         ..Default::default()

@@ -9,6 +9,10 @@ pub const ANNOTATION_CONTAINER: &str = "dkron-ha/container";
 pub const ANNOTATION_DKRON_COMMAND: &str = "dkron-ha/dkron-command";
 /// `"false"` leaves out the `dkron-ha/raft-voter` readiness gate (default `"true"`).
 pub const ANNOTATION_RAFT_VOTER_GATE: &str = "dkron-ha/raft-voter-gate";
+/// A duration: a server pod whose Node is NotReady that long (or gone) is replaced.
+pub const ANNOTATION_REPLACE_ON_NODE_FAILURE: &str = "dkron-ha/replace-on-node-failure";
+/// `Retain` or `Delete`: the StatefulSet's `persistentVolumeClaimRetentionPolicy`, both cases.
+pub const ANNOTATION_PVC_RETENTION: &str = "dkron-ha/pvc-retention";
 /// Pod-template annotation carrying the dkron-ha version that injected it.
 pub const ANNOTATION_INJECTED: &str = "dkron-ha/injected";
 

@@ -4,8 +4,8 @@
 //! static one. The same assertions either way. Needs root (CI runs as root).
 //!
 //! Each test has its own namespace and StatefulSet name (the SIGSTOP of the scale-down test
-//! finds its processes by `--node-name`); the scenarios run one at a time so their timings do
-//! not disturb each other on a 2-core machine.
+//! finds its processes by `--node-name`); two scenarios run at a time (support's
+//! `scenario`); `DKRON_HA_E2E_SCENARIOS=1` runs them one at a time, for the measurements.
 
 mod support;
 
@@ -15,14 +15,28 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
 use support::dkron::{
-    DKRON_IMAGE, Dkron, freeze, label_updater_pids, label_updater_rss, names, processes, serial,
+    DKRON_IMAGE, Dkron, freeze, label_updater_pids, label_updater_rss, names, processes, scenario,
     signal, thaw,
 };
 
 #[tokio::test]
 async fn a_cold_start_elects_one_leader_every_server_a_voter_and_only_the_leader_labelled() {
-    let _one = serial().await;
-    let (dkron, created) = Dkron::create("cold", 3).await;
+    let _slot = scenario().await;
+    // Under the restricted Pod Security Standard: everything injected complies (as does the
+    // chart's own Deployment, installed into a restricted namespace by the test bed).
+    let (dkron, created) = Dkron::create_restricted("cold", 3).await;
+    let privileged: Pod = serde_json::from_value(json!({
+        "metadata": { "name": "privileged" },
+        "spec": { "containers": [{ "name": "c", "image": DKRON_IMAGE,
+                                   "securityContext": { "privileged": true } }] },
+    }))
+    .unwrap();
+    match dkron.pods.create(&PostParams::default(), &privileged).await {
+        Err(kube::Error::Api(status)) if status.code == 403 => {
+            assert!(status.message.contains("restricted"), "{}", status.message)
+        }
+        other => panic!("a privileged pod in the restricted namespace: {other:?}"),
+    }
     let want = names(&dkron, 3);
     let state = dkron.until_whole(&want, Duration::from_secs(180)).await;
     eprintln!(
@@ -55,8 +69,8 @@ async fn a_cold_start_elects_one_leader_every_server_a_voter_and_only_the_leader
 }
 
 #[tokio::test]
-async fn servers_restarted_with_a_new_ip_come_back_as_voters_with_their_jobs() {
-    let _one = serial().await;
+async fn a_follower_then_the_leader_restarted_with_a_new_ip_come_back_as_voters_with_their_jobs() {
+    let _slot = scenario().await;
     let (dkron, _) = Dkron::create("restart", 3).await;
     let want = names(&dkron, 3);
     let state = dkron.until_whole(&want, Duration::from_secs(180)).await;
@@ -132,10 +146,15 @@ async fn servers_restarted_with_a_new_ip_come_back_as_voters_with_their_jobs() {
 
 #[tokio::test]
 async fn a_scale_down_removes_exactly_the_servers_that_are_gone_with_or_without_a_leave() {
-    let _one = serial().await;
-    let (dkron, _) = Dkron::create("scale", 5).await;
+    let _slot = scenario().await;
+    // Kubernetes' default made explicit: the claims of servers scaled away stay.
+    let (dkron, _) = Dkron::create_with("scale", 5, |sts| {
+        sts["metadata"]["annotations"]["dkron-ha/pvc-retention"] = json!("Retain");
+    })
+    .await;
     let five = names(&dkron, 5);
     dkron.until_whole(&five, Duration::from_secs(180)).await;
+    let kept = claims(&dkron).await;
     // Gracefully: ordinal 4 gets the kubelet's SIGTERM, leaves serf and ends.
     dkron.scale(4).await;
     let scaled = Instant::now();
@@ -188,6 +207,94 @@ async fn a_scale_down_removes_exactly_the_servers_that_are_gone_with_or_without_
         events.len(),
         "{events:?}"
     );
+
+    // Back to 5: the two come back with their old claims (Retain), their stale raft logs
+    // and all, and are voters again at their new addresses; nothing else is removed.
+    dkron.scale(5).await;
+    let scaled = Instant::now();
+    dkron.until_whole(&five, Duration::from_secs(300)).await;
+    dkron.until_plain(&five, Duration::from_secs(120)).await;
+    eprintln!(
+        "scale 3 -> 5 with retained claims: 5 voters at current IPs {:.1}s after the scale-up",
+        scaled.elapsed().as_secs_f64()
+    );
+    assert_eq!(claims(&dkron).await, kept, "Retain kept every claim");
+    assert_eq!(dkron.removal_events().await, events);
+}
+
+/// The data claims of a Dkron StatefulSet: name -> uid.
+async fn claims(dkron: &Dkron) -> std::collections::BTreeMap<String, String> {
+    Api::<PersistentVolumeClaim>::namespaced(dkron.cluster.client().await, &dkron.ns)
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|claim| claim.metadata.deletion_timestamp.is_none())
+        .map(|claim| (claim.metadata.name.unwrap(), claim.metadata.uid.unwrap()))
+        .collect()
+}
+
+/// `dkron-ha/pvc-retention: Delete`: the servers scaled away lose their claims with their
+/// pods, so a scale back up brings them back empty, never as strangers with a stale raft log;
+/// the cluster ends with 5 voters at their pods' current IPs.
+#[tokio::test]
+async fn with_pvc_retention_delete_a_scale_5_3_5_brings_the_servers_back_empty() {
+    let _slot = scenario().await;
+    let (dkron, _) = Dkron::create_with("pvcdel", 5, |sts| {
+        sts["metadata"]["annotations"]["dkron-ha/pvc-retention"] = json!("Delete");
+    })
+    .await;
+    let five = names(&dkron, 5);
+    let state = dkron.until_whole(&five, Duration::from_secs(180)).await;
+    dkron.post_job(&state.leader_ip(), "kept").await;
+    let before = claims(&dkron).await;
+    assert_eq!(before.len(), 5, "{before:?}");
+    dkron.scale(3).await;
+    dkron
+        .until_whole(&names(&dkron, 3), Duration::from_secs(180))
+        .await;
+    let gone = [dkron.pod_name(3), dkron.pod_name(4)].map(|pod| format!("data-{pod}"));
+    support::eventually(
+        "the claims of the servers scaled away are deleted",
+        async || {
+            let now = claims(&dkron).await;
+            gone.iter()
+                .all(|claim| !now.contains_key(claim))
+                .then_some(())
+        },
+    )
+    .await;
+    dkron.scale(5).await;
+    let scaled = Instant::now();
+    dkron.until_whole(&five, Duration::from_secs(300)).await;
+    let state = dkron.until_plain(&five, Duration::from_secs(120)).await;
+    eprintln!(
+        "scale 3 -> 5 with deleted claims: 5 voters at current IPs {:.1}s after the scale-up",
+        scaled.elapsed().as_secs_f64()
+    );
+    let after = claims(&dkron).await;
+    for claim in &gone {
+        assert_ne!(
+            after.get(claim),
+            before.get(claim),
+            "{claim} is the old claim"
+        );
+        assert!(after.contains_key(claim), "{claim} missing: {after:?}");
+    }
+    // Empty, they caught up from the leader.
+    for pod in [dkron.pod_name(3), dkron.pod_name(4)] {
+        dkron
+            .until_job_on(&state.ip(&pod), "kept", Duration::from_secs(30))
+            .await;
+    }
+    let events = dkron.removal_events().await;
+    assert!(
+        events
+            .iter()
+            .all(|e| e.contains(&dkron.pod_name(3)) || e.contains(&dkron.pod_name(4))),
+        "{events:?}"
+    );
 }
 
 /// A server whose pod comes back without its data (its PVC deleted) is the same raft server:
@@ -195,7 +302,7 @@ async fn a_scale_down_removes_exactly_the_servers_that_are_gone_with_or_without_
 /// the user runs beside it) is never removed, even once it is gone for good.
 #[tokio::test]
 async fn a_server_back_without_its_data_is_kept_and_a_foreign_server_is_never_touched() {
-    let _one = serial().await;
+    let _slot = scenario().await;
     let (dkron, _) = Dkron::create("keep", 3).await;
     let want = names(&dkron, 3);
     let state = dkron.until_whole(&want, Duration::from_secs(180)).await;
@@ -290,7 +397,7 @@ async fn a_server_back_without_its_data_is_kept_and_a_foreign_server_is_never_to
 /// leader, and a pod whose peers' names do not resolve yet waits a bounded, logged time.
 #[tokio::test]
 async fn a_staggered_cold_start_bootstraps_every_server_and_waits_boundedly_for_unresolved_peers() {
-    let _one = serial().await;
+    let _slot = scenario().await;
     let (dkron, created) = Dkron::create_with("stagger", 1, |sts| {
         sts["metadata"]["annotations"]["dkron-ha/initial-cluster-size"] = json!("3");
     })
@@ -343,7 +450,7 @@ async fn a_cold_start_that_forms_no_leader_is_recovered_by_restarting_the_first_
         );
         return;
     }
-    let _one = serial().await;
+    let _slot = scenario().await;
     let (dkron, created) = Dkron::create_with("noleader", 3, |sts| {
         sts["spec"]["template"]["spec"]["containers"][0]["env"] =
             json!([{ "name": "DKRON_STANDIN_FAULT_NO_FIRST_BOOTSTRAP", "value": "1" }]);
@@ -386,7 +493,7 @@ async fn a_cold_start_that_forms_no_leader_is_recovered_by_restarting_the_first_
 /// raft-voter condition goes False and comes back True only once it answers again.
 #[tokio::test]
 async fn signals_reach_dkron_exit_statuses_come_back_and_the_label_updater_demotes_on_sigterm() {
-    let _one = serial().await;
+    let _slot = scenario().await;
     let (dkron, _) = Dkron::create("signals", 3).await;
     let want = names(&dkron, 3);
     let state = dkron.until_whole(&want, Duration::from_secs(180)).await;
@@ -479,7 +586,7 @@ async fn signals_reach_dkron_exit_statuses_come_back_and_the_label_updater_demot
 
 #[tokio::test]
 async fn a_rolling_restart_waits_for_each_server_and_loses_the_leader_for_one_election_at_most() {
-    let _one = serial().await;
+    let _slot = scenario().await;
     let (dkron, _) = Dkron::create("roll", 3).await;
     let want = names(&dkron, 3);
     dkron.until_whole(&want, Duration::from_secs(180)).await;
@@ -524,7 +631,7 @@ async fn a_rolling_restart_waits_for_each_server_and_loses_the_leader_for_one_el
 #[tokio::test]
 #[ignore = "a measurement: run it by hand with --include-ignored"]
 async fn plain_dkron_without_dkron_ha_baseline() {
-    let _one = serial().await;
+    let _slot = scenario().await;
     let name = "plain";
     let (dkron, created) = Dkron::create_plain(name, 3).await;
     let want = names(&dkron, 3);

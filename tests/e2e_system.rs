@@ -14,10 +14,11 @@ mod support;
 use std::time::{Duration, Instant};
 
 use dkron_ha::fleetlock::app_specific_machine_id;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod};
+use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use serde_json::{Value, json};
-use support::dkron::{Dkron, LeaderGaps, State, names, serial};
+use support::dkron::{Dkron, LeaderGaps, State, freeze, names, serial, thaw};
 
 const JOBS: usize = 20;
 const GROUP: &str = "default";
@@ -62,6 +63,19 @@ impl Zincati {
                 ready.then_some(status.pod_ip).flatten()
             })
             .collect()
+    }
+
+    /// [`Zincati::post`] that gives up after `bound`.
+    async fn post_within(
+        &self,
+        endpoint: &str,
+        id: &str,
+        bound: Duration,
+    ) -> Option<(u16, String)> {
+        tokio::time::timeout(bound, self.post(endpoint, id))
+            .await
+            .ok()
+            .flatten()
     }
 
     /// One request to the first serve pod that answers: (status, body).
@@ -115,6 +129,35 @@ impl Zincati {
         }
     }
 
+    /// Deletes every serve pod and waits until their replacements are Ready (new pods, new
+    /// IPs): `serve` restarted, as a rollout or an eviction restarts it.
+    async fn restart_serve(&self) {
+        let old: Vec<String> = self.serve_ips().await;
+        let pods = self
+            .serve
+            .list(&ListParams::default().labels("app.kubernetes.io/name=dkron-ha"))
+            .await
+            .unwrap();
+        for pod in pods.items {
+            self.serve
+                .delete(&pod.metadata.name.unwrap(), &Default::default())
+                .await
+                .unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let now = self.serve_ips().await;
+            if now.len() == old.len() && now.iter().all(|ip| !old.contains(ip)) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "serve pods not back after 180s: {old:?} -> {now:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
     /// FleetLock's status report.
     async fn status(&self) -> Value {
         for ip in self.serve_ips().await {
@@ -130,6 +173,19 @@ impl Zincati {
         }
         panic!("no serve pod answers GET /fleetlock/v1/status");
     }
+}
+
+/// The id Zincati on `node` sends: its app-specific machine id.
+async fn zincati_id(nodes: &Api<Node>, node: &str) -> String {
+    let machine_id = nodes
+        .get(node)
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.node_info)
+        .map(|i| i.machine_id)
+        .unwrap();
+    app_specific_machine_id(&machine_id).unwrap()
 }
 
 /// The node each Dkron pod runs on.
@@ -219,15 +275,7 @@ async fn rebooting_every_node_through_fleetlock_keeps_quorum_and_loses_no_job() 
     let began = Instant::now();
     let reboot_all = async {
         for node in &order {
-            let machine_id = node_api
-                .get(node)
-                .await
-                .unwrap()
-                .status
-                .and_then(|s| s.node_info)
-                .map(|i| i.machine_id)
-                .unwrap();
-            let id = app_specific_machine_id(&machine_id).unwrap();
+            let id = zincati_id(&node_api, node).await;
             // Its Dkron servers before the drain (an evicted one comes back Pending, nodeless).
             let on_node: Vec<String> = nodes_of(&dkron)
                 .await
@@ -236,6 +284,37 @@ async fn rebooting_every_node_through_fleetlock_keeps_quorum_and_loses_no_job() 
                 .map(|(pod, _)| pod)
                 .collect();
             let asked = Instant::now();
+            if Some(node) == order.get(1) {
+                // `serve` restarted in the middle of this node's drain: the first answer (with
+                // the drain begun: slot taken, node cordoned) is never read, every serve pod is
+                // deleted, and the new ones take the drain up from the state in the API.
+                let begun = zincati.post_within("pre-reboot", &id, Duration::from_secs(3));
+                assert!(begun.await.is_none_or(|(status, _)| status != 200));
+                let cordoned = node_api.get(node).await.unwrap();
+                assert_eq!(
+                    cordoned
+                        .annotations()
+                        .get("dkron-ha/fleetlock-cordoned")
+                        .map(String::as_str),
+                    Some("true"),
+                    "the drain of {node} has not begun"
+                );
+                let restarted = Instant::now();
+                zincati.restart_serve().await;
+                eprintln!(
+                    "{node}: serve restarted mid-drain, new pods Ready after {:.1}s",
+                    restarted.elapsed().as_secs_f64()
+                );
+                let status = zincati.status().await;
+                let holders: Vec<&str> = status["groups"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|g| g["holders"].as_array().unwrap())
+                    .filter_map(|h| h["node"].as_str())
+                    .collect();
+                assert_eq!(holders, [node.as_str()], "{status}");
+            }
             let refusals = zincati
                 .until_ok("pre-reboot", &id, Duration::from_secs(300))
                 .await;
@@ -327,6 +406,163 @@ async fn rebooting_every_node_through_fleetlock_keeps_quorum_and_loses_no_job() 
             "a slot is still held: {status}"
         );
     }
+}
+
+/// A node that never comes back from its reboot. It asks FleetLock while a follower elsewhere
+/// is not a voter (frozen), so the drain holds its own Dkron server for the cluster's majority
+/// (`dkron_quorum_at_risk`) and the node keeps its slot, cordoned; then it goes down for good,
+/// its server still bound to it. Cordoned is never failed: nothing is replaced while the node
+/// is up. Once it has been NotReady for `dkron-ha/replace-on-node-failure` (10s here) the
+/// controller deletes the server's claim on that node's local volume and force-deletes the pod;
+/// the StatefulSet makes both anew on another node, and the server rejoins under its raft id
+/// with every job, no peer removed. The Node deleted, its slot goes to the next node that asks.
+/// A fresh node takes the lost one's place for the scenarios after it.
+#[tokio::test]
+async fn a_node_that_never_comes_back_frees_its_slot_and_its_server_starts_elsewhere() {
+    let _one = serial().await;
+    let (dkron, _) = Dkron::create_with("lost", 3, |sts| {
+        sts["metadata"]["annotations"]["dkron-ha/replace-on-node-failure"] = json!("10s");
+    })
+    .await;
+    let want = names(&dkron, 3);
+    let state = dkron.until_whole(&want, Duration::from_secs(180)).await;
+    let (jobs, order) = with_jobs(&dkron, &state).await;
+    let placement = nodes_of(&dkron).await;
+    let on = |node: &str| {
+        placement
+            .iter()
+            .find(|(_, n)| n == node)
+            .map(|(pod, _)| pod.clone())
+            .unwrap_or_else(|| panic!("no Dkron server on {node}: {placement:?}"))
+    };
+    // order[0] runs the leader: the lost node and the frozen one run followers.
+    let (lost, other) = (order[1].clone(), order[2].clone());
+    let (server, frozen) = (on(&lost), on(&other));
+    let claim = format!("data-{server}");
+    let claims: Api<PersistentVolumeClaim> =
+        Api::namespaced(dkron.cluster.client().await, &dkron.ns);
+    let old_claim = claims.get(&claim).await.unwrap().metadata.uid;
+    let zincati = Zincati::new(&dkron).await;
+    let node_api: Api<Node> = Api::all(dkron.cluster.client().await);
+
+    freeze(&frozen);
+    support::eventually("the frozen server stops being a voter", async || {
+        (dkron.state().await.pods[&frozen].voter == Some(false)).then_some(())
+    })
+    .await;
+    let (status, body) = zincati
+        .post("pre-reboot", &zincati_id(&node_api, &lost).await)
+        .await
+        .expect("a serve pod answers");
+    assert_eq!(status, 409, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["kind"], "dkron_quorum_at_risk", "{body}");
+    let value = answer["value"].as_str().unwrap();
+    assert!(
+        value.contains(&format!(
+            "Dkron cluster {}/lost has 2 of 3 servers Ready as raft voters",
+            dkron.ns
+        )) && value.contains(&format!("evicting {server} would leave 1")),
+        "{value}"
+    );
+    thaw(&frozen);
+    assert_eq!(
+        dkron
+            .pods
+            .get(&server)
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .node_name,
+        Some(lost.clone()),
+        "the held server stays on its node"
+    );
+
+    // Down for good, holding the slot, cordoned, its server still bound to it.
+    let down = Instant::now();
+    dkron
+        .cluster
+        .stop_node(&lost)
+        .unwrap_or_else(|error| panic!("{error}"));
+    // NotReady after the node monitor's grace period (about 50s), replaced 10s after that.
+    let replaced = loop {
+        let events = dkron.events_for("ReplacedOnNodeFailure").await;
+        if !events.is_empty() {
+            break events;
+        }
+        if down.elapsed() > Duration::from_secs(240) {
+            dkron
+                .fail(format!("{server} on {lost} not replaced after 240s"))
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let replaced_after = down.elapsed();
+    assert_eq!(replaced.len(), 1, "{replaced:?}");
+    assert!(
+        replaced[0].contains(&format!(
+            "force-deleted {server}: Node {lost} has been NotReady"
+        )) && replaced[0].contains(&claim),
+        "{replaced:?}"
+    );
+    dkron.until_whole(&want, Duration::from_secs(300)).await;
+    let state = dkron.until_plain(&want, Duration::from_secs(120)).await;
+    eprintln!(
+        "{lost} went down for good: {server} replaced {:.1}s later, the cluster whole {:.1}s after the node went down",
+        replaced_after.as_secs_f64(),
+        down.elapsed().as_secs_f64()
+    );
+    let new_node = dkron
+        .pods
+        .get(&server)
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .node_name;
+    assert!(
+        new_node.is_some() && new_node.as_deref() != Some(lost.as_str()),
+        "{new_node:?}"
+    );
+    assert_ne!(claims.get(&claim).await.unwrap().metadata.uid, old_claim);
+    for pod in &want {
+        for job in &jobs {
+            dkron
+                .until_job_on(&state.ip(pod), job, Duration::from_secs(30))
+                .await;
+        }
+    }
+    assert_eq!(dkron.removal_events().await, Vec::<String>::new());
+
+    // The admin deletes the Node: its slot goes to the next node that asks.
+    dkron
+        .cluster
+        .delete_node(&lost)
+        .await
+        .unwrap_or_else(|error| panic!("{error}"));
+    let next = zincati_id(&node_api, &other).await;
+    let refusals = zincati
+        .until_ok("pre-reboot", &next, Duration::from_secs(300))
+        .await;
+    assert!(
+        !refusals
+            .iter()
+            .any(|kind| kind == "failed_lock_semaphore_full"),
+        "{refusals:?}"
+    );
+    zincati
+        .until_ok("steady-state", &next, Duration::from_secs(120))
+        .await;
+    let status = zincati.status().await;
+    for group in status["groups"].as_array().unwrap() {
+        assert_eq!(group["holders"], json!([]), "{status}");
+    }
+    dkron.until_whole(&want, Duration::from_secs(300)).await;
+    let cluster = dkron.cluster;
+    dkron.delete().await;
+    let fresh = support::dkron::add_node(cluster).await;
+    eprintln!("{fresh} takes the place of {lost}");
 }
 
 /// `kubectl` of the tools cache against the test cluster; panics with its output on failure.

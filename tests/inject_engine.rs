@@ -248,6 +248,18 @@ fn invalid_annotations_are_denied_with_a_message_naming_the_fix() {
             json!({"dkron-ha/enabled": "true", "dkron-ha/raft-voter-gate": "off"}),
             "dkron-ha/raft-voter-gate",
         ),
+        (
+            json!({"dkron-ha/enabled": "true", "dkron-ha/pvc-retention": "delete"}),
+            "dkron-ha/pvc-retention",
+        ),
+        (
+            json!({"dkron-ha/enabled": "true", "dkron-ha/replace-on-node-failure": "soon"}),
+            "dkron-ha/replace-on-node-failure",
+        ),
+        (
+            json!({"dkron-ha/enabled": "true", "dkron-ha/replace-on-node-failure": "0s"}),
+            "at least 1s",
+        ),
     ];
     for (annotations, needle) in cases {
         let err = inject::inject(
@@ -312,6 +324,49 @@ fn the_raft_voter_gate_is_injected_unless_turned_off_and_an_update_turning_it_of
         pod.readiness_gates, None,
         "no empty readinessGates list left"
     );
+}
+
+#[test]
+fn the_pvc_retention_annotation_sets_both_cases_and_says_when_it_replaces_the_users_policy() {
+    let policy = |injection: &inject::Injection| {
+        serde_json::to_value(&injection.statefulset).unwrap()["spec"]
+            ["persistentVolumeClaimRetentionPolicy"]
+            .clone()
+    };
+    let delete = create(dkron_sts(
+        json!({"dkron-ha/enabled": "true", "dkron-ha/pvc-retention": "Delete"}),
+        3,
+    ));
+    assert_eq!(
+        policy(&delete),
+        json!({"whenDeleted": "Delete", "whenScaled": "Delete"})
+    );
+    assert!(delete.warnings.is_empty(), "{:?}", delete.warnings);
+
+    let mut own = dkron_sts(
+        json!({"dkron-ha/enabled": "true", "dkron-ha/pvc-retention": "Retain"}),
+        3,
+    );
+    own["spec"]["persistentVolumeClaimRetentionPolicy"] = json!({"whenScaled": "Delete"});
+    let retain = create(own);
+    assert_eq!(
+        policy(&retain),
+        json!({"whenDeleted": "Retain", "whenScaled": "Retain"})
+    );
+    assert!(
+        retain
+            .warnings
+            .iter()
+            .any(|w| w.contains("dkron-ha/pvc-retention=Retain replaces")
+                && w.contains("whenScaled Delete")),
+        "{:?}",
+        retain.warnings
+    );
+
+    // Without the annotation the user's policy is theirs.
+    let mut untouched = dkron_sts(json!({"dkron-ha/enabled": "true"}), 3);
+    untouched["spec"]["persistentVolumeClaimRetentionPolicy"] = json!({"whenScaled": "Delete"});
+    assert_eq!(policy(&create(untouched)), json!({"whenScaled": "Delete"}));
 }
 
 #[test]
@@ -432,10 +487,14 @@ fn arb_statefulset() -> impl Strategy<Value = Value> {
         any::<bool>(),
         // Mostly opted in; also absent and values that are not "true" (never ours).
         prop::sample::select(vec![Some("true"), Some("true"), Some("true"), None, Some("false"), Some("TRUE")]),
+        proptest::option::of(prop::sample::select(vec!["Retain", "Delete"])),
     )
         .prop_map(
-            |(replicas, dkron, sidecar, sa, policy, size, init, volume, stored, enabled)| {
+            |(replicas, dkron, sidecar, sa, policy, size, init, volume, stored, enabled, retention)| {
                 let mut annotations = json!({"team": "jobs"});
+                if let Some(retention) = retention {
+                    annotations["dkron-ha/pvc-retention"] = json!(retention);
+                }
                 if let Some(enabled) = enabled {
                     annotations["dkron-ha/enabled"] = json!(enabled);
                 }
@@ -481,8 +540,9 @@ fn opts_in(value: &Value) -> bool {
 }
 
 /// Where the engine may write: everything else of the object is the user's.
-const ENGINE_PATHS: [&str; 8] = [
+const ENGINE_PATHS: [&str; 9] = [
     "/spec/podManagementPolicy",
+    "/spec/persistentVolumeClaimRetentionPolicy",
     "/spec/template/metadata",
     "/spec/template/spec/serviceAccountName",
     "/spec/template/spec/volumes",

@@ -244,6 +244,17 @@ pub async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Actio
         set_condition(&api, &pod, voter, why).await?;
     }
 
+    match inject::replace_on_node_failure(&sts) {
+        Ok(Some(after)) => {
+            super::node_failure::reconcile(&ctx, &sts, &namespace, after, leader.is_some()).await?
+        }
+        Ok(None) => {}
+        // The webhook denies such a value; one stored before dkron-ha came stays unused.
+        Err(error) => {
+            tracing::warn!(%namespace, statefulset = %name, %error, "pods on failed nodes are not replaced")
+        }
+    }
+
     let Some(leader) = leader else {
         return Ok(Action::requeue(peers.interval));
     };

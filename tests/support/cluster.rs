@@ -940,8 +940,26 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
     /// Installs the chart as users do (`helm install dkron-ha chart -n dkron-ha`) with the
     /// locally built dkron-ha image and `sets` (`key=value`), and waits until it is ready.
+    ///
+    /// Its namespace enforces the `restricted` Pod Security Standard, so every install proves
+    /// that the chart's pods are admitted and run under it.
     pub fn install_chart(&self, sets: &[&str]) -> Result<(), String> {
         let home = tempfile::tempdir().map_err(|error| format!("helm home: {error}"))?;
+        let namespace = home.path().join("namespace.yaml");
+        std::fs::write(
+            &namespace,
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: dkron-ha\n  labels:\n    \
+             pod-security.kubernetes.io/enforce: restricted\n",
+        )
+        .map_err(|error| format!("namespace manifest: {error}"))?;
+        output(
+            Command::new(ControlPlane::tool("kubectl"))
+                .arg("--kubeconfig")
+                .arg(&self.control_plane.kubeconfig)
+                .arg("apply")
+                .arg("-f")
+                .arg(&namespace),
+        )?;
         let (repository, tag) = DKRON_HA_IMAGE.rsplit_once(':').expect("image:tag");
         let mut command = Command::new(ControlPlane::tool("helm"));
         command

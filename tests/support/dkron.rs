@@ -9,17 +9,19 @@ use std::time::{Duration, Instant};
 
 use dkron_ha::dkron::grpc::{RaftClient, RaftConfiguration};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Event, Pod, Service};
+use k8s_openapi::api::core::v1::{Event, Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
-use tokio::sync::{Mutex, OnceCell};
+use tokio::sync::{Mutex, OnceCell, Semaphore};
 
 use super::cluster::{Cluster, LOCAL_STORAGE_CLASS};
 use super::images;
 
 pub const NODES: u8 = 3;
 pub const DKRON_IMAGE: &str = "localhost/dkron-ha-test/dkron:test";
+/// The namespace label by which Pod Security admission enforces a standard.
+pub const RESTRICTED_LABEL: &str = "pod-security.kubernetes.io/enforce";
 
 /// The shared cluster with dkron-ha installed from the chart, local volumes and the Dkron
 /// image; once per test binary.
@@ -32,9 +34,11 @@ pub async fn cluster() -> &'static Cluster {
                 .expect("cluster start-up");
             let (binary, what) = dkron_binary();
             eprintln!("Dkron in these tests: {what} ({})", binary.display());
-            let out = tempfile::tempdir().expect("image dir");
+            // Kept with the cluster's files: a node added later imports it too.
+            let out = cluster.dir.join("dkron-image");
+            std::fs::create_dir_all(&out).expect("image dir");
             let archive = images::oci_archive(
-                out.path(),
+                &out,
                 DKRON_IMAGE,
                 &[(binary.as_path(), "usr/local/bin/dkron")],
                 &["/usr/local/bin/dkron"],
@@ -44,10 +48,11 @@ pub async fn cluster() -> &'static Cluster {
             cluster
                 .import_image(&archive)
                 .unwrap_or_else(|error| panic!("{error}"));
-            // Claims are never given back (Retain), and e2e_dkron's scenarios claim 30 in all:
-            // 14 per node leaves room for an uneven spread.
+            DKRON_ARCHIVE.set(archive).expect("set once");
+            // Volumes are never given back (Retain), and e2e_dkron's scenarios claim 37 in
+            // all: 16 per node leaves room for an uneven spread.
             cluster
-                .local_volumes(14)
+                .local_volumes(VOLUMES_PER_NODE)
                 .await
                 .unwrap_or_else(|error| panic!("{error}"));
             cluster
@@ -56,6 +61,28 @@ pub async fn cluster() -> &'static Cluster {
             cluster
         })
         .await
+}
+
+static DKRON_ARCHIVE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+const VOLUMES_PER_NODE: usize = 16;
+
+/// A node in place of a lost one, as [`cluster`] prepares them: the Dkron image, local
+/// volumes. Returns its name.
+pub async fn add_node(cluster: &'static Cluster) -> String {
+    let name = cluster
+        .add_node(&[])
+        .await
+        .unwrap_or_else(|error| panic!("{error}"));
+    let archive = DKRON_ARCHIVE.get().expect("cluster() ran").clone();
+    tokio::task::spawn_blocking(move || cluster.import_image(&archive))
+        .await
+        .unwrap()
+        .unwrap_or_else(|error| panic!("{error}"));
+    cluster
+        .local_volumes(VOLUMES_PER_NODE)
+        .await
+        .unwrap_or_else(|error| panic!("{error}"));
+    name
 }
 
 /// `DKRON_BIN` if set (it must be static: the image holds nothing else), else the stand-in.
@@ -78,10 +105,28 @@ pub fn dkron_binary() -> (PathBuf, &'static str) {
     }
 }
 
-/// One scenario at a time.
+/// One scenario at a time: for what changes the whole cluster (node reboots).
 pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::const_new(());
     LOCK.lock().await
+}
+
+/// Scenarios that share the cluster, each with a StatefulSet and namespace of its own:
+/// `DKRON_HA_E2E_SCENARIOS` of them at once (default 2: they mostly wait on Dkron's and the
+/// kubelet's timers). Measurements for BENCHMARKS.md run with 1, so no timing disturbs another.
+pub async fn scenario() -> tokio::sync::SemaphorePermit<'static> {
+    static SLOTS: OnceCell<Semaphore> = OnceCell::const_new();
+    let slots = SLOTS
+        .get_or_init(|| async {
+            let n = std::env::var("DKRON_HA_E2E_SCENARIOS")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|n| *n >= 1)
+                .unwrap_or(2);
+            Semaphore::new(n)
+        })
+        .await;
+    slots.acquire().await.expect("never closed")
 }
 
 /// A Dkron server StatefulSet as users write it (the community chart's `--bootstrap-expect`,
@@ -177,15 +222,53 @@ impl Dkron {
         .await
     }
 
+    /// [`Dkron::create`] in a namespace that enforces the `restricted` Pod Security Standard,
+    /// with a Dkron container that complies as a user would write it: non-root, no privilege
+    /// escalation, no capabilities, the RuntimeDefault seccomp profile, and an fsGroup that
+    /// makes the data volume writable.
+    pub async fn create_restricted(name: &str, replicas: i32) -> (Dkron, Instant) {
+        Self::create_in(name, replicas, &[(RESTRICTED_LABEL, "restricted")], |sts| {
+            let pod = &mut sts["spec"]["template"]["spec"];
+            pod["securityContext"] = json!({
+                "runAsNonRoot": true, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+                "seccompProfile": { "type": "RuntimeDefault" },
+            });
+            pod["containers"][0]["securityContext"] = json!({
+                "allowPrivilegeEscalation": false, "capabilities": { "drop": ["ALL"] },
+            });
+        })
+        .await
+    }
+
     /// [`Dkron::create`] with `customize` applied to the StatefulSet's JSON.
     pub async fn create_with(
         name: &str,
         replicas: i32,
         customize: impl FnOnce(&mut serde_json::Value),
     ) -> (Dkron, Instant) {
+        Self::create_in(name, replicas, &[], customize).await
+    }
+
+    async fn create_in(
+        name: &str,
+        replicas: i32,
+        namespace_labels: &[(&str, &str)],
+        customize: impl FnOnce(&mut serde_json::Value),
+    ) -> (Dkron, Instant) {
         let cluster = cluster().await;
         let ns = cluster.control_plane.namespace(name).await;
         let client = cluster.client().await;
+        if !namespace_labels.is_empty() {
+            let labels: BTreeMap<&str, &str> = namespace_labels.iter().copied().collect();
+            Api::<Namespace>::all(client.clone())
+                .patch(
+                    &ns,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({ "metadata": { "labels": labels } })),
+                )
+                .await
+                .unwrap();
+        }
         let (service, statefulset) = dkron(name, replicas, customize);
         Api::<Service>::namespaced(client.clone(), &ns)
             .create(&PostParams::default(), &service)
@@ -601,6 +684,11 @@ impl Dkron {
     }
 
     pub async fn removal_events(&self) -> Vec<String> {
+        self.events_for("RaftPeerRemoved").await
+    }
+
+    /// The messages of the namespace's Events with `reason`.
+    pub async fn events_for(&self, reason: &str) -> Vec<String> {
         let events: Api<Event> = Api::namespaced(self.cluster.client().await, &self.ns);
         events
             .list(&ListParams::default())
@@ -608,9 +696,18 @@ impl Dkron {
             .unwrap()
             .items
             .into_iter()
-            .filter(|e| e.reason.as_deref() == Some("RaftPeerRemoved"))
+            .filter(|e| e.reason.as_deref() == Some(reason))
             .map(|e| e.message.unwrap_or_default())
             .collect()
+    }
+
+    /// Deletes the namespace (and so the StatefulSet and its pods), so later scenarios' drains
+    /// never wait for this cluster.
+    pub async fn delete(self) {
+        Api::<Namespace>::all(self.cluster.client().await)
+            .delete(&self.ns, &DeleteParams::default())
+            .await
+            .unwrap();
     }
 
     /// After the leader's pod was deleted: seconds until one of `others` (name, IP) says it
