@@ -221,6 +221,8 @@ pub struct FleetLock {
     drainer: Drainer,
     recorder: Recorder,
     metrics: FleetLockMetrics,
+    /// Cancelled when this replica shuts down: waiting pre-reboots answer at their next step.
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 impl FleetLock {
@@ -247,7 +249,17 @@ impl FleetLock {
             metrics: FleetLockMetrics::register(registry),
             nodes: NodeCache::start(client),
             config,
+            stopping: tokio_util::sync::CancellationToken::new(),
         }
+    }
+
+    /// Ends every waiting pre-reboot at its next step with the answer it has (Zincati asks
+    /// again, reaching another replica) once `stopping` is cancelled: for a replica that shuts
+    /// down, whose HTTP server waits for its requests before it exits. Else the eviction of its
+    /// own pod, by a drain it serves, would wait out that drain's `--fleetlock-drain-wait`.
+    pub fn with_shutdown(mut self, stopping: tokio_util::sync::CancellationToken) -> Self {
+        self.stopping = stopping;
+        self
     }
 
     /// Sends evictions through `client`, best built with `kube::Config { default_retry: false,
@@ -295,7 +307,10 @@ impl FleetLock {
         let slots = self.locks.slots(&params.group).await?;
         let mut steps = PreReboot::new(&name, &params.group, slots);
         let deadline = Instant::now() + self.config.drain_wait;
-        let time_left = || deadline.saturating_duration_since(Instant::now());
+        let time_left = || match self.stopping.is_cancelled() {
+            true => Duration::ZERO,
+            false => deadline.saturating_duration_since(Instant::now()),
+        };
         let mut observed = Observed::Arrived;
         loop {
             let step = steps.next(observed);
@@ -321,7 +336,10 @@ impl FleetLock {
                     time_left: time_left(),
                 },
                 Step::Wait(pause) => {
-                    tokio::time::sleep(pause).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        () = self.stopping.cancelled() => {}
+                    }
                     Observed::Waited
                 }
                 Step::Answer(answer) => return answer,

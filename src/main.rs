@@ -227,6 +227,8 @@ fn run_serve(
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let mut server = serve::Server::bind(&args).await?;
+        // Cancelled first when shutdown begins: FleetLock's waiting requests answer at once.
+        let stopping = tokio_util::sync::CancellationToken::new();
         // Building a client reads configuration only; it never waits for the API server.
         match kube::Config::infer().await {
             Ok(config) => {
@@ -237,7 +239,8 @@ fn run_serve(
                 let eviction_client = kube::Client::try_from(eviction_config)?;
                 let fleetlock =
                     fleetlock::FleetLock::new(client.clone(), fleetlock_config, server.registry_mut())
-                        .with_eviction_client(eviction_client);
+                        .with_eviction_client(eviction_client)
+                        .with_shutdown(stopping.clone());
                 let fleetlock = std::sync::Arc::new(fleetlock);
                 let gate = fleetlock.clone();
                 server.ready_after(Box::pin(async move { gate.until_ready().await }));
@@ -261,7 +264,12 @@ fn run_serve(
                 "no Kubernetes client configuration: serving admission only (controller and FleetLock off)"
             ),
         }
-        server.run(serve::shutdown_signal()).await?;
+        server
+            .run(async move {
+                serve::shutdown_signal().await;
+                stopping.cancel();
+            })
+            .await?;
         Ok(())
     })
 }

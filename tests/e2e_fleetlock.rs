@@ -51,6 +51,8 @@ struct Server {
     base: String,
     http: reqwest::Client,
     task: tokio::task::JoinHandle<()>,
+    /// Cancelled as `serve` does when its shutdown begins.
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 #[derive(Debug)]
@@ -90,7 +92,9 @@ impl Server {
         config: FleetLockConfig,
     ) -> Server {
         let mut registry = Registry::default();
-        let mut fleetlock = FleetLock::new(client, config, &mut registry);
+        let stopping = tokio_util::sync::CancellationToken::new();
+        let mut fleetlock =
+            FleetLock::new(client, config, &mut registry).with_shutdown(stopping.clone());
         if let Some(eviction_client) = eviction_client {
             fleetlock = fleetlock.with_eviction_client(eviction_client);
         }
@@ -107,6 +111,7 @@ impl Server {
             base: format!("http://{address}/fleetlock/"),
             http: reqwest::Client::new(),
             task,
+            stopping,
         }
     }
 
@@ -916,6 +921,49 @@ async fn a_serve_restart_in_the_middle_of_a_drain_resumes_it() {
     assert_eq!(after.steady_state(&id).await.status, 200);
     assert_eq!(cordoned(&fx.node(0).await), (false, None));
     after.stop();
+}
+
+/// A replica that begins to shut down answers the pre-reboot it is serving at its next step,
+/// not after its drain wait: its own pod may be among those the drain waits for.
+#[tokio::test]
+async fn a_replica_shutting_down_answers_its_waiting_pre_reboot_at_once() {
+    let fx = Fixture::new("fl-stopping").await;
+    fx.create_node(0, true, false).await;
+    fx.create_running_pod("guarded", 0, &[("app", "guarded")], None, &[])
+        .await;
+    fx.create_budget("guarded", 1, 0).await;
+    let server = fx
+        .server_with_exact_evictions(Duration::from_secs(600))
+        .await;
+    let id = fx.zincati_id(0);
+    let waiting = server.pre_reboot(&id);
+    let stop = async {
+        // The request is in its drain (the node cordoned) when the shutdown begins.
+        eventually("the drain has begun", async || {
+            (cordoned(&fx.node(0).await) == (true, Some("true"))).then_some(())
+        })
+        .await;
+        server.stopping.cancel();
+    };
+    // Bounded only so a hang fails: the drain wait alone is 600 s.
+    let (answer, ()) = tokio::time::timeout(Duration::from_secs(120), async {
+        tokio::join!(waiting, stop)
+    })
+    .await
+    .expect("the waiting pre-reboot answered once the replica began to stop");
+    assert_eq!(
+        (answer.status, answer.kind()),
+        (409, "drain_in_progress"),
+        "{answer:?}"
+    );
+    assert!(
+        answer
+            .value()
+            .contains("guarded (eviction blocked by a PodDisruptionBudget)"),
+        "{}",
+        answer.value()
+    );
+    server.stop();
 }
 
 #[tokio::test]
