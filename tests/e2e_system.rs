@@ -129,25 +129,22 @@ impl Zincati {
         }
     }
 
-    /// Deletes every serve pod and waits until their replacements are Ready (new pods, new
-    /// IPs): `serve` restarted, as a rollout or an eviction restarts it.
+    /// Deletes every serve pod and waits until they are gone and a new one is Ready: `serve`
+    /// restarted, as a rollout or an eviction restarts it.
     async fn restart_serve(&self) {
-        let old: Vec<String> = self.serve_ips().await;
-        let pods = self
-            .serve
-            .list(&ListParams::default().labels("app.kubernetes.io/name=dkron-ha"))
-            .await
-            .unwrap();
-        for pod in pods.items {
-            self.serve
-                .delete(&pod.metadata.name.unwrap(), &Default::default())
-                .await
-                .unwrap();
+        let selector = ListParams::default().labels("app.kubernetes.io/name=dkron-ha");
+        let names = async || -> Vec<String> {
+            let pods = self.serve.list(&selector).await.unwrap().items;
+            pods.into_iter().filter_map(|p| p.metadata.name).collect()
+        };
+        let old = names().await;
+        for pod in &old {
+            self.serve.delete(pod, &Default::default()).await.unwrap();
         }
         let deadline = Instant::now() + Duration::from_secs(180);
         loop {
-            let now = self.serve_ips().await;
-            if now.len() == old.len() && now.iter().all(|ip| !old.contains(ip)) {
+            let now = names().await;
+            if now.iter().all(|pod| !old.contains(pod)) && !self.serve_ips().await.is_empty() {
                 return;
             }
             assert!(
@@ -654,21 +651,30 @@ async fn plain_dkron_rebooted_with_kubectl_drain_baseline() {
         },
         sample(&dkron, &done)
     );
-    let mut lost = Vec::new();
-    for (pod, view) in &state.pods {
-        let Some(ip) = &view.ip else {
-            lost.push(format!("{pod}: no IP"));
-            continue;
-        };
-        for job in &jobs {
-            let answer = dkron.http_get(ip, &format!("/v1/jobs/{job}")).await;
-            if answer.map(|(code, _)| code) != Some(200) {
-                lost.push(format!("{pod}: {job}"));
+    // A job counts as lost on a server that still lacks it 30 s after the cluster got whole
+    // (a server just back may still be catching up).
+    let settled = Instant::now() + Duration::from_secs(30);
+    let lost = loop {
+        let mut lost = Vec::new();
+        for (pod, view) in &state.pods {
+            let Some(ip) = &view.ip else {
+                lost.push(format!("{pod}: no IP"));
+                continue;
+            };
+            for job in &jobs {
+                let answer = dkron.http_get(ip, &format!("/v1/jobs/{job}")).await;
+                if answer.map(|(code, _)| code) != Some(200) {
+                    lost.push(format!("{pod}: {job}"));
+                }
             }
         }
-    }
+        if lost.is_empty() || Instant::now() > settled {
+            break lost;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
     eprintln!(
-        "plain Dkron, rolling reboot of {} nodes with kubectl drain: reboots done {:.1}s, whole again {:.1}s after the first drain ({}); without a leader {:.1}s (longest {:.1}s); at least {} Ready voters at any time ({} samples); jobs missing at the end: {} {lost:?}; voters at the end {:?}",
+        "plain Dkron, rolling reboot of {} nodes with kubectl drain: reboots done {:.1}s, whole again {:.1}s after the first drain ({}); without a leader {:.1}s (longest {:.1}s); at least {} Ready voters at any time ({} samples); jobs missing 30 s after: {} {lost:?}; voters at the end {:?}",
         order.len(),
         rebooted.as_secs_f64(),
         began.elapsed().as_secs_f64(),
@@ -684,4 +690,5 @@ async fn plain_dkron_rebooted_with_kubectl_drain_baseline() {
         lost.len(),
         state.voters()
     );
+    dkron.delete().await;
 }

@@ -246,7 +246,12 @@ pub async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Actio
 
     match inject::replace_on_node_failure(&sts) {
         Ok(Some(after)) => {
-            super::node_failure::reconcile(&ctx, &sts, &namespace, after, leader.is_some()).await?
+            // Its failure must not hold up the raft loop's own work below.
+            let replaced =
+                super::node_failure::reconcile(&ctx, &sts, &namespace, after, leader.is_some());
+            if let Err(error) = replaced.await {
+                tracing::warn!(%namespace, statefulset = %name, %error, "cannot replace pods on failed nodes");
+            }
         }
         Ok(None) => {}
         // The webhook denies such a value; one stored before dkron-ha came stays unused.
