@@ -16,6 +16,7 @@ inject:
 # run pays.
 test: lint tools
 	cargo test --workspace
+	cd tests/tools/dkron-standin && GOFLAGS=-mod=mod go test ./...
 
 tools:
 	bash tests/tools/build.sh

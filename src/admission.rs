@@ -32,6 +32,8 @@ pub enum MutateError {
     Inject(#[from] InjectError),
     #[error("object is not a valid apps/v1 StatefulSet: {0}")]
     NotAStatefulSet(#[source] serde_json::Error),
+    #[error("object is not a valid apps/v1 Deployment: {0}")]
+    NotADeployment(#[source] serde_json::Error),
 }
 
 /// The outcome of one review, for metrics and logs.
@@ -63,15 +65,76 @@ pub struct Mutation {
     pub warnings: Vec<String>,
 }
 
+fn raw_annotation<'a>(object: &'a Value, key: &str) -> Option<&'a Value> {
+    object.get("metadata")?.get("annotations")?.get(key)
+}
+
 /// Whether a raw object opts in, read before anything else of it: an object that does not opt
 /// in is never ours to judge, however the rest of it looks.
 fn opts_in(object: &Value) -> bool {
-    object
-        .get("metadata")
-        .and_then(|m| m.get("annotations"))
-        .and_then(|a| a.get(crate::names::ANNOTATION_ENABLED))
-        .and_then(Value::as_str)
-        == Some("true")
+    raw_annotation(object, crate::names::ANNOTATION_ENABLED).and_then(Value::as_str) == Some("true")
+}
+
+/// Whether a raw object is Dkron workers (`dkron-ha/agent-of`, any value: a bad one is denied).
+fn is_workers(object: &Value) -> bool {
+    raw_annotation(object, crate::names::ANNOTATION_AGENT_OF).is_some()
+}
+
+/// Mutates a raw Deployment or StatefulSet of Dkron workers (`dkron-ha/agent-of`); `None` when
+/// it names no servers. Only its pod template changes.
+pub fn mutate_workers(
+    object: &Value,
+    kind: WorkloadKind,
+    config: &InjectorConfig,
+) -> Result<Option<Mutation>, MutateError> {
+    if !is_workers(object) {
+        return Ok(None);
+    }
+    let (before, after) = match kind {
+        WorkloadKind::Deployment => {
+            let deployment = k8s_openapi::api::apps::v1::Deployment::deserialize(object)
+                .map_err(MutateError::NotADeployment)?;
+            let template = deployment
+                .spec
+                .as_ref()
+                .map(|s| s.template.clone())
+                .unwrap_or_default();
+            let Some(injected) = inject::inject_workers(&deployment.metadata, &template, config)?
+            else {
+                return Ok(None);
+            };
+            let mut after = deployment.clone();
+            after.spec.get_or_insert_with(Default::default).template = injected;
+            let value = |d| serde_json::to_value(d).map_err(MutateError::NotADeployment);
+            (value(&deployment)?, value(&after)?)
+        }
+        WorkloadKind::StatefulSet => {
+            let sts = StatefulSet::deserialize(object).map_err(MutateError::NotAStatefulSet)?;
+            let template = sts
+                .spec
+                .as_ref()
+                .map(|s| s.template.clone())
+                .unwrap_or_default();
+            let Some(injected) = inject::inject_workers(&sts.metadata, &template, config)? else {
+                return Ok(None);
+            };
+            let mut after = sts.clone();
+            after.spec.get_or_insert_with(Default::default).template = injected;
+            let value = |s| serde_json::to_value(s).map_err(MutateError::NotAStatefulSet);
+            (value(&sts)?, value(&after)?)
+        }
+    };
+    Ok(Some(Mutation {
+        patch: json_patch::diff(&before, &after),
+        warnings: Vec::new(),
+    }))
+}
+
+/// The workloads the webhook sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkloadKind {
+    StatefulSet,
+    Deployment,
 }
 
 /// Mutates a raw StatefulSet the way the webhook does (the review's object, or a document of
@@ -118,15 +181,21 @@ pub fn review(body: &[u8], config: &InjectorConfig) -> Result<ReviewAnswer, Revi
         return Err(ReviewError::MissingUid);
     }
     let response = AdmissionResponse::from(&request);
-    let is_statefulset = request.kind.group == "apps"
-        && request.kind.version == "v1"
-        && request.kind.kind == "StatefulSet";
+    let kind = match (
+        request.kind.group.as_str(),
+        request.kind.version.as_str(),
+        request.kind.kind.as_str(),
+    ) {
+        ("apps", "v1", "StatefulSet") => Some(WorkloadKind::StatefulSet),
+        ("apps", "v1", "Deployment") => Some(WorkloadKind::Deployment),
+        _ => None,
+    };
     let operation = match request.operation {
         kube_admission::Operation::Create => Some(Operation::Create),
         kube_admission::Operation::Update => Some(Operation::Update),
         _ => None,
     };
-    let (Some(operation), true, Some(object)) = (operation, is_statefulset, &request.object) else {
+    let (Some(operation), Some(kind), Some(object)) = (operation, kind, &request.object) else {
         tracing::debug!(uid = %request.uid, kind = %request.kind.kind, operation = ?request.operation, "not ours, allowed unchanged");
         return Ok(answer(&request, response, Verdict::Unchanged));
     };
@@ -136,7 +205,13 @@ pub fn review(body: &[u8], config: &InjectorConfig) -> Result<ReviewAnswer, Revi
         .and_then(|o| serde_json::to_value(o).ok());
     let result = serde_json::to_value(object)
         .map_err(MutateError::NotAStatefulSet)
-        .and_then(|object| mutate_statefulset(&object, operation, old.as_ref(), config));
+        .and_then(|object| match kind {
+            _ if is_workers(&object) => mutate_workers(&object, kind, config),
+            WorkloadKind::StatefulSet => {
+                mutate_statefulset(&object, operation, old.as_ref(), config)
+            }
+            WorkloadKind::Deployment => Ok(None),
+        });
     let (namespace, name, uid) = (
         request.namespace.as_deref().unwrap_or_default(),
         &request.name,

@@ -7,21 +7,24 @@
 //! yields the same object.
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy};
+use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector,
     PodReadinessGate, PodSpec, ResourceRequirements, SeccompProfile, SecurityContext, Volume,
     VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use std::collections::BTreeMap;
 
 use crate::names::{
-    ANNOTATION_CONTAINER, ANNOTATION_DKRON_COMMAND, ANNOTATION_ENABLED,
-    ANNOTATION_INITIAL_CLUSTER_SIZE, ANNOTATION_INJECTED, ANNOTATION_PVC_RETENTION,
-    ANNOTATION_RAFT_VOTER_GATE, ANNOTATION_REPLACE_ON_NODE_FAILURE, BIN_DIR, BIN_VOLUME,
-    BIN_VOLUME_SIZE_LIMIT_MIB, CONDITION_RAFT_VOTER, ENV_CLUSTER_DOMAIN, ENV_INITIAL_CLUSTER_SIZE,
-    ENV_LEADER_SERVICE, ENV_LOG_FORMAT, ENV_POD_IP, ENV_POD_NAME, ENV_POD_NAMESPACE, ENV_SERVICE,
-    ENV_STATEFULSET, IMAGE_BINARY, INSTALL_CONTAINER, LABEL_UPDATER_CONTAINER, WRAPPER_PATH,
+    ANNOTATION_AGENT_OF, ANNOTATION_AGENT_SERVICE, ANNOTATION_CONTAINER, ANNOTATION_DKRON_COMMAND,
+    ANNOTATION_ENABLED, ANNOTATION_INITIAL_CLUSTER_SIZE, ANNOTATION_INJECTED,
+    ANNOTATION_PVC_RETENTION, ANNOTATION_RAFT_VOTER_GATE, ANNOTATION_REPLACE_ON_NODE_FAILURE,
+    BIN_DIR, BIN_VOLUME, BIN_VOLUME_SIZE_LIMIT_MIB, CONDITION_RAFT_VOTER, ENV_AGENT_OF,
+    ENV_CLUSTER_DOMAIN, ENV_INITIAL_CLUSTER_SIZE, ENV_LEADER_SERVICE, ENV_LOG_FORMAT, ENV_POD_IP,
+    ENV_POD_NAME, ENV_POD_NAMESPACE, ENV_SERVICE, ENV_STATEFULSET, IMAGE_BINARY, INSTALL_CONTAINER,
+    LABEL_UPDATER_CONTAINER, WRAPPER_PATH,
 };
 
 pub const DEFAULT_DKRON_COMMAND: &str = "/usr/local/bin/dkron";
@@ -102,6 +105,18 @@ pub enum InjectError {
     MissingServiceName,
     #[error("the StatefulSet has no pod template spec: set spec.template.spec.containers")]
     MissingPodSpec,
+    #[error(
+        "annotation {annotation}={value:?} is not valid: set it to the name of the Dkron server {what} (a DNS label: lowercase letters, digits and '-', at most 63)"
+    )]
+    InvalidWorkersOf {
+        annotation: &'static str,
+        what: &'static str,
+        value: String,
+    },
+    #[error(
+        "both {ANNOTATION_ENABLED} and {ANNOTATION_AGENT_OF} are set: a StatefulSet runs Dkron servers ({ANNOTATION_ENABLED}: \"true\") or the workers of other servers ({ANNOTATION_AGENT_OF}: <server StatefulSet>); remove one"
+    )]
+    ServersAndWorkers,
 }
 
 /// The result of injecting one StatefulSet.
@@ -117,8 +132,11 @@ pub fn is_opted_in(sts: &StatefulSet) -> bool {
 }
 
 fn annotation<'a>(sts: &'a StatefulSet, key: &str) -> Option<&'a str> {
-    sts.metadata
-        .annotations
+    meta_annotation(&sts.metadata, key)
+}
+
+fn meta_annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
+    meta.annotations
         .as_ref()
         .and_then(|a| a.get(key))
         .map(String::as_str)
@@ -185,6 +203,9 @@ fn plan(
         .as_deref()
         .filter(|n| !n.is_empty())
         .ok_or(InjectError::MissingName)?;
+    if is_workers(&sts.metadata) {
+        return Err(InjectError::ServersAndWorkers);
+    }
     let spec = sts.spec.as_ref().ok_or(InjectError::MissingServiceName)?;
     let service = spec
         .service_name
@@ -196,18 +217,8 @@ fn plan(
         .spec
         .as_ref()
         .ok_or(InjectError::MissingPodSpec)?;
-    let container_index = dkron_container_index(sts, pod)?;
-
-    let dkron_command = match annotation(sts, ANNOTATION_DKRON_COMMAND) {
-        Some(value) => {
-            let words: Vec<String> = value.split_whitespace().map(str::to_string).collect();
-            if words.is_empty() {
-                return Err(InjectError::EmptyDkronCommand);
-            }
-            words
-        }
-        None => vec![DEFAULT_DKRON_COMMAND.to_string()],
-    };
+    let container_index = dkron_container_index(&sts.metadata, pod)?;
+    let dkron_command = dkron_command(&sts.metadata)?;
 
     let initial_cluster_size = match annotation(sts, ANNOTATION_INITIAL_CLUSTER_SIZE) {
         Some(value) => parse_cluster_size(value)?,
@@ -310,8 +321,22 @@ fn container_names(pod: &PodSpec) -> String {
         .join(", ")
 }
 
-fn dkron_container_index(sts: &StatefulSet, pod: &PodSpec) -> Result<usize, InjectError> {
-    if let Some(name) = annotation(sts, ANNOTATION_CONTAINER) {
+/// `dkron-ha/dkron-command` split into words, or the default Dkron executable.
+fn dkron_command(meta: &ObjectMeta) -> Result<Vec<String>, InjectError> {
+    match meta_annotation(meta, ANNOTATION_DKRON_COMMAND) {
+        Some(value) => {
+            let words: Vec<String> = value.split_whitespace().map(str::to_string).collect();
+            if words.is_empty() {
+                return Err(InjectError::EmptyDkronCommand);
+            }
+            Ok(words)
+        }
+        None => Ok(vec![DEFAULT_DKRON_COMMAND.to_string()]),
+    }
+}
+
+fn dkron_container_index(meta: &ObjectMeta, pod: &PodSpec) -> Result<usize, InjectError> {
+    if let Some(name) = meta_annotation(meta, ANNOTATION_CONTAINER) {
         return pod
             .containers
             .iter()
@@ -498,6 +523,100 @@ fn injected_service_account(plan: &InjectionPlan) -> Option<String> {
     plan.service_account
         .is_none()
         .then(|| crate::names::owned_object(&plan.name))
+}
+
+/// Whether `meta` is a Deployment's or StatefulSet's of Dkron workers (`dkron-ha/agent-of`).
+pub fn is_workers(meta: &ObjectMeta) -> bool {
+    meta_annotation(meta, ANNOTATION_AGENT_OF).is_some()
+}
+
+fn dns_label(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 63
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !value.starts_with('-')
+        && !value.ends_with('-')
+}
+
+/// Injects the pod template of a Deployment or StatefulSet of Dkron workers (`meta` carries
+/// `dkron-ha/agent-of`): the wrapper's volume, install init container and agent-mode `wrap`
+/// (its environment names the servers' StatefulSet and headless Service); no label-updater,
+/// readiness gate or service account, since workers are no raft voters and `wrap` joins them by
+/// DNS name, which needs no RBAC. `None` when `meta` does not name servers.
+pub fn inject_workers(
+    meta: &ObjectMeta,
+    template: &PodTemplateSpec,
+    config: &InjectorConfig,
+) -> Result<Option<PodTemplateSpec>, InjectError> {
+    let Some(servers) = meta_annotation(meta, ANNOTATION_AGENT_OF).map(str::trim) else {
+        return Ok(None);
+    };
+    if meta_annotation(meta, ANNOTATION_ENABLED) == Some("true") {
+        return Err(InjectError::ServersAndWorkers);
+    }
+    let invalid = |annotation, what, value: &str| InjectError::InvalidWorkersOf {
+        annotation,
+        what,
+        value: value.to_owned(),
+    };
+    if !dns_label(servers) {
+        return Err(invalid(ANNOTATION_AGENT_OF, "StatefulSet", servers));
+    }
+    let service = meta_annotation(meta, ANNOTATION_AGENT_SERVICE)
+        .map(str::trim)
+        .unwrap_or(servers);
+    if !dns_label(service) {
+        return Err(invalid(
+            ANNOTATION_AGENT_SERVICE,
+            "StatefulSet's headless Service",
+            service,
+        ));
+    }
+    let pod = template.spec.as_ref().ok_or(InjectError::MissingPodSpec)?;
+    let index = dkron_container_index(meta, pod)?;
+    let dkron_command = dkron_command(meta)?;
+
+    let mut out = template.clone();
+    out.metadata
+        .get_or_insert_with(Default::default)
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(ANNOTATION_INJECTED.into(), config.version.clone());
+    let pod = out.spec.as_mut().expect("checked above");
+    upsert_by_name(
+        pod.volumes.get_or_insert_with(Vec::new),
+        bin_volume(),
+        |v| &v.name,
+    );
+    upsert_by_name(
+        pod.init_containers.get_or_insert_with(Vec::new),
+        install_container(config),
+        |c| &c.name,
+    );
+    let dkron = &mut pod.containers[index];
+    let current = dkron.command.as_deref().unwrap_or_default();
+    if !is_wrapped(current) {
+        dkron.command = Some(wrapped_command(current, &dkron_command));
+    }
+    upsert_by_name(
+        dkron.volume_mounts.get_or_insert_with(Vec::new),
+        bin_mount(),
+        |m| &m.name,
+    );
+    let env = dkron.env.get_or_insert_with(Vec::new);
+    use EnvSource::{Field, Value};
+    for (name, source) in [
+        (ENV_AGENT_OF, Value(servers.to_owned())),
+        (ENV_SERVICE, Value(service.to_owned())),
+        (ENV_CLUSTER_DOMAIN, Value(config.cluster_domain.clone())),
+        (ENV_POD_NAME, Field("metadata.name")),
+        (ENV_POD_NAMESPACE, Field("metadata.namespace")),
+    ] {
+        upsert_by_name(env, source.env_var(name), |e| &e.name);
+    }
+    Ok(Some(out))
 }
 
 /// Wraps the Dkron container's command and gives it the wrapper's volume and environment.

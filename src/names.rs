@@ -7,6 +7,10 @@ pub const ANNOTATION_ENABLED: &str = "dkron-ha/enabled";
 pub const ANNOTATION_INITIAL_CLUSTER_SIZE: &str = "dkron-ha/initial-cluster-size";
 pub const ANNOTATION_CONTAINER: &str = "dkron-ha/container";
 pub const ANNOTATION_DKRON_COMMAND: &str = "dkron-ha/dkron-command";
+/// On a Deployment or StatefulSet of Dkron workers: the server StatefulSet they join.
+pub const ANNOTATION_AGENT_OF: &str = "dkron-ha/agent-of";
+/// The servers' headless Service, for workers (default: the `dkron-ha/agent-of` name).
+pub const ANNOTATION_AGENT_SERVICE: &str = "dkron-ha/agent-service";
 /// `"false"` leaves out the `dkron-ha/raft-voter` readiness gate (default `"true"`).
 pub const ANNOTATION_RAFT_VOTER_GATE: &str = "dkron-ha/raft-voter-gate";
 /// A duration: a server pod whose Node is NotReady that long (or gone) is replaced.
@@ -30,6 +34,8 @@ pub const ENV_SERVICE: &str = "DKRON_HA_SERVICE";
 pub const ENV_INITIAL_CLUSTER_SIZE: &str = "DKRON_HA_INITIAL_CLUSTER_SIZE";
 pub const ENV_CLUSTER_DOMAIN: &str = "DKRON_HA_CLUSTER_DOMAIN";
 pub const ENV_LEADER_SERVICE: &str = "DKRON_HA_LEADER_SERVICE";
+/// On a worker agent: the server StatefulSet it joins (agent-mode `wrap`).
+pub const ENV_AGENT_OF: &str = "DKRON_HA_AGENT_OF";
 /// Downward-API variables of the Dkron container and the label-updater.
 pub const ENV_POD_NAME: &str = "POD_NAME";
 pub const ENV_POD_NAMESPACE: &str = "POD_NAMESPACE";

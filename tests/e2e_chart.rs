@@ -384,7 +384,8 @@ fn assert_invariants(case: &str, rendered: &Rendered, namespace: &str) {
     assert_eq!(webhook["reinvocationPolicy"], "IfNeeded", "{case}");
     assert_eq!(
         webhook["rules"],
-        json!([{"apiGroups": ["apps"], "apiVersions": ["v1"], "resources": ["statefulsets"],
+        json!([{"apiGroups": ["apps"], "apiVersions": ["v1"],
+                "resources": ["statefulsets", "deployments"],
                 "operations": ["CREATE", "UPDATE"], "scope": "Namespaced"}]),
         "{case}"
     );
@@ -404,7 +405,8 @@ fn assert_invariants(case: &str, rendered: &Rendered, namespace: &str) {
         .unwrap();
     assert!(
         condition.contains("has(object.metadata.annotations)")
-            && condition.contains("object.metadata.annotations['dkron-ha/enabled'] == 'true'"),
+            && condition.contains("object.metadata.annotations['dkron-ha/enabled'] == 'true'")
+            && condition.contains("'dkron-ha/agent-of' in object.metadata.annotations"),
         "{case}: {condition}"
     );
 

@@ -684,3 +684,196 @@ async fn plain_dkron_without_dkron_ha_baseline() {
         rolled.gaps.longest.as_secs_f64()
     );
 }
+
+/// Runs `job` now (`POST /v1/jobs/<job>` on the leader) and waits until the leader lists an
+/// execution of it newer than `seen` that succeeded on one of `workers`; returns its node and
+/// the count of executions.
+async fn run_on_a_worker(dkron: &Dkron, job: &str, seen: usize) -> (String, usize) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut asked = None;
+    loop {
+        let state = dkron.state().await;
+        if let Some(ip) = state.leader.as_ref().and_then(|l| state.pods[l].ip.clone()) {
+            if asked.is_none_or(|at: Instant| at.elapsed() > Duration::from_secs(10)) {
+                let response = dkron
+                    .http
+                    .post(format!("http://{ip}:8080/v1/jobs/{job}"))
+                    .send()
+                    .await;
+                if response.is_ok_and(|r| r.status().is_success()) {
+                    asked = Some(Instant::now());
+                }
+            }
+            if let Some((200, body)) = dkron
+                .http_get(&ip, &format!("/v1/jobs/{job}/executions"))
+                .await
+                && let Ok(executions) = serde_json::from_str::<Vec<serde_json::Value>>(&body)
+                && executions.len() > seen
+            {
+                let newest = executions
+                    .iter()
+                    .max_by_key(|e| e["started_at"].as_str().unwrap_or_default().to_owned())
+                    .unwrap();
+                let node = newest["node_name"].as_str().unwrap_or_default().to_owned();
+                assert!(
+                    newest["success"] == true
+                        && node.starts_with(&format!("{}-workers-", dkron.name)),
+                    "{job} ran, but not well on a worker: {newest}"
+                );
+                return (node, executions.len());
+            }
+        }
+        if Instant::now() > deadline {
+            let workers = dkron
+                .pods
+                .list(
+                    &kube::api::ListParams::default()
+                        .labels(&format!("app={}-workers", dkron.name)),
+                )
+                .await
+                .unwrap()
+                .items;
+            let mut logs = String::new();
+            for pod in workers {
+                let name = pod.metadata.name.unwrap_or_default();
+                logs.push_str(&format!(
+                    "\n--- {name}\n{}",
+                    dkron.log(&name, "dkron", false).await
+                ));
+            }
+            dkron
+                .fail(format!(
+                    "{job}: no new execution after 120s (asked: {asked:?}){logs}"
+                ))
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Dkron workers as a Deployment opted in with `dkron-ha/agent-of`: injected in agent mode (no
+/// label-updater, gate or RBAC of their own), they join the 3 servers by the headless Service's
+/// name and run a job; after every server pod was deleted at once (new IPs; no server
+/// remembers the workers, which Dkron never looks up by name again, issue #1253) `wrap` restarts
+/// each worker's Dkron in place once the servers have answered without it for 30 s, and the job
+/// runs on a worker again.
+#[tokio::test]
+async fn workers_run_jobs_and_find_the_servers_again_after_all_of_them_restarted() {
+    let _slot = scenario().await;
+    let (dkron, _) = Dkron::create("agents", 3).await;
+    let want = names(&dkron, 3);
+    dkron.until_whole(&want, Duration::from_secs(180)).await;
+    let workers: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(json!({
+        "metadata": { "name": "agents-workers", "annotations": { "dkron-ha/agent-of": "agents" } },
+        "spec": {
+            "replicas": 2,
+            "selector": { "matchLabels": { "app": "agents-workers" } },
+            "template": {
+                "metadata": { "labels": { "app": "agents-workers" } },
+                "spec": {
+                    "terminationGracePeriodSeconds": 5,
+                    "containers": [{
+                        "name": "dkron", "image": DKRON_IMAGE, "imagePullPolicy": "Never",
+                        "args": ["agent", "--tag", "pool=workers", "--log-level=info"],
+                    }],
+                },
+            },
+        },
+    }))
+    .unwrap();
+    let client = dkron.cluster.client().await;
+    let deployments =
+        Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), &dkron.ns);
+    // A name that cannot be a StatefulSet's is denied, saying what to write.
+    let mut bad = workers.clone();
+    bad.metadata.name = Some("bad-workers".into());
+    bad.metadata
+        .annotations
+        .as_mut()
+        .unwrap()
+        .insert("dkron-ha/agent-of".into(), "Agents_Servers".into());
+    match deployments.create(&PostParams::default(), &bad).await {
+        Err(kube::Error::Api(status)) => assert!(
+            status.message.contains("dkron-ha/agent-of")
+                && status
+                    .message
+                    .contains("set it to the name of the Dkron server StatefulSet"),
+            "{}",
+            status.message
+        ),
+        other => panic!("a bad dkron-ha/agent-of was admitted: {other:?}"),
+    }
+    deployments
+        .create(&PostParams::default(), &workers)
+        .await
+        .unwrap();
+    let job = json!({
+        "name": "on-a-worker", "schedule": "@manually", "executor": "shell",
+        "executor_config": { "command": "/usr/local/bin/dkron version" },
+        "tags": { "pool": "workers:1" },
+    });
+    let state = dkron.state().await;
+    let response = dkron
+        .http
+        .post(format!("http://{}:8080/v1/jobs", state.leader_ip()))
+        .json(&job)
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{response:?}");
+    let (first, seen) = run_on_a_worker(&dkron, "on-a-worker", 0).await;
+    eprintln!("workers joined: on-a-worker ran on {first}");
+    let pods = Api::<Pod>::namespaced(client.clone(), &dkron.ns)
+        .list(&kube::api::ListParams::default().labels("app=agents-workers"))
+        .await
+        .unwrap()
+        .items;
+    let pod = &pods[0];
+    let containers = &pod.spec.as_ref().unwrap().containers;
+    assert_eq!(containers.len(), 1, "a worker gets no label-updater");
+    assert!(pod.spec.as_ref().unwrap().readiness_gates.is_none());
+    let roles = Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(client.clone(), &dkron.ns)
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|r| r.metadata.name)
+        .collect::<Vec<_>>();
+    assert_eq!(roles, ["agents-dkron-ha"], "workers need no RBAC");
+
+    // Every server at once.
+    let restarted = Instant::now();
+    for server in &want {
+        dkron
+            .pods
+            .delete(server, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    dkron.until_whole(&want, Duration::from_secs(300)).await;
+    let (again, _) = run_on_a_worker(&dkron, "on-a-worker", seen).await;
+    eprintln!(
+        "every server restarted at once: on-a-worker ran on {again} {:.1}s later",
+        restarted.elapsed().as_secs_f64()
+    );
+    // The workers' Dkron restarted in place: their containers did not.
+    let pods = Api::<Pod>::namespaced(client, &dkron.ns)
+        .list(&kube::api::ListParams::default().labels("app=agents-workers"))
+        .await
+        .unwrap()
+        .items;
+    for pod in pods {
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let restarts = pod.status.unwrap().container_statuses.unwrap()[0].restart_count;
+        assert_eq!(restarts, 0, "{name}");
+        let rejoined = dkron
+            .log(&name, "dkron", false)
+            .await
+            .matches("joins them again by name")
+            .count();
+        eprintln!(
+            "{name}: Dkron restarted in place by wrap {rejoined} time(s) to find the servers"
+        );
+    }
+}

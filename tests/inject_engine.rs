@@ -726,3 +726,100 @@ fn the_runtime_reads_the_environment_the_injector_writes() {
     assert_eq!(settings.pod_ip.to_string(), "10.1.2.3");
     assert_eq!(settings.own_fqdn(), "dkron-1.dkron.ns.svc.cluster.local");
 }
+
+#[test]
+fn workers_get_agent_mode_wrap_and_nothing_a_server_needs() {
+    let deployment: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(json!({
+        "metadata": { "name": "workers", "annotations": { "dkron-ha/agent-of": "dkron" } },
+        "spec": {
+            "selector": { "matchLabels": { "app": "workers" } },
+            "template": {
+                "metadata": { "labels": { "app": "workers" } },
+                "spec": { "containers": [{ "name": "dkron", "image": "dkron/dkron:4.1.2",
+                                            "args": ["agent", "--tag", "role=worker"] }] },
+            },
+        },
+    }))
+    .unwrap();
+    let template = deployment.spec.as_ref().unwrap().template.clone();
+    let injected = inject::inject_workers(&deployment.metadata, &template, &config())
+        .unwrap()
+        .expect("workers");
+    let pod = injected.spec.as_ref().unwrap();
+    let dkron = &pod.containers[0];
+    assert_eq!(
+        dkron.command.as_deref().unwrap(),
+        [
+            "/dkron-ha/bin/dkron-ha",
+            "wrap",
+            "--",
+            "/usr/local/bin/dkron"
+        ]
+    );
+    let env: Vec<(String, Option<String>)> = dkron
+        .env
+        .iter()
+        .flatten()
+        .map(|e| (e.name.clone(), e.value.clone()))
+        .collect();
+    assert!(env.contains(&("DKRON_HA_AGENT_OF".into(), Some("dkron".into()))));
+    assert!(env.contains(&("DKRON_HA_SERVICE".into(), Some("dkron".into()))));
+    assert!(
+        env.iter()
+            .all(|(name, _)| name != "DKRON_HA_INITIAL_CLUSTER_SIZE")
+    );
+    // One container (no label-updater), no readiness gate, no service account of ours.
+    assert_eq!(pod.containers.len(), 1);
+    assert_eq!(pod.readiness_gates, None);
+    assert_eq!(pod.service_account_name, None);
+    let init: Vec<&str> = pod
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(init, ["dkron-ha-install"]);
+    // Idempotent.
+    let mut again = deployment.clone();
+    again.spec.as_mut().unwrap().template = injected.clone();
+    let twice = inject::inject_workers(&again.metadata, &injected, &config())
+        .unwrap()
+        .unwrap();
+    assert_eq!(twice, injected);
+
+    // Another Service name; bad names and servers-and-workers are denied with the fix.
+    let meta = |annotations: Value| -> k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        serde_json::from_value(json!({ "name": "workers", "annotations": annotations })).unwrap()
+    };
+    let own = inject::inject_workers(
+        &meta(json!({"dkron-ha/agent-of": "dkron", "dkron-ha/agent-service": "dkron-headless"})),
+        &template,
+        &config(),
+    )
+    .unwrap()
+    .unwrap();
+    let env = own.spec.unwrap().containers[0].env.clone().unwrap();
+    assert!(
+        env.iter()
+            .any(|e| e.name == "DKRON_HA_SERVICE" && e.value.as_deref() == Some("dkron-headless"))
+    );
+    for (annotations, needle) in [
+        (
+            json!({"dkron-ha/agent-of": "Dkron_Servers"}),
+            "dkron-ha/agent-of",
+        ),
+        (json!({"dkron-ha/agent-of": ""}), "dkron-ha/agent-of"),
+        (
+            json!({"dkron-ha/agent-of": "dkron", "dkron-ha/agent-service": "a.b"}),
+            "dkron-ha/agent-service",
+        ),
+        (
+            json!({"dkron-ha/agent-of": "dkron", "dkron-ha/enabled": "true"}),
+            "remove one",
+        ),
+    ] {
+        let error = inject::inject_workers(&meta(annotations.clone()), &template, &config())
+            .expect_err(&format!("{annotations} must be denied"));
+        assert!(error.to_string().contains(needle), "{error}");
+    }
+}

@@ -1,7 +1,7 @@
 //! The wrapper's decisions without processes or network: pod identity from the environment,
 //! peer names, the bootstrap decision and the rewriting of Dkron's command line or environment.
 
-use dkron_ha::runtime::peers::{ClusterSettings, SettingsError};
+use dkron_ha::runtime::peers::{AgentSettings, ClusterSettings, SettingsError};
 use dkron_ha::runtime::wrap::{
     ClusterFlags, PeerAnswer, WrapError, bootstrap_expect, is_dkron_agent, plan_dkron_args,
     plan_launch, starts_last,
@@ -430,4 +430,59 @@ fn empty_command_is_an_error() {
         plan_launch(&[], &cold_start(), no_env),
         Err(WrapError::EmptyCommand)
     ));
+}
+
+#[test]
+fn a_worker_joins_the_servers_headless_service_by_name_and_never_bootstraps() {
+    let mut env = HashMap::from([
+        ("DKRON_HA_AGENT_OF", "dkron".to_owned()),
+        ("DKRON_HA_SERVICE", "dkron-headless".to_owned()),
+        ("POD_NAME", "workers-7d9c-x2x4q".to_owned()),
+        ("POD_NAMESPACE", "jobs".to_owned()),
+    ]);
+    let agent = AgentSettings::from_lookup(|name| env.get(name).cloned())
+        .unwrap()
+        .expect("a worker");
+    assert_eq!(
+        agent.servers_fqdn(),
+        "dkron-headless.jobs.svc.cluster.local"
+    );
+    let flags = ClusterFlags {
+        bootstrap_expect: None,
+        retry_join: vec![agent.servers_fqdn()],
+        node_name: agent.pod_name.clone(),
+    };
+    let args = plan_dkron_args(
+        &s(&[
+            "dkron",
+            "agent",
+            "--tag",
+            "role=worker",
+            "--bootstrap-expect=3",
+        ]),
+        &flags,
+    );
+    assert_eq!(
+        args,
+        s(&[
+            "dkron",
+            "agent",
+            "--tag",
+            "role=worker",
+            "--retry-join=dkron-headless.jobs.svc.cluster.local",
+            "--node-name=workers-7d9c-x2x4q",
+            "--retry-interval=1s",
+        ])
+    );
+    // A server's pod (no DKRON_HA_AGENT_OF) is not a worker; a worker lacking its Service is
+    // an error that names it.
+    env.remove("DKRON_HA_AGENT_OF");
+    assert_eq!(
+        AgentSettings::from_lookup(|name| env.get(name).cloned()).unwrap(),
+        None
+    );
+    env.insert("DKRON_HA_AGENT_OF", "dkron".to_owned());
+    env.remove("DKRON_HA_SERVICE");
+    let error = AgentSettings::from_lookup(|name| env.get(name).cloned()).unwrap_err();
+    assert!(error.to_string().contains("DKRON_HA_SERVICE"), "{error}");
 }

@@ -158,3 +158,50 @@ impl ClusterSettings {
             .collect()
     }
 }
+
+/// What a worker agent's `wrap` reads (`DKRON_HA_AGENT_OF` set): the servers it joins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentSettings {
+    /// The server StatefulSet.
+    pub servers: String,
+    /// The servers' headless Service.
+    pub service: String,
+    pub namespace: String,
+    pub cluster_domain: String,
+    pub pod_name: String,
+}
+
+impl AgentSettings {
+    /// `None` unless this is a worker (`DKRON_HA_AGENT_OF`); pure given `lookup`.
+    pub fn from_lookup(
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<Self>, SettingsError> {
+        let value = |name: &str| {
+            lookup(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let Some(servers) = value(crate::names::ENV_AGENT_OF) else {
+            return Ok(None);
+        };
+        let required = |name: &'static str| value(name).ok_or(SettingsError::Missing(name));
+        Ok(Some(Self {
+            servers,
+            service: required(ENV_SERVICE)?,
+            namespace: required(ENV_POD_NAMESPACE)?,
+            cluster_domain: value(ENV_CLUSTER_DOMAIN)
+                .map(|d| d.trim_end_matches('.').to_owned())
+                .unwrap_or_else(|| "cluster.local".to_owned()),
+            pod_name: required(ENV_POD_NAME)?,
+        }))
+    }
+
+    /// The servers' headless Service name: it resolves to every server pod's IP (ready or not,
+    /// with `publishNotReadyAddresses`), and serf's join reaches each address a name resolves to.
+    pub fn servers_fqdn(&self) -> String {
+        format!(
+            "{}.{}.svc.{}",
+            self.service, self.namespace, self.cluster_domain
+        )
+    }
+}

@@ -4,7 +4,7 @@
 //! leader exists, then start the command and supervise it. Core: [`plan_launch`] decides the
 //! flags or environment variables from the command and the observations, with no I/O.
 
-use super::peers::{ClusterSettings, SettingsError};
+use super::peers::{AgentSettings, ClusterSettings, SettingsError};
 use crate::dkron::grpc::{RPC_PORT, RaftClient};
 use crate::dkron::{self, DkronClient, LeaderAnswer};
 use nix::sys::signal::{Signal, kill};
@@ -76,6 +76,59 @@ pub struct LaunchPlan {
     /// On the server that bootstraps a cold start ([`starts_last`]): the restart of a Dkron
     /// that forms no cluster ([`cold_start_check`]). Needs `leave_first` (the local HTTP API).
     pub cold_start_watch: Option<ColdStartWatch>,
+    /// On a worker agent: its restart when the servers have forgotten it ([`agent_check`]).
+    pub agent_watch: Option<AgentWatch>,
+}
+
+/// A worker agent's check that the servers still know it: Dkron resolves `--retry-join`
+/// names only until its first join succeeds (Dkron issue #1253), so a worker that every server
+/// has forgotten (all of them restarted at once, at new IPs) never finds them again by itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentWatch {
+    /// The servers' headless Service name; their HTTP API on [`dkron::HTTP_PORT`].
+    pub servers: String,
+    /// This worker's serf name.
+    pub node_name: String,
+    /// How long the servers may answer without this worker alive among their members before
+    /// Dkron is restarted, joining them again by name.
+    pub bound: Duration,
+}
+
+/// The agent watch's verdict (pure).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentCheck {
+    /// Alive among the servers' members, or no server answers (a restart would find no one).
+    Known,
+    /// The servers answer without it, not yet for the bound.
+    Missing,
+    /// The servers have answered without it for the bound: restart Dkron.
+    Rejoin,
+}
+
+/// `alive`: what the servers' `GET /v1/members` says of this worker (`None`: no server
+/// answered); `missing_for`: how long they have answered without it.
+pub fn agent_check(alive: Option<bool>, missing_for: Duration, bound: Duration) -> AgentCheck {
+    match alive {
+        None | Some(true) => AgentCheck::Known,
+        Some(false) if missing_for >= bound => AgentCheck::Rejoin,
+        Some(false) => AgentCheck::Missing,
+    }
+}
+
+/// How often the agent watch asks the servers.
+const AGENT_POLL: Duration = Duration::from_secs(5);
+/// [`AgentWatch::bound`]: longer than a join takes after a restart.
+const AGENT_REJOIN_AFTER: Duration = Duration::from_secs(30);
+
+/// Whether the servers behind `servers` list `node` as alive; `None` when none answers.
+async fn known_to_servers(servers: &str, node: &str) -> Option<bool> {
+    let client = DkronClient::new().ok()?;
+    let members = client
+        .members(servers, dkron::HTTP_PORT, LEADER_QUERY_TIMEOUT)
+        .await
+        .ok()
+        .flatten()?;
+    Some(members.iter().any(|m| m.name == node && m.status == 1))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -578,7 +631,7 @@ pub async fn run_child(
                 tracing::warn!(
                     code,
                     attempt,
-                    "Dkron stopped for the cold-start restart; starting it again"
+                    "Dkron stopped for a restart; starting it again"
                 );
             }
         }
@@ -627,6 +680,8 @@ async fn supervise(
     let mut watch = plan.cold_start_watch.clone().zip(plan.leave_first.clone());
     let mut watch_poll = tokio::time::interval(COLD_START_POLL);
     let mut watch_reported = false;
+    let mut agent_poll = tokio::time::interval(AGENT_POLL);
+    let mut missing_since: Option<Instant> = None;
     let mut restarting = false;
     loop {
         if let Some(code) = reap(child_pid, orphans_reaped)? {
@@ -654,6 +709,28 @@ async fn supervise(
             // SIGCHLD can coalesce; a slow poll makes sure no exit is missed.
             _ = safety_tick.tick() => None,
             _ = hup_poll.tick(), if held_hup => None,
+            _ = agent_poll.tick(), if plan.agent_watch.is_some() && !restarting => {
+                let AgentWatch { servers, node_name, bound } =
+                    plan.agent_watch.as_ref().expect("guarded by the branch");
+                let alive = known_to_servers(servers, node_name).await;
+                if alive != Some(false) {
+                    missing_since = None;
+                }
+                let missing_for = missing_since.get_or_insert_with(Instant::now).elapsed();
+                match agent_check(alive, missing_for, *bound) {
+                    AgentCheck::Known => None,
+                    AgentCheck::Missing => {
+                        tracing::info!(%servers, node = %node_name, missing_s = missing_for.as_secs(), "the servers answer without this worker");
+                        None
+                    }
+                    AgentCheck::Rejoin => {
+                        tracing::warn!(%servers, node = %node_name, bound_s = bound.as_secs(),
+                            "the servers have not known this worker for the bound: restarting Dkron so that it joins them again by name");
+                        restarting = true;
+                        Some(Signal::SIGTERM)
+                    }
+                }
+            }
             _ = watch_poll.tick(), if watch.is_some() => {
                 let (ColdStartWatch { bound, rpc_addr }, (host, port)) =
                     watch.clone().expect("guarded by the branch");
@@ -783,6 +860,9 @@ pub async fn run(command: Vec<String>) -> Result<i32, WrapError> {
     if command.is_empty() {
         return Err(WrapError::EmptyCommand);
     }
+    if let Some(agent) = AgentSettings::from_lookup(|name| std::env::var(name).ok())? {
+        return run_agent(command, agent).await;
+    }
     let settings = ClusterSettings::from_env()?;
     let mut signals = SupervisorSignals::install()?;
     let discovery = async {
@@ -826,9 +906,55 @@ pub async fn run(command: Vec<String>) -> Result<i32, WrapError> {
     Ok(run_child(&plan, &mut signals).await?.code)
 }
 
+/// A worker agent: join the servers by their headless Service's name (every server it
+/// resolves to), `--node-name` the pod, fast join retries, and the [`AgentWatch`]. No leader
+/// search or bootstrap (workers never vote) and no leave before SIGTERM (a worker serves no HTTP
+/// API, and its next pod has a new name anyway).
+async fn run_agent(command: Vec<String>, agent: AgentSettings) -> Result<i32, WrapError> {
+    let mut signals = SupervisorSignals::install()?;
+    let flags = ClusterFlags {
+        bootstrap_expect: None,
+        retry_join: vec![agent.servers_fqdn()],
+        node_name: agent.pod_name.clone(),
+    };
+    let mut plan = plan_launch(&command, &flags, |name| std::env::var(name).ok())?;
+    plan.agent_watch = Some(AgentWatch {
+        servers: agent.servers_fqdn(),
+        node_name: agent.pod_name.clone(),
+        bound: AGENT_REJOIN_AFTER,
+    });
+    for warning in &plan.warnings {
+        tracing::warn!(%warning, "cannot apply every cluster setting");
+    }
+    tracing::info!(servers = %agent.servers, program = %plan.program, args = ?plan.args, "starting a worker agent");
+    Ok(run_child(&plan, &mut signals).await?.code)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_worker_rejoins_only_after_the_answering_servers_lacked_it_for_the_bound() {
+        let bound = Duration::from_secs(30);
+        assert_eq!(
+            agent_check(Some(true), Duration::ZERO, bound),
+            AgentCheck::Known
+        );
+        // No server answers: a restart would find nobody either.
+        assert_eq!(
+            agent_check(None, Duration::from_secs(600), bound),
+            AgentCheck::Known
+        );
+        assert_eq!(
+            agent_check(Some(false), Duration::from_secs(29), bound),
+            AgentCheck::Missing
+        );
+        assert_eq!(
+            agent_check(Some(false), Duration::from_secs(30), bound),
+            AgentCheck::Rejoin
+        );
+    }
 
     fn s(v: &[&str]) -> Vec<String> {
         v.iter().map(|a| a.to_string()).collect()

@@ -116,7 +116,10 @@ func (a *Agent) Start() error {
 	a.listener = l
 	if a.config.Server {
 		a.startServer()
-	} // a non-server Dkron serves only its AgentService (job runs): nothing here.
+	} else {
+		// A non-server Dkron serves only its AgentService (job runs, run.go); no HTTP API.
+		a.serveAgentRuns()
+	}
 	// Dkron v4.1.2 agent.go Start writes rpc_addr (serf's advertised IP + the advertised RPC
 	// port, advertiseRPCAddr) and port INTO the local member's tag map, which serf shares with
 	// the member-join event of this node it queued at serf.Create. When that event was flushed

@@ -53,13 +53,26 @@ type Job struct {
 // raft log (dkron/store.go NewStore ":memory:"), so jobs survive a restart through the raft
 // log and snapshots under the data dir; so do these.
 type jobFSM struct {
-	mu   sync.RWMutex
-	jobs map[string]*Job
+	mu         sync.RWMutex
+	jobs       map[string]*Job
+	executions map[string][]Execution
 }
 
-func newFSM() *jobFSM { return &jobFSM{jobs: map[string]*Job{}} }
+func newFSM() *jobFSM {
+	return &jobFSM{jobs: map[string]*Job{}, executions: map[string][]Execution{}}
+}
 
 func (f *jobFSM) Apply(l *raft.Log) any {
+	if len(l.Data) > 0 && l.Data[0] == executionDoneType {
+		var ex Execution
+		if err := json.Unmarshal(l.Data[1:], &ex); err != nil {
+			return err
+		}
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		f.executions[ex.JobName] = append(f.executions[ex.JobName], ex)
+		return nil
+	}
 	if len(l.Data) == 0 || l.Data[0] != setJobType {
 		return nil
 	}
@@ -85,6 +98,18 @@ func (f *jobFSM) get(name string) *Job {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
 	return f.jobs[name]
+}
+
+// executionsOf: newest first (Dkron v4.1.2 api.go executionsHandler: _order DESC).
+func (f *jobFSM) executionsOf(name string) []Execution {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	in := f.executions[name]
+	out := make([]Execution, 0, len(in))
+	for i := len(in) - 1; i >= 0; i-- {
+		out = append(out, in[i])
+	}
+	return out
 }
 
 // list: by name, ascending (Dkron v4.1.2 dkron/api.go jobsHandler's default sort).

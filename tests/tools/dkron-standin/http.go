@@ -59,6 +59,17 @@ func (a *Agent) serveHTTP() {
 				end = min(end, len(jobs))
 			}
 			renderJSON(w, r, 200, jobs[start:end])
+		case m == "POST" && jobPath(p) != "":
+			a.runJob(w, r, jobPath(p))
+		case m == "GET" && strings.HasSuffix(p, "/executions") && jobPath(strings.TrimSuffix(p, "/executions")) != "":
+			name := jobPath(strings.TrimSuffix(p, "/executions"))
+			if a.fsm.get(name) == nil {
+				w.WriteHeader(404)
+				return
+			}
+			executions := a.fsm.executionsOf(name)
+			w.Header().Set("X-Total-Count", strconv.Itoa(len(executions)))
+			renderJSON(w, r, 200, executions)
 		case m == "GET" && jobPath(p) != "":
 			// Dkron v4.1.2 api.go jobGetHandler: the local store; unknown: 404, empty body.
 			if j := a.fsm.get(jobPath(p)); j != nil {

@@ -2,7 +2,7 @@
 // behaviour dkron-ha depends on, on the libraries Dkron pins (raft, serf, memberlist, gRPC,
 // raft-boltdb, cobra, viper), each mirrored piece commented with where it was read in Dkron's
 // source ("Dkron v4.1.2 FILE") or observed (DESIGN.md "Dkron facts"). A test fixture, never
-// shipped; it holds no Dkron code. Jobs are stored, never run.
+// shipped; it holds no Dkron code. Jobs are stored, and run only when asked (run.go).
 package main
 
 import (
@@ -164,7 +164,10 @@ func main() {
 	}
 	log.SetFlags(log.LstdFlags | log.Lmicroseconds)
 	root := &cobra.Command{Use: "dkron", Short: "Dkron stand-in (dkron-ha CI fixture)"}
-	root.AddCommand(agentCommand(), raftCommand())
+	// Dkron v4.1.2 cmd/version.go: `dkron version` prints the version (and the Go version).
+	versionCmd := &cobra.Command{Use: "version", Short: "Show version",
+		Run: func(*cobra.Command, []string) { fmt.Printf("Name: Dkron\nVersion: %s\n", version) }}
+	root.AddCommand(agentCommand(), raftCommand(), versionCmd)
 	// Dkron v4.1.2 cmd/dkron.go Execute: cobra prints "Error: ..." and the usage to stderr, then
 	// Dkron prints the error to stdout and exits 1 (an unknown flag, a failed start).
 	if err := root.Execute(); err != nil {

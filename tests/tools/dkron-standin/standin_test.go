@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/serf/serf"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/types/known/emptypb"
@@ -293,5 +294,25 @@ func TestUnknownFlagAndEarlySIGHUP(t *testing.T) {
 	err := nd[0].cmd.Wait()
 	if ws, ok := nd[0].cmd.ProcessState.Sys().(syscall.WaitStatus); !ok || !ws.Signaled() || ws.Signal() != syscall.SIGHUP {
 		t.Errorf("early SIGHUP: %v", err)
+	}
+}
+
+// Dkron v4.1.2 dkron/run.go getTargetNodes: every job tag must match, alive members only, the
+// count bounds how many.
+func TestTargetsMatchTagsAliveOnlyAndCount(t *testing.T) {
+	m := func(name, role string, status serf.MemberStatus) serf.Member {
+		return serf.Member{Name: name, Tags: map[string]string{"role": role}, Status: status}
+	}
+	members := []serf.Member{m("w1", "worker", serf.StatusAlive), m("w2", "worker", serf.StatusAlive),
+		m("w3", "worker", serf.StatusFailed), m("s1", "", serf.StatusAlive)}
+	if got := targets(members, map[string]string{"role": "worker"}); len(got) != 2 {
+		t.Fatalf("all alive workers: %v", got)
+	}
+	got := targets(members, map[string]string{"role": "worker:1"})
+	if len(got) != 1 || (got[0].Name != "w1" && got[0].Name != "w2") {
+		t.Fatalf("one alive worker: %v", got)
+	}
+	if got := targets(members, map[string]string{"role": "db"}); len(got) != 0 {
+		t.Fatalf("no match: %v", got)
 	}
 }
