@@ -713,10 +713,13 @@ async fn supervise(
                 let AgentWatch { servers, node_name, bound } =
                     plan.agent_watch.as_ref().expect("guarded by the branch");
                 let alive = known_to_servers(servers, node_name).await;
-                if alive != Some(false) {
-                    missing_since = None;
-                }
-                let missing_for = missing_since.get_or_insert_with(Instant::now).elapsed();
+                let missing_for = match alive {
+                    Some(false) => missing_since.get_or_insert_with(Instant::now).elapsed(),
+                    _ => {
+                        missing_since = None;
+                        Duration::ZERO
+                    }
+                };
                 match agent_check(alive, missing_for, *bound) {
                     AgentCheck::Known => None,
                     AgentCheck::Missing => {
