@@ -132,8 +132,14 @@ async fn find_leader(peers: &Peers, raft: &RaftClient, pods: &[PodState]) -> Opt
             (m.name, member)
         })
         .collect();
+    // The leader's own pod was asked with the others just now; only a leader that is not one
+    // of the StatefulSet's pods is asked here.
+    let jobs = match pods.iter().find(|p| p.ip.as_deref() == Some(host)) {
+        Some(pod) => pod.jobs,
+        None => job_count(peers, host).await,
+    };
     Some(LeaderView {
-        jobs: job_count(peers, host).await,
+        jobs,
         rpc_addr,
         servers: configuration.servers,
         members,
