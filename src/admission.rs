@@ -137,6 +137,40 @@ pub enum WorkloadKind {
     Deployment,
 }
 
+impl WorkloadKind {
+    /// The kind of an `apps/v1` object by its `apiVersion` and `kind`.
+    pub fn of(api_version: &str, kind: &str) -> Option<Self> {
+        match (api_version, kind) {
+            ("apps/v1", "StatefulSet") => Some(WorkloadKind::StatefulSet),
+            ("apps/v1", "Deployment") => Some(WorkloadKind::Deployment),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkloadKind::StatefulSet => "StatefulSet",
+            WorkloadKind::Deployment => "Deployment",
+        }
+    }
+}
+
+/// The one injection path of the webhook and `dkron-ha inject`: workers (`dkron-ha/agent-of`)
+/// of either kind, or an opted-in StatefulSet of servers; `None` for anything else.
+pub fn mutate(
+    object: &Value,
+    kind: WorkloadKind,
+    operation: Operation,
+    old: Option<&Value>,
+    config: &InjectorConfig,
+) -> Result<Option<Mutation>, MutateError> {
+    match kind {
+        _ if is_workers(object) => mutate_workers(object, kind, config),
+        WorkloadKind::StatefulSet => mutate_statefulset(object, operation, old, config),
+        WorkloadKind::Deployment => Ok(None),
+    }
+}
+
 /// Mutates a raw StatefulSet the way the webhook does (the review's object, or a document of
 /// `dkron-ha inject`). `None` when it does not opt in. `old` is the stored object on UPDATE; it
 /// only informs defaults, so one that does not parse counts as absent.
@@ -181,15 +215,10 @@ pub fn review(body: &[u8], config: &InjectorConfig) -> Result<ReviewAnswer, Revi
         return Err(ReviewError::MissingUid);
     }
     let response = AdmissionResponse::from(&request);
-    let kind = match (
-        request.kind.group.as_str(),
-        request.kind.version.as_str(),
-        request.kind.kind.as_str(),
-    ) {
-        ("apps", "v1", "StatefulSet") => Some(WorkloadKind::StatefulSet),
-        ("apps", "v1", "Deployment") => Some(WorkloadKind::Deployment),
-        _ => None,
-    };
+    let kind = WorkloadKind::of(
+        &format!("{}/{}", request.kind.group, request.kind.version),
+        &request.kind.kind,
+    );
     let operation = match request.operation {
         kube_admission::Operation::Create => Some(Operation::Create),
         kube_admission::Operation::Update => Some(Operation::Update),
@@ -205,13 +234,7 @@ pub fn review(body: &[u8], config: &InjectorConfig) -> Result<ReviewAnswer, Revi
         .and_then(|o| serde_json::to_value(o).ok());
     let result = serde_json::to_value(object)
         .map_err(MutateError::NotAStatefulSet)
-        .and_then(|object| match kind {
-            _ if is_workers(&object) => mutate_workers(&object, kind, config),
-            WorkloadKind::StatefulSet => {
-                mutate_statefulset(&object, operation, old.as_ref(), config)
-            }
-            WorkloadKind::Deployment => Ok(None),
-        });
+        .and_then(|object| mutate(&object, kind, operation, old.as_ref(), config));
     let (namespace, name, uid) = (
         request.namespace.as_deref().unwrap_or_default(),
         &request.name,

@@ -2,7 +2,7 @@
 //! StatefulSet mutated exactly as the webhook would on CREATE (like `istioctl kube-inject`).
 //! Documents that are not injected are copied byte for byte, comments included.
 
-use crate::admission::{self, MutateError};
+use crate::admission::{self, MutateError, WorkloadKind};
 use crate::inject::{InjectorConfig, Operation};
 use serde_json::Value;
 
@@ -66,7 +66,7 @@ fn is_blank(document: &str) -> bool {
         .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
 }
 
-fn describe(value: &Value) -> String {
+fn describe(value: &Value, kind: WorkloadKind) -> String {
     let meta = |k: &str| {
         value
             .pointer(&format!("/metadata/{k}"))
@@ -75,19 +75,21 @@ fn describe(value: &Value) -> String {
             .to_string()
     };
     let (ns, name) = (meta("namespace"), meta("name"));
+    let kind = kind.as_str();
     if ns.is_empty() {
-        format!("StatefulSet {name}")
+        format!("{kind} {name}")
     } else {
-        format!("StatefulSet {ns}/{name}")
+        format!("{kind} {ns}/{name}")
     }
 }
 
-fn is_statefulset(value: &Value) -> bool {
-    value.get("apiVersion").and_then(Value::as_str) == Some("apps/v1")
-        && value.get("kind").and_then(Value::as_str) == Some("StatefulSet")
+fn workload_kind(value: &Value) -> Option<WorkloadKind> {
+    let field = |k: &str| value.get(k).and_then(Value::as_str).unwrap_or_default();
+    WorkloadKind::of(field("apiVersion"), field("kind"))
 }
 
-/// Injects `value` in place if it is an opted-in StatefulSet or a `List` holding some.
+/// Injects `value` in place if it is an opted-in StatefulSet, a Deployment or StatefulSet of
+/// Dkron workers, or a `List` holding some.
 /// Returns how many objects were injected.
 fn inject_value(
     value: &mut Value,
@@ -104,17 +106,18 @@ fn inject_value(
         }
         return Ok(count);
     }
-    if !is_statefulset(value) {
+    let Some(kind) = workload_kind(value) else {
         return Ok(0);
-    }
-    let what = describe(value);
-    let mutation = admission::mutate_statefulset(value, Operation::Create, None, config).map_err(
-        |source| ManifestError::Denied {
-            document,
-            what: what.clone(),
-            source,
-        },
-    )?;
+    };
+    let what = describe(value, kind);
+    let mutation =
+        admission::mutate(value, kind, Operation::Create, None, config).map_err(|source| {
+            ManifestError::Denied {
+                document,
+                what: what.clone(),
+                source,
+            }
+        })?;
     let Some(mutation) = mutation else {
         return Ok(0);
     };
@@ -132,7 +135,7 @@ fn inject_value(
     Ok(1)
 }
 
-/// Injects every opted-in StatefulSet of a YAML stream. Nothing is printed on error, so a
+/// Injects every opted-in StatefulSet and every workers object of a YAML stream. Nothing is printed on error, so a
 /// failed run never emits half-injected manifests.
 pub fn inject_manifests(
     input: &str,

@@ -125,6 +125,78 @@ fn an_invalid_annotation_fails_with_the_document_and_the_fix() {
 }
 
 #[test]
+fn inject_gives_a_deployment_of_workers_agent_mode_and_leaves_other_deployments_alone() {
+    let input = r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: workers
+  annotations:
+    dkron-ha/agent-of: dkron
+spec:
+  selector: { matchLabels: { app: workers } }
+  template:
+    metadata: { labels: { app: workers } }
+    spec:
+      containers:
+        - name: dkron
+          image: dkron/dkron:4.1.2
+          args: [agent, --tag, pool=workers]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: { name: web }
+spec:
+  selector: { matchLabels: { app: web } }
+  template:
+    metadata: { labels: { app: web } }
+    spec: { containers: [{ name: web, image: nginx }] }
+"#;
+    let (code, stdout, stderr) = run(&["inject", "-f", "-"], Some(input));
+    assert_eq!(code, 0, "{stderr}");
+    let documents: Vec<serde_json::Value> = serde_yaml_ng::Deserializer::from_str(&stdout)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let workers = &documents[0]["spec"]["template"]["spec"];
+    assert_eq!(
+        workers["containers"][0]["command"],
+        serde_json::json!([
+            "/dkron-ha/bin/dkron-ha",
+            "wrap",
+            "--",
+            "/usr/local/bin/dkron"
+        ])
+    );
+    assert!(
+        workers["containers"][0]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "DKRON_HA_AGENT_OF" && e["value"] == "dkron"),
+        "{stdout}"
+    );
+    assert_eq!(workers["initContainers"][0]["name"], "dkron-ha-install");
+    assert_eq!(
+        documents[1]["spec"]["template"]["spec"]["containers"][0]["name"],
+        "web"
+    );
+    assert!(
+        documents[1]["spec"]["template"]["spec"]
+            .get("initContainers")
+            .is_none()
+    );
+
+    let bad = input.replace("agent-of: dkron", "agent-of: Bad_Name");
+    let (code, stdout, stderr) = run(&["inject", "-f", "-"], Some(&bad));
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("document 1 (Deployment workers)"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("dkron-ha/agent-of"), "{stderr}");
+    assert!(stdout.is_empty());
+}
+
+#[test]
 fn a_missing_file_is_a_clear_error() {
     let (code, _, stderr) = run(&["inject", "-f", "/nonexistent/x.yaml"], None);
     assert_ne!(code, 0);

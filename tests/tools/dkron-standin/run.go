@@ -122,7 +122,13 @@ func (a *Agent) agentRun(m serf.Member, j *Job) Execution {
 	ex := Execution{JobName: j.Name, StartedAt: time.Now(), NodeName: m.Name, Attempt: 1}
 	body, _ := json.Marshal(j)
 	client := http.Client{Timeout: 70 * time.Second}
-	resp, err := client.Post("http://"+m.Tags["rpc_addr"]+"/agent-run", "application/json", bytes.NewReader(body))
+	// Dkron v4.1.2 dkron/run.go: the rpc_addr tag, else the member's bare IP (no port), which
+	// an agent that has not set its tags yet never answers at.
+	addr, ok := m.Tags["rpc_addr"]
+	if !ok {
+		addr = m.Addr.String()
+	}
+	resp, err := client.Post("http://"+addr+"/agent-run", "application/json", bytes.NewReader(body))
 	if err == nil {
 		defer resp.Body.Close()
 		err = json.NewDecoder(resp.Body).Decode(&ex)
