@@ -5,6 +5,8 @@
 use crate::inject::{self, InjectError, InjectorConfig, Operation};
 use base64::Engine as _;
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::core::admission::{self as kube_admission, AdmissionRequest, AdmissionResponse};
 use kube::core::{DynamicObject, TypeMeta};
 use serde::{Deserialize, Serialize};
@@ -81,7 +83,8 @@ fn is_workers(object: &Value) -> bool {
 }
 
 /// Mutates a raw Deployment or StatefulSet of Dkron workers (`dkron-ha/agent-of`); `None` when
-/// it names no servers. Only its pod template changes.
+/// it names no servers. Only `spec.template` changes, and both kinds keep it there, so only the
+/// metadata and the template are read typed.
 pub fn mutate_workers(
     object: &Value,
     kind: WorkloadKind,
@@ -90,42 +93,24 @@ pub fn mutate_workers(
     if !is_workers(object) {
         return Ok(None);
     }
-    let (before, after) = match kind {
-        WorkloadKind::Deployment => {
-            let deployment = k8s_openapi::api::apps::v1::Deployment::deserialize(object)
-                .map_err(MutateError::NotADeployment)?;
-            let template = deployment
-                .spec
-                .as_ref()
-                .map(|s| s.template.clone())
-                .unwrap_or_default();
-            let Some(injected) = inject::inject_workers(&deployment.metadata, &template, config)?
-            else {
-                return Ok(None);
-            };
-            let mut after = deployment.clone();
-            after.spec.get_or_insert_with(Default::default).template = injected;
-            let value = |d| serde_json::to_value(d).map_err(MutateError::NotADeployment);
-            (value(&deployment)?, value(&after)?)
-        }
-        WorkloadKind::StatefulSet => {
-            let sts = StatefulSet::deserialize(object).map_err(MutateError::NotAStatefulSet)?;
-            let template = sts
-                .spec
-                .as_ref()
-                .map(|s| s.template.clone())
-                .unwrap_or_default();
-            let Some(injected) = inject::inject_workers(&sts.metadata, &template, config)? else {
-                return Ok(None);
-            };
-            let mut after = sts.clone();
-            after.spec.get_or_insert_with(Default::default).template = injected;
-            let value = |s| serde_json::to_value(s).map_err(MutateError::NotAStatefulSet);
-            (value(&sts)?, value(&after)?)
-        }
+    let invalid = |error| match kind {
+        WorkloadKind::StatefulSet => MutateError::NotAStatefulSet(error),
+        WorkloadKind::Deployment => MutateError::NotADeployment(error),
+    };
+    let part = |pointer| object.pointer(pointer).unwrap_or(&Value::Null);
+    let meta = ObjectMeta::deserialize(part("/metadata")).map_err(invalid)?;
+    let template = PodTemplateSpec::deserialize(part("/spec/template")).map_err(invalid)?;
+    let Some(injected) = inject::inject_workers(&meta, &template, config)? else {
+        return Ok(None);
+    };
+    // Both sides typed, as for servers: fields this build does not know stay as they were.
+    let with = |template: &PodTemplateSpec| {
+        let mut whole = object.clone();
+        whole["spec"]["template"] = serde_json::to_value(template).map_err(invalid)?;
+        Ok::<_, MutateError>(whole)
     };
     Ok(Some(Mutation {
-        patch: json_patch::diff(&before, &after),
+        patch: json_patch::diff(&with(&template)?, &with(&injected)?),
         warnings: Vec::new(),
     }))
 }

@@ -413,17 +413,13 @@ fn apply_plan(
         spec.persistent_volume_claim_retention_policy = Some(wanted);
     }
 
-    let template = &mut spec.template;
-    template
-        .metadata
-        .get_or_insert_with(Default::default)
-        .annotations
-        .get_or_insert_with(BTreeMap::new)
-        .insert(ANNOTATION_INJECTED.into(), config.version.clone());
-
-    let Some(pod) = template.spec.as_mut() else {
-        unreachable!("plan() checked the pod spec")
-    };
+    let pod = inject_wrapper(
+        &mut spec.template,
+        plan.container_index,
+        &plan.dkron_command,
+        dkron_env(plan, config),
+        config,
+    );
 
     if let Some(warning) = automount_warning(pod.automount_service_account_token) {
         warnings.push(warning);
@@ -431,22 +427,6 @@ fn apply_plan(
     if let Some(account) = injected_service_account(plan) {
         pod.service_account_name = Some(account);
     }
-
-    upsert_by_name(
-        pod.volumes.get_or_insert_with(Vec::new),
-        bin_volume(),
-        |v| &v.name,
-    );
-
-    // Any position among init containers works (the Dkron container starts after all of them);
-    // upserting in place or appending keeps the JSON patch free of shifted array entries.
-    upsert_by_name(
-        pod.init_containers.get_or_insert_with(Vec::new),
-        install_container(config),
-        |c| &c.name,
-    );
-
-    inject_dkron_container(&mut pod.containers[plan.container_index], plan, config);
 
     // Ready only while the controller sees the server as a raft voter: rolling updates, the
     // PodDisruptionBudget and drains then wait for a restarted server to be back in raft.
@@ -579,17 +559,45 @@ pub fn inject_workers(
     let dkron_command = dkron_command(meta)?;
 
     let mut out = template.clone();
-    out.metadata
+    use EnvSource::{Field, Value};
+    let env = [
+        (ENV_AGENT_OF, Value(servers.to_owned())),
+        (ENV_SERVICE, Value(service.to_owned())),
+        (ENV_CLUSTER_DOMAIN, Value(config.cluster_domain.clone())),
+        (ENV_POD_NAME, Field("metadata.name")),
+        (ENV_POD_NAMESPACE, Field("metadata.namespace")),
+    ];
+    inject_wrapper(&mut out, index, &dkron_command, env, config);
+    Ok(Some(out))
+}
+
+/// What servers and workers both get: the `dkron-ha/injected` annotation, the wrapper's volume
+/// and install init container, and the Dkron container (at `index`; the caller checked the pod
+/// spec) wrapped, with the volume mounted and `env` set. Returns the pod spec.
+fn inject_wrapper<'a>(
+    template: &'a mut PodTemplateSpec,
+    index: usize,
+    dkron_command: &[String],
+    env: impl IntoIterator<Item = (&'static str, EnvSource)>,
+    config: &InjectorConfig,
+) -> &'a mut PodSpec {
+    template
+        .metadata
         .get_or_insert_with(Default::default)
         .annotations
         .get_or_insert_with(BTreeMap::new)
         .insert(ANNOTATION_INJECTED.into(), config.version.clone());
-    let pod = out.spec.as_mut().expect("checked above");
+    let pod = template
+        .spec
+        .as_mut()
+        .expect("the caller checked the pod spec");
     upsert_by_name(
         pod.volumes.get_or_insert_with(Vec::new),
         bin_volume(),
         |v| &v.name,
     );
+    // Any position among init containers works (the Dkron container starts after all of them);
+    // upserting in place or appending keeps the JSON patch free of shifted array entries.
     upsert_by_name(
         pod.init_containers.get_or_insert_with(Vec::new),
         install_container(config),
@@ -598,42 +606,18 @@ pub fn inject_workers(
     let dkron = &mut pod.containers[index];
     let current = dkron.command.as_deref().unwrap_or_default();
     if !is_wrapped(current) {
-        dkron.command = Some(wrapped_command(current, &dkron_command));
+        dkron.command = Some(wrapped_command(current, dkron_command));
     }
     upsert_by_name(
         dkron.volume_mounts.get_or_insert_with(Vec::new),
         bin_mount(),
         |m| &m.name,
     );
-    let env = dkron.env.get_or_insert_with(Vec::new);
-    use EnvSource::{Field, Value};
-    for (name, source) in [
-        (ENV_AGENT_OF, Value(servers.to_owned())),
-        (ENV_SERVICE, Value(service.to_owned())),
-        (ENV_CLUSTER_DOMAIN, Value(config.cluster_domain.clone())),
-        (ENV_POD_NAME, Field("metadata.name")),
-        (ENV_POD_NAMESPACE, Field("metadata.namespace")),
-    ] {
-        upsert_by_name(env, source.env_var(name), |e| &e.name);
+    let vars = dkron.env.get_or_insert_with(Vec::new);
+    for (name, source) in env {
+        upsert_by_name(vars, source.env_var(name), |e| &e.name);
     }
-    Ok(Some(out))
-}
-
-/// Wraps the Dkron container's command and gives it the wrapper's volume and environment.
-fn inject_dkron_container(dkron: &mut Container, plan: &InjectionPlan, config: &InjectorConfig) {
-    let current = dkron.command.as_deref().unwrap_or_default();
-    if !is_wrapped(current) {
-        dkron.command = Some(wrapped_command(current, &plan.dkron_command));
-    }
-    upsert_by_name(
-        dkron.volume_mounts.get_or_insert_with(Vec::new),
-        bin_mount(),
-        |m| &m.name,
-    );
-    let env = dkron.env.get_or_insert_with(Vec::new);
-    for (name, source) in dkron_env(plan, config) {
-        upsert_by_name(env, source.env_var(name), |e| &e.name);
-    }
+    pod
 }
 
 /// Replaces the item with the same name in place, or appends it.

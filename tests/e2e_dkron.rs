@@ -148,10 +148,7 @@ async fn a_follower_then_the_leader_restarted_with_a_new_ip_come_back_as_voters_
 async fn a_scale_down_removes_exactly_the_servers_that_are_gone_with_or_without_a_leave() {
     let _slot = scenario().await;
     // Kubernetes' default made explicit: the claims of servers scaled away stay.
-    let (dkron, _) = Dkron::create_with("scale", 5, |sts| {
-        sts["metadata"]["annotations"]["dkron-ha/pvc-retention"] = json!("Retain");
-    })
-    .await;
+    let (dkron, _) = Dkron::create_annotated("scale", 5, "dkron-ha/pvc-retention", "Retain").await;
     let five = names(&dkron, 5);
     dkron.until_whole(&five, Duration::from_secs(180)).await;
     let kept = claims(&dkron).await;
@@ -241,10 +238,7 @@ async fn claims(dkron: &Dkron) -> std::collections::BTreeMap<String, String> {
 #[tokio::test]
 async fn with_pvc_retention_delete_a_scale_5_3_5_brings_the_servers_back_empty() {
     let _slot = scenario().await;
-    let (dkron, _) = Dkron::create_with("pvcdel", 5, |sts| {
-        sts["metadata"]["annotations"]["dkron-ha/pvc-retention"] = json!("Delete");
-    })
-    .await;
+    let (dkron, _) = Dkron::create_annotated("pvcdel", 5, "dkron-ha/pvc-retention", "Delete").await;
     let five = names(&dkron, 5);
     let state = dkron.until_whole(&five, Duration::from_secs(180)).await;
     dkron.post_job(&state.leader_ip(), "kept").await;

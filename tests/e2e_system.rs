@@ -198,6 +198,14 @@ async fn nodes_of(dkron: &Dkron) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The node `pod` runs on, once scheduled.
+async fn node_of(dkron: &Dkron, pod: &str) -> Option<String> {
+    nodes_of(dkron)
+        .await
+        .into_iter()
+        .find_map(|(name, node)| (name == pod).then_some(node))
+}
+
 /// What the sampler saw over the whole run.
 #[derive(Debug, Default)]
 struct Samples {
@@ -418,10 +426,8 @@ async fn rebooting_every_node_through_fleetlock_keeps_quorum_and_loses_no_job() 
 #[tokio::test]
 async fn a_node_that_never_comes_back_frees_its_slot_and_its_server_starts_elsewhere() {
     let _one = serial().await;
-    let (dkron, _) = Dkron::create_with("lost", 3, |sts| {
-        sts["metadata"]["annotations"]["dkron-ha/replace-on-node-failure"] = json!("10s");
-    })
-    .await;
+    let (dkron, _) =
+        Dkron::create_annotated("lost", 3, "dkron-ha/replace-on-node-failure", "10s").await;
     let want = names(&dkron, 3);
     let state = dkron.until_whole(&want, Duration::from_secs(180)).await;
     let (jobs, order) = with_jobs(&dkron, &state).await;
@@ -465,14 +471,7 @@ async fn a_node_that_never_comes_back_frees_its_slot_and_its_server_starts_elsew
     );
     thaw(&frozen);
     assert_eq!(
-        dkron
-            .pods
-            .get(&server)
-            .await
-            .unwrap()
-            .spec
-            .unwrap()
-            .node_name,
+        node_of(&dkron, &server).await,
         Some(lost.clone()),
         "the held server stays on its node"
     );
@@ -511,14 +510,7 @@ async fn a_node_that_never_comes_back_frees_its_slot_and_its_server_starts_elsew
         replaced_after.as_secs_f64(),
         down.elapsed().as_secs_f64()
     );
-    let new_node = dkron
-        .pods
-        .get(&server)
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .node_name;
+    let new_node = node_of(&dkron, &server).await;
     assert!(
         new_node.is_some() && new_node.as_deref() != Some(lost.as_str()),
         "{new_node:?}"

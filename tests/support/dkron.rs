@@ -240,6 +240,19 @@ impl Dkron {
         .await
     }
 
+    /// [`Dkron::create`] with one more annotation on the StatefulSet.
+    pub async fn create_annotated(
+        name: &str,
+        replicas: i32,
+        annotation: &str,
+        value: &str,
+    ) -> (Dkron, Instant) {
+        Self::create_with(name, replicas, |sts| {
+            sts["metadata"]["annotations"][annotation] = json!(value);
+        })
+        .await
+    }
+
     /// [`Dkron::create`] with `customize` applied to the StatefulSet's JSON.
     pub async fn create_with(
         name: &str,
