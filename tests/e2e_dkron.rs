@@ -497,20 +497,18 @@ async fn signals_reach_dkron_exit_statuses_come_back_and_the_label_updater_demot
     let (wrapper, _) = processes(&follower);
     signal("TERM", &wrapper);
     let code = dkron.until_restarted(&follower, "dkron", 1).await;
-    let previous = dkron.log(&follower, "dkron", true).await;
-    for needle in [
-        "Dkron left the cluster".to_owned(),
-        "forwarding signal to child signal=SIGTERM".to_owned(),
-        format!("child exited code={code} "),
-    ] {
-        if !previous.contains(&needle) {
-            dkron
-                .fail(format!(
-                    "{follower}: no {needle:?} in the previous log:\n{previous}"
-                ))
-                .await;
-        }
-    }
+    let exited = format!("child exited code={code} ");
+    dkron
+        .previous_log(
+            &follower,
+            "dkron",
+            &[
+                "Dkron left the cluster",
+                "forwarding signal to child signal=SIGTERM",
+                &exited,
+            ],
+        )
+        .await;
     eprintln!("SIGTERM to the wrapper: Dkron left, ended with {code}, the container's exit code");
     dkron.until_whole(&want, Duration::from_secs(180)).await;
 
@@ -518,8 +516,9 @@ async fn signals_reach_dkron_exit_statuses_come_back_and_the_label_updater_demot
     let (_, dkron_pid) = processes(&follower);
     signal("KILL", &dkron_pid);
     assert_eq!(dkron.until_restarted(&follower, "dkron", 2).await, 137);
-    let previous = dkron.log(&follower, "dkron", true).await;
-    assert!(previous.contains("child exited code=137 "), "{previous}");
+    dkron
+        .previous_log(&follower, "dkron", &["child exited code=137 "])
+        .await;
     dkron.until_whole(&want, Duration::from_secs(180)).await;
 
     // A stopped server: its condition goes False, and True again once it is back.
@@ -566,11 +565,13 @@ async fn signals_reach_dkron_exit_statuses_come_back_and_the_label_updater_demot
         [t.clone(), f, t],
         "the leader's label over the SIGTERM"
     );
-    let previous = dkron.log(&leader, "dkron-ha-label-updater", true).await;
-    assert!(
-        previous.contains("stopping: setting the leader label to false"),
-        "{previous}"
-    );
+    dkron
+        .previous_log(
+            &leader,
+            "dkron-ha-label-updater",
+            &["stopping: setting the leader label to false"],
+        )
+        .await;
     assert_eq!(
         dkron.removal_events().await,
         Vec::<String>::new(),

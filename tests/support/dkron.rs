@@ -536,6 +536,27 @@ impl Dkron {
         self.pods.logs(pod, &params).await.unwrap_or_default()
     }
 
+    /// The log of the previous instance of `container` of `pod` once it has every one of
+    /// `needles`. Asks again for a while: the kubelet answers a read of a container that
+    /// containerd is slow to report on (two scenarios at a time on 2 cores) with an error
+    /// text instead of the log.
+    pub async fn previous_log(&self, pod: &str, container: &str, needles: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let log = self.log(pod, container, true).await;
+            if needles.iter().all(|n| log.contains(n)) {
+                return log;
+            }
+            if Instant::now() > deadline {
+                self.fail(format!(
+                    "{pod}/{container}: no {needles:?} in the previous log after 60s:\n{log}"
+                ))
+                .await;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
     /// Waits until the `dkron` container's log of `pod` has a line with every one of `needles`;
     /// returns that line.
     pub async fn until_logged(&self, pod: &str, needles: &[&str], bound: Duration) -> String {
