@@ -125,22 +125,29 @@ async fn an_opted_in_statefulset_is_stored_injected() {
 async fn an_update_with_a_new_image_keeps_the_policy_and_duplicates_nothing() {
     let (client, ns, webhook) = setup("update").await;
     let statefulsets = Api::<StatefulSet>::namespaced(client, &ns);
-    let created = statefulsets
+    statefulsets
         .create(&PostParams::default(), &example("dkron"))
         .await
         .expect("create StatefulSet");
 
-    let mut changed = created.clone();
-    pod_spec_mut(&mut changed)
-        .containers
-        .iter_mut()
-        .find(|c| c.name == "dkron")
-        .expect("dkron container")
-        .image = Some("dkron/dkron:4.1.2".into());
-    let updated = statefulsets
-        .replace("dkron", &PostParams::default(), &changed)
-        .await
-        .expect("UPDATE with a new image");
+    // The StatefulSet controller writes its status meanwhile: a conflict means read again.
+    let mut attempts = 0;
+    let updated = loop {
+        let mut changed = statefulsets.get("dkron").await.expect("read StatefulSet");
+        pod_spec_mut(&mut changed)
+            .containers
+            .iter_mut()
+            .find(|c| c.name == "dkron")
+            .expect("dkron container")
+            .image = Some("dkron/dkron:4.1.2".into());
+        match statefulsets
+            .replace("dkron", &PostParams::default(), &changed)
+            .await
+        {
+            Err(kube::Error::Api(status)) if status.code == 409 && attempts < 5 => attempts += 1,
+            answer => break answer.expect("UPDATE with a new image"),
+        }
+    };
     // The same again as a PATCH, which the webhook also sees as an UPDATE.
     let patch = json!({"metadata": {"labels": {"touched": "again"}}});
     let patched = statefulsets
