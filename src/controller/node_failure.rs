@@ -21,7 +21,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ListParams};
+use kube::api::{Api, DeleteParams};
 use kube::runtime::events::EventType;
 
 use super::{Context, Result};
@@ -148,34 +148,22 @@ fn health(node: Option<Node>) -> NodeHealth {
     }
 }
 
-/// One round for a StatefulSet that opted in with `after`; `has_leader`: the raft loop found
-/// one this round.
+/// One round for a StatefulSet that opted in with `after`: `pods`, every pod it owns;
+/// `has_leader`: the raft loop found one this round.
 pub(super) async fn reconcile(
     ctx: &Context,
     sts: &StatefulSet,
     namespace: &str,
+    pods: &[Pod],
     after: Duration,
     has_leader: bool,
 ) -> Result<()> {
-    let uid = sts.uid().unwrap_or_default();
     let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
     let claims_api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), namespace);
     let volumes: Api<PersistentVolume> = Api::all(ctx.client.clone());
     let nodes: Api<Node> = Api::all(ctx.client.clone());
-    let selector = sts
-        .spec
-        .as_ref()
-        .and_then(|s| kube::core::Selector::try_from(s.selector.clone()).ok())
-        .unwrap_or_default();
-    let pods = pods_api
-        .list(&ListParams::default().labels_from(&selector))
-        .await?
-        .items;
     let mut facts = Vec::new();
-    for pod in pods
-        .iter()
-        .filter(|p| p.owner_references().iter().any(|o| o.uid == uid))
-    {
+    for pod in pods {
         let mut claims = Vec::new();
         let volumes_of_pod = pod.spec.as_ref().and_then(|s| s.volumes.as_ref());
         for claim in volumes_of_pod

@@ -146,28 +146,29 @@ async fn find_leader(peers: &Peers, raft: &RaftClient, pods: &[PodState]) -> Opt
     })
 }
 
-/// The StatefulSet's own pods (owned by it, named `<sts>-<ordinal>`), lowest ordinal first.
-async fn pods_of(ctx: &Context, sts: &StatefulSet, namespace: &str) -> Result<Vec<PodState>> {
-    let name = sts.name_any();
+/// Every pod the StatefulSet owns (by its selector, then its uid), terminating ones too.
+async fn owned_pods(ctx: &Context, sts: &StatefulSet, namespace: &str) -> Result<Vec<Pod>> {
     let uid = sts.uid().unwrap_or_default();
-    let labels = sts
+    let selector = sts
         .spec
         .as_ref()
-        .and_then(|s| s.selector.match_labels.as_ref())
-        .map(|labels| {
-            labels
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(",")
-        })
+        .and_then(|s| kube::core::Selector::try_from(s.selector.clone()).ok())
         .unwrap_or_default();
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
-    let mut pods: Vec<(i32, PodState)> = api
-        .list(&ListParams::default().labels(&labels))
+    Ok(api
+        .list(&ListParams::default().labels_from(&selector))
         .await?
         .into_iter()
         .filter(|p| p.owner_references().iter().any(|o| o.uid == uid))
+        .collect())
+}
+
+/// The StatefulSet's pods that are not terminating, named `<sts>-<ordinal>`, lowest ordinal
+/// first.
+fn pods_of(sts: &StatefulSet, owned: &[Pod]) -> Vec<PodState> {
+    let name = sts.name_any();
+    let mut pods: Vec<(i32, PodState)> = owned
+        .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .filter_map(|p| {
             let n = ordinal(&name, &p.name_any())?;
@@ -189,7 +190,7 @@ async fn pods_of(ctx: &Context, sts: &StatefulSet, namespace: &str) -> Result<Ve
         })
         .collect();
     pods.sort_by_key(|(n, _)| *n);
-    Ok(pods.into_iter().map(|(_, p)| p).collect())
+    pods.into_iter().map(|(_, p)| p).collect()
 }
 
 async fn set_condition(api: &Api<Pod>, pod: &str, voter: bool, why: &str) -> Result<()> {
@@ -232,7 +233,8 @@ pub async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Actio
     let name = sts.name_any();
     let peers = &ctx.peers;
     let replicas = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    let mut pods = pods_of(&ctx, &sts, &namespace).await?;
+    let owned = owned_pods(&ctx, &sts, &namespace).await?;
+    let mut pods = pods_of(&sts, &owned);
     ask_pods(peers, &mut pods).await;
     let raft = peers.raft_client(&format!("{namespace}/{name}"));
     let leader = find_leader(peers, &raft, &pods).await;
@@ -253,8 +255,14 @@ pub async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Actio
     match inject::replace_on_node_failure(&sts) {
         Ok(Some(after)) => {
             // Its failure must not hold up the raft loop's own work below.
-            let replaced =
-                super::node_failure::reconcile(&ctx, &sts, &namespace, after, leader.is_some());
+            let replaced = super::node_failure::reconcile(
+                &ctx,
+                &sts,
+                &namespace,
+                &owned,
+                after,
+                leader.is_some(),
+            );
             if let Err(error) = replaced.await {
                 tracing::warn!(%namespace, statefulset = %name, %error, "cannot replace pods on failed nodes");
             }
