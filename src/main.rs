@@ -47,7 +47,8 @@ enum Command {
         #[command(flatten)]
         fleetlock: fleetlock::FleetLockConfig,
     },
-    /// Print manifests with every opted-in StatefulSet injected, as the webhook would on CREATE.
+    /// Print manifests with every opted-in StatefulSet and every Deployment or StatefulSet of
+    /// workers injected, as the webhook would on CREATE.
     Inject {
         /// YAML file with one or more documents, or `-` for standard input.
         #[arg(short = 'f', long = "filename", env = "DKRON_HA_FILENAME")]

@@ -1,5 +1,6 @@
 //! `dkron-ha inject`: multi-document YAML in, the same documents out, with every opted-in
-//! StatefulSet mutated exactly as the webhook would on CREATE (like `istioctl kube-inject`).
+//! StatefulSet and every Deployment or StatefulSet of workers mutated exactly as the webhook
+//! would on CREATE (like `istioctl kube-inject`).
 //! Documents that are not injected are copied byte for byte, comments included.
 
 use crate::admission::{self, MutateError, WorkloadKind};
