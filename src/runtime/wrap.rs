@@ -103,26 +103,15 @@ pub enum HandOffAnswer {
     Silent,
 }
 
-/// Whether a hand-off can work (pure): every other server answers and follows this one. One
-/// that is silent or names another (or no) leader is stopping too, or restarting: holding this
-/// leader would only delay its leave, and new pods of the others could join it meanwhile and
-/// take its leave for their own (serf keeps a leave intent for minutes).
-pub fn hand_off_worth(node_name: &str, answers: &[HandOffAnswer]) -> bool {
-    !answers.is_empty()
-        && answers
-            .iter()
-            .all(|a| matches!(a, HandOffAnswer::Leader(l) if l == node_name))
-}
-
-/// A hand-off's verdict from the other servers' answers while this leader is held (pure).
+/// A hand-off's verdict from the other servers' answers (pure).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HandOffCheck<'a> {
     /// Another server names a leader that is not this one.
     HandedTo(&'a str),
     /// They still name this one, or none: an election is under way.
     Waiting,
-    /// One of them stopped answering: it is stopping too, so this one leaves at once.
-    PeerSilent,
+    /// None of them answers (all are stopping too): nobody can take over.
+    NoOneAnswers,
 }
 
 pub fn hand_off_check<'a>(node_name: &str, answers: &'a [HandOffAnswer]) -> HandOffCheck<'a> {
@@ -132,7 +121,7 @@ pub fn hand_off_check<'a>(node_name: &str, answers: &'a [HandOffAnswer]) -> Hand
     });
     match other {
         Some(leader) => HandOffCheck::HandedTo(leader),
-        None if answers.contains(&HandOffAnswer::Silent) => HandOffCheck::PeerSilent,
+        None if answers.iter().all(|a| *a == HandOffAnswer::Silent) => HandOffCheck::NoOneAnswers,
         None => HandOffCheck::Waiting,
     }
 }
@@ -892,28 +881,32 @@ async fn hand_off(child: Pid, host: &str, port: u16, hand_off: &HandOff) {
         Ok(dkron::IsLeaderAnswer::Leader) => {}
         _ => return,
     }
-    let answers = ask_for_leaders(&client, &hand_off.peers).await;
-    if !hand_off_worth(&hand_off.node_name, &answers) {
-        tracing::info!(
-            ?answers,
-            "no hand-off: not every other server follows this one (they are stopping too)"
-        );
-        return;
-    }
     if let Err(error) = kill(child, Signal::SIGSTOP) {
         tracing::warn!(%error, "cannot stop the leading Dkron for a hand-off");
         return;
     }
     let started = Instant::now();
     let verdict = loop {
-        let answers = ask_for_leaders(&client, &hand_off.peers).await;
+        let asks = hand_off.peers.iter().map(|peer| async {
+            match client
+                .leader(peer, dkron::HTTP_PORT, LEADER_QUERY_TIMEOUT)
+                .await
+            {
+                Ok(LeaderAnswer::Known {
+                    name: Some(name), ..
+                }) => HandOffAnswer::Leader(name),
+                Ok(_) => HandOffAnswer::NoLeader,
+                Err(_) => HandOffAnswer::Silent,
+            }
+        });
+        let answers = futures::future::join_all(asks).await;
         match hand_off_check(&hand_off.node_name, &answers) {
             HandOffCheck::Waiting if started.elapsed() < HAND_OFF_TIMEOUT => {
                 tokio::time::sleep(HAND_OFF_POLL).await;
             }
             HandOffCheck::HandedTo(leader) => break Ok(leader.to_owned()),
             HandOffCheck::Waiting => break Err("no other server became the leader"),
-            HandOffCheck::PeerSilent => break Err("another server stopped answering"),
+            HandOffCheck::NoOneAnswers => break Err("no other server answers"),
         }
     };
     if let Err(error) = kill(child, Signal::SIGCONT) {
@@ -924,23 +917,6 @@ async fn hand_off(child: Pid, host: &str, port: u16, hand_off: &HandOff) {
         Ok(leader) => tracing::info!(%leader, elapsed_ms, "leadership handed off"),
         Err(why) => tracing::warn!(elapsed_ms, why, "leaving as the leader"),
     }
-}
-
-/// `GET /v1/leader` on every server in `peers`, at once.
-async fn ask_for_leaders(client: &DkronClient, peers: &[String]) -> Vec<HandOffAnswer> {
-    let asks = peers.iter().map(|peer| async {
-        match client
-            .leader(peer, dkron::HTTP_PORT, LEADER_QUERY_TIMEOUT)
-            .await
-        {
-            Ok(LeaderAnswer::Known {
-                name: Some(name), ..
-            }) => HandOffAnswer::Leader(name),
-            Ok(_) => HandOffAnswer::NoLeader,
-            Err(_) => HandOffAnswer::Silent,
-        }
-    });
-    futures::future::join_all(asks).await
 }
 
 /// Bound of the leave before a stop signal is forwarded: well inside the default 30 s grace
@@ -1080,28 +1056,23 @@ mod tests {
     fn a_hand_off_is_done_once_another_server_names_a_leader_that_is_not_this_one() {
         use HandOffAnswer::{Leader, NoLeader, Silent};
         let own = "dkron-0";
-        // Worth it only while every other server follows this one.
-        assert!(hand_off_worth(
-            own,
-            &[Leader(own.into()), Leader(own.into())]
-        ));
-        assert!(!hand_off_worth(own, &[Leader(own.into()), Silent]));
-        assert!(!hand_off_worth(own, &[Leader(own.into()), NoLeader]));
-        assert!(!hand_off_worth(own, &[Leader("dkron-2".into())]));
-        assert!(!hand_off_worth(own, &[]));
-        // Held: the others still name it, or none: an election is under way.
+        // The others still name the stopped leader, or none: an election is under way.
         assert_eq!(
             hand_off_check(own, &[Leader(own.into()), NoLeader]),
+            HandOffCheck::Waiting
+        );
+        assert_eq!(
+            hand_off_check(own, &[Leader(own.into()), Silent]),
             HandOffCheck::Waiting
         );
         assert_eq!(
             hand_off_check(own, &[Silent, Leader("dkron-2".into())]),
             HandOffCheck::HandedTo("dkron-2")
         );
-        // One stops answering (all the pods deleted at once): leave at once.
+        // Every other server stopping too (a StatefulSet deleted, all pods at once).
         assert_eq!(
-            hand_off_check(own, &[Leader(own.into()), Silent]),
-            HandOffCheck::PeerSilent
+            hand_off_check(own, &[Silent, Silent]),
+            HandOffCheck::NoOneAnswers
         );
     }
 
