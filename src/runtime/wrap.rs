@@ -92,38 +92,14 @@ pub struct HandOff {
     pub node_name: String,
 }
 
-/// What one other server said during a hand-off.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HandOffAnswer {
-    /// It names a leader (by node name).
-    Leader(String),
-    /// It answers but names no leader (or one without a name).
-    NoLeader,
-    /// It does not answer: gone, or never up.
-    Silent,
-}
-
-/// A hand-off's verdict from the other servers' answers (pure).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HandOffCheck<'a> {
-    /// Another server names a leader that is not this one.
-    HandedTo(&'a str),
-    /// They still name this one, or none: an election is under way.
-    Waiting,
-    /// None of them answers (all are stopping too): nobody can take over.
-    NoOneAnswers,
-}
-
-pub fn hand_off_check<'a>(node_name: &str, answers: &'a [HandOffAnswer]) -> HandOffCheck<'a> {
-    let other = answers.iter().find_map(|answer| match answer {
-        HandOffAnswer::Leader(leader) if leader != node_name => Some(leader.as_str()),
-        _ => None,
-    });
-    match other {
-        Some(leader) => HandOffCheck::HandedTo(leader),
-        None if answers.iter().all(|a| *a == HandOffAnswer::Silent) => HandOffCheck::NoOneAnswers,
-        None => HandOffCheck::Waiting,
-    }
+/// The leader another server names, if it is not this one (pure): `answers` are the leaders
+/// the other servers named, `None` where one named none or did not answer.
+pub fn handed_to<'a>(node_name: &str, answers: &'a [Option<String>]) -> Option<&'a str> {
+    answers
+        .iter()
+        .flatten()
+        .map(String::as_str)
+        .find(|leader| *leader != node_name)
 }
 
 /// A worker agent's check that the servers still know it: Dkron resolves `--retry-join`
@@ -886,36 +862,35 @@ async fn hand_off(child: Pid, host: &str, port: u16, hand_off: &HandOff) {
         return;
     }
     let started = Instant::now();
-    let verdict = loop {
+    let leader = loop {
         let asks = hand_off.peers.iter().map(|peer| async {
             match client
                 .leader(peer, dkron::HTTP_PORT, LEADER_QUERY_TIMEOUT)
                 .await
             {
-                Ok(LeaderAnswer::Known {
-                    name: Some(name), ..
-                }) => HandOffAnswer::Leader(name),
-                Ok(_) => HandOffAnswer::NoLeader,
-                Err(_) => HandOffAnswer::Silent,
+                Ok(LeaderAnswer::Known { name, .. }) => name,
+                _ => None,
             }
         });
         let answers = futures::future::join_all(asks).await;
-        match hand_off_check(&hand_off.node_name, &answers) {
-            HandOffCheck::Waiting if started.elapsed() < HAND_OFF_TIMEOUT => {
-                tokio::time::sleep(HAND_OFF_POLL).await;
-            }
-            HandOffCheck::HandedTo(leader) => break Ok(leader.to_owned()),
-            HandOffCheck::Waiting => break Err("no other server became the leader"),
-            HandOffCheck::NoOneAnswers => break Err("no other server answers"),
+        if let Some(leader) = handed_to(&hand_off.node_name, &answers) {
+            break Some(leader.to_owned());
         }
+        if started.elapsed() >= HAND_OFF_TIMEOUT {
+            break None;
+        }
+        tokio::time::sleep(HAND_OFF_POLL).await;
     };
     if let Err(error) = kill(child, Signal::SIGCONT) {
         tracing::warn!(%error, "cannot let the stopped Dkron go on");
     }
     let elapsed_ms = started.elapsed().as_millis() as u64;
-    match verdict {
-        Ok(leader) => tracing::info!(%leader, elapsed_ms, "leadership handed off"),
-        Err(why) => tracing::warn!(elapsed_ms, why, "leaving as the leader"),
+    match leader {
+        Some(leader) => tracing::info!(%leader, elapsed_ms, "leadership handed off"),
+        None => tracing::warn!(
+            elapsed_ms,
+            "no other server became the leader: leaving as the leader"
+        ),
     }
 }
 
@@ -1054,25 +1029,13 @@ mod tests {
 
     #[test]
     fn a_hand_off_is_done_once_another_server_names_a_leader_that_is_not_this_one() {
-        use HandOffAnswer::{Leader, NoLeader, Silent};
         let own = "dkron-0";
-        // The others still name the stopped leader, or none: an election is under way.
+        // The others still name the stopped leader, or none, or do not answer: not yet.
+        assert_eq!(handed_to(own, &[Some(own.into()), None]), None);
+        assert_eq!(handed_to(own, &[]), None);
         assert_eq!(
-            hand_off_check(own, &[Leader(own.into()), NoLeader]),
-            HandOffCheck::Waiting
-        );
-        assert_eq!(
-            hand_off_check(own, &[Leader(own.into()), Silent]),
-            HandOffCheck::Waiting
-        );
-        assert_eq!(
-            hand_off_check(own, &[Silent, Leader("dkron-2".into())]),
-            HandOffCheck::HandedTo("dkron-2")
-        );
-        // Every other server stopping too (a StatefulSet deleted, all pods at once).
-        assert_eq!(
-            hand_off_check(own, &[Silent, Silent]),
-            HandOffCheck::NoOneAnswers
+            handed_to(own, &[Some(own.into()), Some("dkron-2".into())]),
+            Some("dkron-2")
         );
     }
 
