@@ -78,28 +78,6 @@ pub struct LaunchPlan {
     pub cold_start_watch: Option<ColdStartWatch>,
     /// On a worker agent: its restart when the servers have forgotten it ([`agent_check`]).
     pub agent_watch: Option<AgentWatch>,
-    /// On a server of a cluster of 3 or more: a leading Dkron hands its leadership off before
-    /// its leave ([`hand_off`]). Needs `leave_first` (the local HTTP API).
-    pub hand_off: Option<HandOff>,
-}
-
-/// What a leading server's hand-off asks: the other servers' HTTP API, for a new leader.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HandOff {
-    /// The other servers' names (their HTTP API on [`dkron::HTTP_PORT`]).
-    pub peers: Vec<String>,
-    /// This server's node name (= raft id).
-    pub node_name: String,
-}
-
-/// The leader another server names, if it is not this one (pure): `answers` are the leaders
-/// the other servers named, `None` where one named none or did not answer.
-pub fn handed_to<'a>(node_name: &str, answers: &'a [Option<String>]) -> Option<&'a str> {
-    answers
-        .iter()
-        .flatten()
-        .map(String::as_str)
-        .find(|leader| *leader != node_name)
 }
 
 /// A worker agent's check that the servers still know it: Dkron resolves `--retry-join`
@@ -806,9 +784,6 @@ async fn supervise(
         }
         if let Some(sig) = forward {
             if let Some((host, port)) = &plan.leave_first {
-                if let Some(hand_off_to) = &plan.hand_off {
-                    hand_off(child_pid, host, *port, hand_off_to).await;
-                }
                 leave(host, *port).await;
             }
             tracing::info!(signal = %sig, pid = child_pid.as_raw(), "forwarding signal to child");
@@ -830,67 +805,6 @@ async fn answers_http(host: &str, port: u16) -> bool {
             .await
             .is_ok(),
         Err(_) => false,
-    }
-}
-
-/// Bound of a leader's hand-off: a few raft elections (Dkron's heartbeat timeout is 1 s).
-pub const HAND_OFF_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How often a hand-off asks the other servers for a new leader.
-const HAND_OFF_POLL: Duration = Duration::from_millis(200);
-
-/// Before a leading Dkron leaves: holds it stopped (SIGSTOP) until another server names a new
-/// leader, bounded by [`HAND_OFF_TIMEOUT`], then lets it go on (SIGCONT) to its leave.
-///
-/// A leader that leaves has `left` serf by the time the next leader is elected, and that
-/// leader's first reconcile removes it from raft; Dkron adds it back only at its reconcile 60 s
-/// later, so a leader's restart took ~65 s against ~10–35 s for a follower (measured on v4.1.2
-/// and the stand-in). A stopped leader merely falls silent: the others elect within a heartbeat
-/// timeout, the new leader's reconcile finds it still alive in serf and keeps it, and it leaves
-/// as a follower, whose raft entry stays while it restarts. Dkron's API has no leadership
-/// transfer.
-async fn hand_off(child: Pid, host: &str, port: u16, hand_off: &HandOff) {
-    let Ok(client) = DkronClient::new() else {
-        return;
-    };
-    match client.is_leader(host, port, LEADER_QUERY_TIMEOUT).await {
-        Ok(dkron::IsLeaderAnswer::Leader) => {}
-        _ => return,
-    }
-    if let Err(error) = kill(child, Signal::SIGSTOP) {
-        tracing::warn!(%error, "cannot stop the leading Dkron for a hand-off");
-        return;
-    }
-    let started = Instant::now();
-    let leader = loop {
-        let asks = hand_off.peers.iter().map(|peer| async {
-            match client
-                .leader(peer, dkron::HTTP_PORT, LEADER_QUERY_TIMEOUT)
-                .await
-            {
-                Ok(LeaderAnswer::Known { name, .. }) => name,
-                _ => None,
-            }
-        });
-        let answers = futures::future::join_all(asks).await;
-        if let Some(leader) = handed_to(&hand_off.node_name, &answers) {
-            break Some(leader.to_owned());
-        }
-        if started.elapsed() >= HAND_OFF_TIMEOUT {
-            break None;
-        }
-        tokio::time::sleep(HAND_OFF_POLL).await;
-    };
-    if let Err(error) = kill(child, Signal::SIGCONT) {
-        tracing::warn!(%error, "cannot let the stopped Dkron go on");
-    }
-    let elapsed_ms = started.elapsed().as_millis() as u64;
-    match leader {
-        Some(leader) => tracing::info!(%leader, elapsed_ms, "leadership handed off"),
-        None => tracing::warn!(
-            elapsed_ms,
-            "no other server became the leader: leaving as the leader"
-        ),
     }
 }
 
@@ -983,10 +897,6 @@ pub async fn run(command: Vec<String>) -> Result<i32, WrapError> {
     }
     let mut plan = plan_launch(&command, &flags, |name| std::env::var(name).ok())?;
     plan.leave_first = Some(("127.0.0.1".to_owned(), dkron::HTTP_PORT));
-    plan.hand_off = (settings.initial_cluster_size >= 3).then(|| HandOff {
-        peers: settings.other_peers(),
-        node_name: settings.pod_name.clone(),
-    });
     plan.cold_start_watch = starts_last(&settings, &flags).then(|| ColdStartWatch {
         bound: settings.cold_start_timeout,
         rpc_addr: std::net::SocketAddr::new(settings.pod_ip, RPC_PORT).to_string(),
@@ -1026,18 +936,6 @@ async fn run_agent(command: Vec<String>, agent: AgentSettings) -> Result<i32, Wr
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_hand_off_is_done_once_another_server_names_a_leader_that_is_not_this_one() {
-        let own = "dkron-0";
-        // The others still name the stopped leader, or none, or do not answer: not yet.
-        assert_eq!(handed_to(own, &[Some(own.into()), None]), None);
-        assert_eq!(handed_to(own, &[]), None);
-        assert_eq!(
-            handed_to(own, &[Some(own.into()), Some("dkron-2".into())]),
-            Some("dkron-2")
-        );
-    }
 
     #[test]
     fn a_worker_rejoins_only_after_the_answering_servers_lacked_it_for_the_bound() {
