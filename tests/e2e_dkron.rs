@@ -499,7 +499,7 @@ async fn signals_reach_dkron_exit_statuses_come_back_and_the_label_updater_demot
     let code = dkron.until_restarted(&follower, "dkron", 1).await;
     let exited = format!("child exited code={code} ");
     dkron
-        .previous_log(
+        .until_previous_logged(
             &follower,
             "dkron",
             &[
@@ -517,7 +517,7 @@ async fn signals_reach_dkron_exit_statuses_come_back_and_the_label_updater_demot
     signal("KILL", &dkron_pid);
     assert_eq!(dkron.until_restarted(&follower, "dkron", 2).await, 137);
     dkron
-        .previous_log(&follower, "dkron", &["child exited code=137 "])
+        .until_previous_logged(&follower, "dkron", &["child exited code=137 "])
         .await;
     dkron.until_whole(&want, Duration::from_secs(180)).await;
 
@@ -566,7 +566,7 @@ async fn signals_reach_dkron_exit_statuses_come_back_and_the_label_updater_demot
         "the leader's label over the SIGTERM"
     );
     dkron
-        .previous_log(
+        .until_previous_logged(
             &leader,
             "dkron-ha-label-updater",
             &["stopping: setting the leader label to false"],

@@ -536,16 +536,16 @@ impl Dkron {
         self.pods.logs(pod, &params).await.unwrap_or_default()
     }
 
-    /// The log of the previous instance of `container` of `pod` once it has every one of
+    /// Waits until the log of the previous instance of `container` of `pod` has every one of
     /// `needles`. Asks again for a while: the kubelet answers a read of a container that
     /// containerd is slow to report on (two scenarios at a time on 2 cores) with an error
     /// text instead of the log.
-    pub async fn previous_log(&self, pod: &str, container: &str, needles: &[&str]) -> String {
+    pub async fn until_previous_logged(&self, pod: &str, container: &str, needles: &[&str]) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let log = self.log(pod, container, true).await;
             if needles.iter().all(|n| log.contains(n)) {
-                return log;
+                return;
             }
             if Instant::now() > deadline {
                 self.fail(format!(
