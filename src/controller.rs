@@ -121,6 +121,7 @@ pub struct ControllerMetrics {
     errors: Family<ErrorLabels, Counter>,
     removals: Counter,
     raft_removals: Counter,
+    servers_outside_gossip: Gauge,
     leading: Gauge,
 }
 
@@ -131,6 +132,7 @@ impl ControllerMetrics {
             errors: Family::default(),
             removals: Counter::default(),
             raft_removals: Counter::default(),
+            servers_outside_gossip: Gauge::default(),
             leading: Gauge::default(),
         };
         registry.register(
@@ -152,6 +154,11 @@ impl ControllerMetrics {
             "dkron_ha_controller_raft_peer_removals",
             "Raft servers removed because their pod must not exist any more",
             m.raft_removals.clone(),
+        );
+        registry.register(
+            "dkron_ha_servers_outside_gossip",
+            "Running Dkron server pods that have not been a live gossip member at their IP for longer than a join and wrap's recovery take (each also gets a ServerOutsideGossip Warning Event)",
+            m.servers_outside_gossip.clone(),
         );
         registry.register(
             "dkron_ha_controller_leading",

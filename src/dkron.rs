@@ -128,6 +128,9 @@ pub struct SerfMember {
     /// The IP serf last heard the member at (Go's `net.IP` encodes as a string).
     #[serde(rename = "Addr", default)]
     pub addr: String,
+    /// Its gossip port.
+    #[serde(rename = "Port", default)]
+    pub port: Option<u16>,
     /// 1 alive, 2 leaving, 3 left, 4 failed.
     #[serde(rename = "Status", default)]
     pub status: u64,

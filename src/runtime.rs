@@ -3,5 +3,6 @@
 //! into the pod label `dkron-ha/leader`. (`install` lives in `crate::install`.)
 
 pub mod label_updater;
+pub mod membership;
 pub mod peers;
 pub mod wrap;

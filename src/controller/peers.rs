@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
@@ -17,7 +17,8 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 
 use super::raft::{
-    LeaderView, Member, MemberStatus, PodState, ordinal, raft_server_to_remove, voter_conditions,
+    LeaderView, Member, MemberStatus, PodState, ordinal, outside_gossip, raft_server_to_remove,
+    voter_conditions,
 };
 use super::{Context, FIELD_MANAGER, Result};
 use crate::dkron::grpc::{GrpcError, RaftClient};
@@ -34,7 +35,22 @@ pub struct Peers {
     timeout: Duration,
     /// Time between rounds.
     pub interval: Duration,
+    /// Per StatefulSet (`namespace/name`): its running pods that are no live gossip member at
+    /// their IP, by pod name, with their IP and since when.
+    outside: Mutex<HashMap<String, HashMap<String, Outside>>>,
 }
+
+/// A running pod outside the cluster's gossip, as first seen.
+struct Outside {
+    ip: String,
+    since: Instant,
+    reported: bool,
+}
+
+/// How long a running pod may stay outside the gossip before it is reported: longer than a
+/// join takes, and than `wrap`'s recovery of a lost name conflict (its name wait of at most
+/// 60 s and a rejoin), so what is reported is what nothing here will fix by itself.
+pub const OUTSIDE_GOSSIP_BOUND: Duration = Duration::from_secs(150);
 
 impl Peers {
     pub fn new(interval: Duration, timeout: Duration) -> Self {
@@ -44,6 +60,7 @@ impl Peers {
             raft: Mutex::new(HashMap::new()),
             timeout,
             interval,
+            outside: Mutex::new(HashMap::new()),
         }
     }
 
@@ -222,12 +239,48 @@ async fn set_condition(api: &Api<Pod>, pod: &str, voter: bool, why: &str) -> Res
     Ok(())
 }
 
+/// Keeps the record of `sts`'s pods outside the gossip up to date with this round's `outside`
+/// (pod name and IP) seen at `now`, and returns the pods just past `bound` (once each) and how
+/// many pods of every StatefulSet are past it now.
+fn track_outside(
+    all: &mut HashMap<String, HashMap<String, Outside>>,
+    sts: &str,
+    outside: &[(String, String)],
+    now: Instant,
+    bound: Duration,
+) -> (Vec<(String, Duration)>, i64) {
+    let known = all.entry(sts.to_owned()).or_default();
+    // A pod back in the gossip, or a new pod (another IP), starts over.
+    known.retain(|pod, o| outside.iter().any(|(p, ip)| p == pod && *ip == o.ip));
+    let mut due = Vec::new();
+    for (pod, ip) in outside {
+        let entry = known.entry(pod.clone()).or_insert_with(|| Outside {
+            ip: ip.clone(),
+            since: now,
+            reported: false,
+        });
+        let for_ = now - entry.since;
+        if !entry.reported && for_ >= bound {
+            entry.reported = true;
+            due.push((pod.clone(), for_));
+        }
+    }
+    let past = all
+        .values()
+        .flat_map(|pods| pods.values())
+        .filter(|o| now - o.since >= bound)
+        .count() as i64;
+    (due, past)
+}
+
 /// One round for one opted-in StatefulSet.
 pub async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Action> {
     let Some(namespace) = sts.namespace() else {
         return Ok(Action::await_change());
     };
     if sts.metadata.deletion_timestamp.is_some() || !inject::is_opted_in(&sts) {
+        let key = format!("{namespace}/{}", sts.name_any());
+        ctx.peers.outside.lock().expect("outside lock").remove(&key);
         return Ok(Action::await_change());
     }
     let name = sts.name_any();
@@ -277,6 +330,7 @@ pub async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Actio
     let Some(leader) = leader else {
         return Ok(Action::requeue(peers.interval));
     };
+    report_outside_gossip(&ctx, &sts, &namespace, &leader, &pods).await;
     if let Some(removal) = raft_server_to_remove(&name, replicas, &leader, &pods) {
         match raft.remove_peer(&leader.rpc_addr, &removal.id).await {
             Ok(()) => {
@@ -312,4 +366,131 @@ pub async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Actio
     }
     tracing::debug!(%namespace, statefulset = %name, servers = leader.servers.len(), package = ?raft.package(), "raft peers checked");
     Ok(Action::requeue(peers.interval))
+}
+
+/// Reports (a Warning Event on the pod and one on the StatefulSet, and the
+/// `dkron_ha_servers_outside_gossip` gauge) each running pod that has stayed outside the
+/// cluster's gossip for [`OUTSIDE_GOSSIP_BOUND`]: a Dkron that runs, is never Ready and that
+/// nothing else would point at.
+async fn report_outside_gossip(
+    ctx: &Context,
+    sts: &StatefulSet,
+    namespace: &str,
+    leader: &LeaderView,
+    pods: &[PodState],
+) {
+    let name = sts.name_any();
+    let outside: Vec<(String, String)> = outside_gossip(leader, pods)
+        .into_iter()
+        .filter_map(|p| Some((p.name.clone(), p.ip.clone()?)))
+        .collect();
+    let (due, past) = track_outside(
+        &mut ctx.peers.outside.lock().expect("outside lock"),
+        &format!("{namespace}/{name}"),
+        &outside,
+        Instant::now(),
+        OUTSIDE_GOSSIP_BOUND,
+    );
+    ctx.metrics.servers_outside_gossip.set(past);
+    for (pod, for_) in due {
+        let seen = leader
+            .members
+            .get(&pod)
+            .map_or("no member of that name".to_owned(), |m| {
+                format!("{:?} at {}", m.status, m.addr)
+            });
+        let ip = outside
+            .iter()
+            .find(|(p, _)| *p == pod)
+            .map_or("", |(_, ip)| ip.as_str());
+        let note = format!(
+            "pod {pod} has run at {ip} for {}s without being a live member of the Dkron cluster's gossip there (the leader's serf has {seen}); its Dkron may have lost a name conflict and stopped gossiping: see its log for 'Serf shutdown detected' and restart the pod",
+            for_.as_secs()
+        );
+        tracing::warn!(%namespace, statefulset = %name, %pod, %ip, seen = %seen, "a running server pod is outside the cluster's gossip");
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            namespace: Some(namespace.to_owned()),
+            name: Some(pod.clone()),
+            ..Default::default()
+        };
+        let event = kube::runtime::events::Event {
+            type_: EventType::Warning,
+            reason: REASON_OUTSIDE_GOSSIP.into(),
+            note: Some(note.clone()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(error) = ctx.recorder.publish(&event, &reference).await {
+            tracing::warn!(%error, %pod, "cannot publish event");
+        }
+        super::publish_about(
+            ctx,
+            sts,
+            EventType::Warning,
+            REASON_OUTSIDE_GOSSIP,
+            note,
+            Some(reference),
+        )
+        .await;
+    }
+}
+
+/// The reason of the Events [`report_outside_gossip`] writes.
+pub const REASON_OUTSIDE_GOSSIP: &str = "ServerOutsideGossip";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pod_outside_the_gossip_is_reported_once_past_the_bound_and_forgotten_when_back() {
+        let bound = Duration::from_secs(150);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut all = HashMap::new();
+        let out = |pods: &[(&str, &str)]| -> Vec<(String, String)> {
+            pods.iter()
+                .map(|(p, ip)| (p.to_string(), ip.to_string()))
+                .collect()
+        };
+        let a = out(&[("dkron-2", "10.0.2.9")]);
+        assert_eq!(
+            track_outside(&mut all, "ns/dkron", &a, at(0), bound),
+            (vec![], 0)
+        );
+        assert_eq!(
+            track_outside(&mut all, "ns/dkron", &a, at(149), bound),
+            (vec![], 0)
+        );
+        assert_eq!(
+            track_outside(&mut all, "ns/dkron", &a, at(151), bound),
+            (vec![("dkron-2".to_owned(), Duration::from_secs(151))], 1)
+        );
+        // Reported once; still counted while it stays outside, with another StatefulSet's too.
+        assert_eq!(
+            track_outside(&mut all, "ns/dkron", &a, at(200), bound),
+            (vec![], 1)
+        );
+        let b = out(&[("other-0", "10.0.3.3")]);
+        assert_eq!(track_outside(&mut all, "ns/other", &b, at(201), bound).1, 1);
+        assert_eq!(
+            track_outside(&mut all, "ns/other", &b, at(352), bound)
+                .0
+                .len(),
+            1
+        );
+        assert_eq!(track_outside(&mut all, "ns/dkron", &a, at(353), bound).1, 2);
+        // A new pod of the same name (another IP) starts over; one back in the gossip is gone.
+        let c = out(&[("dkron-2", "10.0.2.10")]);
+        assert_eq!(
+            track_outside(&mut all, "ns/dkron", &c, at(354), bound),
+            (vec![], 1)
+        );
+        assert_eq!(
+            track_outside(&mut all, "ns/other", &[], at(355), bound),
+            (vec![], 0)
+        );
+    }
 }

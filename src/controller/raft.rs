@@ -146,15 +146,31 @@ pub fn raft_server_to_remove(
 /// server that has not caught up cannot help a commit.
 fn is_voter(view: &LeaderView, pod: &PodState) -> bool {
     let voter = view.servers.iter().any(|s| s.id == pod.name && s.voter);
-    let alive_here = view.members.get(&pod.name).is_some_and(|m| {
-        m.status == MemberStatus::Alive && Some(m.addr.as_str()) == pod.ip.as_deref()
-    });
+    let alive_here = is_member_here(view, pod);
     let follows = pod.leader_seen.as_deref() == Some(view.rpc_addr.as_str());
     let caught_up = view.jobs.is_none() || pod.jobs == view.jobs;
     // Catching up gates becoming a voter only: a job created between two counts, or one slow
     // answer, must not make a voter flap.
     let was_voter = pod.voter_condition == Some(true);
     voter && alive_here && (was_voter || (follows && caught_up))
+}
+
+/// Whether the leader's serf has `pod` alive at the pod's own IP (not a previous incarnation at
+/// an old address).
+fn is_member_here(view: &LeaderView, pod: &PodState) -> bool {
+    view.members.get(&pod.name).is_some_and(|m| {
+        m.status == MemberStatus::Alive && Some(m.addr.as_str()) == pod.ip.as_deref()
+    })
+}
+
+/// The pods that run (they have an IP) but are no live member of the cluster's gossip at that
+/// IP in the leader's view: their Dkron has not joined yet, or it joined and lost (a name
+/// conflict with an earlier pod that did not leave shuts a new member's serf down for good).
+/// The caller reports those that stay so for longer than a join takes.
+pub fn outside_gossip<'a>(view: &LeaderView, pods: &'a [PodState]) -> Vec<&'a PodState> {
+    pods.iter()
+        .filter(|p| p.ip.is_some() && !is_member_here(view, p))
+        .collect()
 }
 
 /// The `dkron-ha/raft-voter` conditions to write: `(pod, value)` for each pod whose condition
@@ -398,6 +414,24 @@ mod tests {
             voter_conditions(Some(&v), &p),
             [("dkron-2".to_owned(), false)]
         );
+    }
+
+    #[test]
+    fn a_running_pod_not_alive_in_gossip_at_its_own_ip_is_outside() {
+        let names = |outside: Vec<&PodState>| -> Vec<String> {
+            outside.iter().map(|p| p.name.clone()).collect()
+        };
+        let v = view(&[Alive, Alive, Failed]);
+        let mut p = pods(3);
+        assert_eq!(names(outside_gossip(&v, &p)), ["dkron-2"]);
+        // Serf still has dkron-1 alive at the address of the pod before this one.
+        p[1].ip = Some("10.0.9.9".into());
+        assert_eq!(names(outside_gossip(&v, &p)), ["dkron-1", "dkron-2"]);
+        // A pod without an IP does not run yet; a pod serf does not know at all is outside.
+        p[2].ip = None;
+        p.push(pod("dkron-3", "10.0.0.3"));
+        assert_eq!(names(outside_gossip(&v, &p)), ["dkron-1", "dkron-3"]);
+        assert!(outside_gossip(&view(&[Alive, Alive, Alive]), &pods(3)).is_empty());
     }
 
     #[test]

@@ -4,6 +4,9 @@
 //! leader exists, then start the command and supervise it. Core: [`plan_launch`] decides the
 //! flags or environment variables from the command and the observations, with no I/O.
 
+use super::membership::{
+    NameCheck, SERF_POLL, SerfCheck, SerfWatch, probe_serf, serf_check, until_name_free,
+};
 use super::peers::{AgentSettings, ClusterSettings, SettingsError};
 use crate::dkron::grpc::{RPC_PORT, RaftClient};
 use crate::dkron::{self, DkronClient, LeaderAnswer};
@@ -78,6 +81,11 @@ pub struct LaunchPlan {
     pub cold_start_watch: Option<ColdStartWatch>,
     /// On a worker agent: its restart when the servers have forgotten it ([`agent_check`]).
     pub agent_watch: Option<AgentWatch>,
+    /// On a server: before Dkron starts again in place, wait until no peer holds its name
+    /// alive at another address ([`until_name_free`]).
+    pub name_check: Option<NameCheck>,
+    /// On a server: the restart of a Dkron whose serf has shut down ([`serf_check`]).
+    pub serf_watch: Option<SerfWatch>,
 }
 
 /// A worker agent's check that the servers still know it: Dkron resolves `--retry-join`
@@ -618,6 +626,17 @@ pub async fn run_child(
     }
     let mut orphans_reaped = 0;
     for attempt in 1.. {
+        if attempt > 1
+            && let Some(check) = &plan.name_check
+        {
+            tokio::select! {
+                _ = until_name_free(check) => {}
+                sig = signals.stop_request() => {
+                    tracing::info!(signal = %sig, "stopped before Dkron started again");
+                    return Ok(ChildExit { code: 128 + sig as i32, orphans_reaped });
+                }
+            }
+        }
         let child_pid = spawn(plan)?;
         match supervise(plan, child_pid, signals, &mut orphans_reaped).await? {
             Supervised::Exited(code) => {
@@ -682,7 +701,12 @@ async fn supervise(
     let mut watch_reported = false;
     let mut agent_poll = tokio::time::interval(AGENT_POLL);
     let mut missing_since: Option<Instant> = None;
+    let mut serf_poll = tokio::time::interval(SERF_POLL);
+    let mut serf_refusals = 0;
+    let dkron_client = DkronClient::new().ok();
     let mut restarting = false;
+    // Once a stop or restart is under way, no watch acts: Dkron's serf is meant to go.
+    let mut stopping = false;
     loop {
         if let Some(code) = reap(child_pid, orphans_reaped)? {
             return Ok(if restarting {
@@ -709,7 +733,24 @@ async fn supervise(
             // SIGCHLD can coalesce; a slow poll makes sure no exit is missed.
             _ = safety_tick.tick() => None,
             _ = hup_poll.tick(), if held_hup => None,
-            _ = agent_poll.tick(), if plan.agent_watch.is_some() && !restarting => {
+            _ = serf_poll.tick(), if plan.serf_watch.is_some() && dkron_client.is_some() && !stopping => {
+                let watch = plan.serf_watch.as_ref().expect("guarded by the branch");
+                let client = dkron_client.as_ref().expect("guarded by the branch");
+                match serf_check(probe_serf(client, watch).await, &mut serf_refusals) {
+                    SerfCheck::Healthy => None,
+                    SerfCheck::Suspect => {
+                        tracing::info!(node = %watch.node_name, "the local Dkron's gossip port refuses connections while its HTTP API answers; looking again");
+                        None
+                    }
+                    SerfCheck::Restart => {
+                        tracing::warn!(node = %watch.node_name, pod_ip = %watch.own_ip,
+                            "the local Dkron's serf has shut down (its gossip port refuses connections while its HTTP API answers; Dkron logs 'Serf shutdown detected' after its join lost a name conflict): restarting Dkron so that it joins the cluster again");
+                        restarting = true;
+                        Some(Signal::SIGTERM)
+                    }
+                }
+            }
+            _ = agent_poll.tick(), if plan.agent_watch.is_some() && !stopping => {
                 let AgentWatch { servers, node_name, bound } =
                     plan.agent_watch.as_ref().expect("guarded by the branch");
                 let alive = known_to_servers(servers, node_name).await;
@@ -734,7 +775,7 @@ async fn supervise(
                     }
                 }
             }
-            _ = watch_poll.tick(), if watch.is_some() => {
+            _ = watch_poll.tick(), if watch.is_some() && !stopping => {
                 let (ColdStartWatch { bound, rpc_addr }, (host, port)) =
                     watch.clone().expect("guarded by the branch");
                 let view = local_view(&host, port, &rpc_addr).await;
@@ -783,6 +824,7 @@ async fn supervise(
             }
         }
         if let Some(sig) = forward {
+            stopping = true;
             if let Some((host, port)) = &plan.leave_first {
                 leave(host, *port).await;
             }
@@ -868,9 +910,15 @@ pub async fn run(command: Vec<String>) -> Result<i32, WrapError> {
     }
     let settings = ClusterSettings::from_env()?;
     let mut signals = SupervisorSignals::install()?;
+    let name_check = NameCheck {
+        peers: settings.leader_sources(),
+        node_name: settings.pod_name.clone(),
+        own_ip: settings.pod_ip,
+    };
     let discovery = async {
         wait_for_names(&settings).await;
         let answers = ask_peers_for_leader(&settings.leader_sources()).await;
+        until_name_free(&name_check).await;
         (settings.other_peers(), answers)
     };
     let (others, answers) = tokio::select! {
@@ -901,6 +949,12 @@ pub async fn run(command: Vec<String>) -> Result<i32, WrapError> {
         bound: settings.cold_start_timeout,
         rpc_addr: std::net::SocketAddr::new(settings.pod_ip, RPC_PORT).to_string(),
     });
+    plan.serf_watch = Some(SerfWatch {
+        http: ("127.0.0.1".to_owned(), dkron::HTTP_PORT),
+        node_name: settings.pod_name.clone(),
+        own_ip: settings.pod_ip,
+    });
+    plan.name_check = Some(name_check);
     for warning in &plan.warnings {
         tracing::warn!(%warning, "cannot apply every cluster setting");
     }
