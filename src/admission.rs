@@ -166,22 +166,44 @@ pub fn mutate_statefulset(
     config: &InjectorConfig,
 ) -> Result<Option<Mutation>, MutateError> {
     if !opts_in(object) {
-        return Ok(None);
+        return uninject_statefulset(object);
     }
     let sts = StatefulSet::deserialize(object).map_err(MutateError::NotAStatefulSet)?;
     let old = old.and_then(|o| StatefulSet::deserialize(o).ok());
     let Some(injection) = inject::inject(&sts, operation, old.as_ref(), config)? else {
         return Ok(None);
     };
-    // Both sides typed: the diff touches only what the engine changed, so fields this build
-    // does not know stay in the raw object as they were.
-    let before = serde_json::to_value(&sts).map_err(MutateError::NotAStatefulSet)?;
-    let after =
-        serde_json::to_value(&injection.statefulset).map_err(MutateError::NotAStatefulSet)?;
     Ok(Some(Mutation {
-        patch: json_patch::diff(&before, &after),
+        patch: typed_diff(&sts, &injection.statefulset)?,
         warnings: injection.warnings,
     }))
+}
+
+/// The opt-out: a StatefulSet whose template is injected but that no longer opts in gets the
+/// injection taken out ([`inject::uninject`]); `None` for any other.
+fn uninject_statefulset(object: &Value) -> Result<Option<Mutation>, MutateError> {
+    let injected = object
+        .pointer("/spec/template/metadata/annotations")
+        .and_then(|a| a.get(crate::names::ANNOTATION_INJECTED))
+        .is_some();
+    if !injected {
+        return Ok(None);
+    }
+    let sts = StatefulSet::deserialize(object).map_err(MutateError::NotAStatefulSet)?;
+    let Some(plain) = inject::uninject(&sts) else {
+        return Ok(None);
+    };
+    Ok(Some(Mutation {
+        patch: typed_diff(&sts, &plain)?,
+        warnings: Vec::new(),
+    }))
+}
+
+/// The JSON patch from `before` to `after`, both typed: the diff touches only what the engine
+/// changed, so fields this build does not know stay in the raw object as they were.
+fn typed_diff(before: &StatefulSet, after: &StatefulSet) -> Result<json_patch::Patch, MutateError> {
+    let value = |sts| serde_json::to_value(sts).map_err(MutateError::NotAStatefulSet);
+    Ok(json_patch::diff(&value(before)?, &value(after)?))
 }
 
 /// Answers one AdmissionReview body. `Err` means the body itself is malformed (HTTP 400).

@@ -505,6 +505,83 @@ fn injected_service_account(plan: &InjectionPlan) -> Option<String> {
         .then(|| crate::names::owned_object(&plan.name))
 }
 
+/// Takes the injection out of a StatefulSet that no longer opts in (its `dkron-ha/enabled`
+/// annotation removed or changed): the pod template loses the wrapper (the Dkron container runs
+/// the command `wrap` ran), its volume, install container and `DKRON_HA_*` environment, the
+/// label-updater, the raft-voter readiness gate, the `dkron-ha/injected` annotation and the
+/// service account dkron-ha defaulted (the controller deletes that account on opt-out). The
+/// Dkron container keeps `POD_NAME`, `POD_NAMESPACE` and `POD_IP`: harmless, and a script of the
+/// user's may have come to use them. `podManagementPolicy` is immutable and stays.
+/// `None` when the template is not injected (or the StatefulSet still opts in).
+pub fn uninject(sts: &StatefulSet) -> Option<StatefulSet> {
+    let injected = sts
+        .spec
+        .as_ref()?
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.annotations.as_ref())
+        .is_some_and(|a| a.contains_key(ANNOTATION_INJECTED));
+    if is_opted_in(sts) || !injected {
+        return None;
+    }
+    let mut out = sts.clone();
+    let name = out.metadata.name.clone().unwrap_or_default();
+    let template = &mut out.spec.as_mut()?.template;
+    if let Some(meta) = template.metadata.as_mut()
+        && let Some(annotations) = meta.annotations.as_mut()
+    {
+        annotations.remove(ANNOTATION_INJECTED);
+        if annotations.is_empty() {
+            meta.annotations = None;
+        }
+    }
+    let pod = template.spec.as_mut()?;
+    retain_or_none(&mut pod.volumes, |v| v.name != BIN_VOLUME);
+    retain_or_none(&mut pod.init_containers, |c| {
+        c.name != INSTALL_CONTAINER && c.name != LABEL_UPDATER_CONTAINER
+    });
+    pod.containers.retain(|c| c.name != LABEL_UPDATER_CONTAINER);
+    retain_or_none(&mut pod.readiness_gates, |g| {
+        g.condition_type != CONDITION_RAFT_VOTER
+    });
+    if pod.service_account_name.as_deref() == Some(crate::names::owned_object(&name).as_str()) {
+        pod.service_account_name = None;
+    }
+    for container in &mut pod.containers {
+        let command = container.command.as_deref().unwrap_or_default();
+        if !is_wrapped(command) {
+            continue;
+        }
+        container.command = Some(command[WRAPPER_PREFIX.len()..].to_vec());
+        retain_or_none(&mut container.volume_mounts, |m| m.name != BIN_VOLUME);
+        retain_or_none(&mut container.env, |e| {
+            !INJECTED_ENV.contains(&e.name.as_str())
+        });
+    }
+    Some(out)
+}
+
+/// The variables only `wrap` reads: what [`uninject`] takes out again.
+const INJECTED_ENV: [&str; 6] = [
+    ENV_STATEFULSET,
+    ENV_SERVICE,
+    ENV_INITIAL_CLUSTER_SIZE,
+    ENV_CLUSTER_DOMAIN,
+    ENV_LEADER_SERVICE,
+    ENV_AGENT_OF,
+];
+
+/// Keeps the items `keep` wants; a list left empty goes (as it was before injection).
+fn retain_or_none<T>(items: &mut Option<Vec<T>>, keep: impl FnMut(&T) -> bool) {
+    if let Some(list) = items.as_mut() {
+        list.retain(keep);
+        if list.is_empty() {
+            *items = None;
+        }
+    }
+}
+
 /// Whether `meta` is a Deployment's or StatefulSet's of Dkron workers (`dkron-ha/agent-of`).
 pub fn is_workers(meta: &ObjectMeta) -> bool {
     meta_annotation(meta, ANNOTATION_AGENT_OF).is_some()

@@ -877,3 +877,147 @@ async fn workers_run_jobs_and_find_the_servers_again_after_all_of_them_restarted
         );
     }
 }
+
+/// Opting in a running plain Dkron cluster, shaped as the community chart deploys it
+/// (`--bootstrap-expect=3`, `--retry-join` to every server's stable name, a readiness probe on
+/// `/health`), the first thing every user does: `kubectl annotate statefulset <name>
+/// dkron-ha/enabled=true`. The webhook injects the template and the StatefulSet replaces the
+/// plain pods one at a time, highest ordinal first. A plain Dkron stops without a leave that
+/// gets out, so its replacement may join while the others still hold its name alive at the old
+/// address; on today's main before `wrap` waited for that, the new member lost serf's name
+/// conflict, shut its gossip down and never became a voter again (real Dkron v4.1.2 and the
+/// stand-in, which runs Dkron's serf). Judged from Dkron: one leader whose raft configuration
+/// has exactly the three pods as voters at their current IPs, every server naming that leader
+/// and holding every job.
+///
+/// With `opt_out`, the annotation is then removed again: the webhook takes the injection back
+/// out and the pods roll back to plain Dkron, judged the same way.
+async fn opt_in_a_running_plain_cluster(name: &str, policy: &str, opt_out: bool) {
+    let (dkron, _) = Dkron::create_plain_with(name, 3, policy).await;
+    let want = names(&dkron, 3);
+    let state = dkron.until_plain(&want, Duration::from_secs(300)).await;
+    let jobs = ["before-1", "before-2"];
+    for job in jobs {
+        dkron.post_job(&state.leader_ip(), job).await;
+    }
+    for pod in &want {
+        for job in jobs {
+            dkron
+                .until_job_on(&state.ip(pod), job, Duration::from_secs(60))
+                .await;
+        }
+    }
+    let patch = json!({ "metadata": { "annotations": { "dkron-ha/enabled": "true" } } });
+    let rolled = dkron
+        .rollout(patch, Duration::from_secs(480), |state| {
+            state.is_plain_whole(&want) && state.pods.values().all(|p| p.ready == Some(true))
+        })
+        .await;
+    if !rolled.done {
+        dkron
+            .fail(format!(
+                "{policy}: the opt-in rollout is not whole after 480s (every pod replaced: {}): raft configuration {:?}; {}",
+                rolled.replaced,
+                rolled.state.configuration,
+                rolled.state.summary()
+            ))
+            .await;
+    }
+    eprintln!(
+        "{policy}: opt-in of a running plain cluster of 3 (leader before: {:?}): whole {:.1}s after the annotation; without a leader {:.1}s in all, longest {:.1}s",
+        state.leader,
+        rolled.elapsed.as_secs_f64(),
+        rolled.gaps.total.as_secs_f64(),
+        rolled.gaps.longest.as_secs_f64()
+    );
+    let whole = rolled.state;
+    let leader_rpc = format!("{}:6868", whole.leader_ip());
+    for pod in &want {
+        let ip = whole.ip(pod);
+        let (_, body) = dkron.http_get(&ip, "/v1/leader").await.unwrap_or_default();
+        if !body.contains(&leader_rpc) {
+            dkron
+                .fail(format!(
+                    "{pod} does not name the leader {leader_rpc}: {body}"
+                ))
+                .await;
+        }
+        for job in jobs {
+            dkron.until_job_on(&ip, job, Duration::from_secs(10)).await;
+        }
+        // Every pod runs under wrap now.
+        assert!(
+            dkron.started_with(pod).await.contains("--retry-join"),
+            "{pod}"
+        );
+    }
+    // dkron-ha's own view (conditions, label) agrees with Dkron's.
+    dkron.until_whole(&want, Duration::from_secs(30)).await;
+    assert_eq!(
+        dkron.removal_events().await,
+        Vec::<String>::new(),
+        "a server was removed during the opt-in"
+    );
+    if !opt_out {
+        return;
+    }
+    let patch = json!({ "metadata": { "annotations": { "dkron-ha/enabled": null } } });
+    let rolled = dkron
+        .rollout(patch, Duration::from_secs(480), |state| {
+            state.is_plain_whole(&want) && state.pods.values().all(|p| p.ready == Some(true))
+        })
+        .await;
+    if !rolled.done {
+        dkron
+            .fail(format!(
+                "the opt-out rollout is not whole after 480s (every pod replaced: {}): raft configuration {:?}; {}",
+                rolled.replaced,
+                rolled.state.configuration,
+                rolled.state.summary()
+            ))
+            .await;
+    }
+    eprintln!(
+        "{policy}: opt-out of 3: whole {:.1}s after the annotation was removed; without a leader {:.1}s in all, longest {:.1}s",
+        rolled.elapsed.as_secs_f64(),
+        rolled.gaps.total.as_secs_f64(),
+        rolled.gaps.longest.as_secs_f64()
+    );
+    for (pod, spec) in dkron
+        .pods_by_name()
+        .await
+        .into_iter()
+        .map(|(name, p)| (name, p.spec.unwrap()))
+    {
+        let init: Vec<String> = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .map(|c| c.name.clone())
+            .collect();
+        let containers: Vec<String> = spec.containers.iter().map(|c| c.name.clone()).collect();
+        assert_eq!(
+            (init, containers),
+            (vec![], vec!["dkron".to_owned()]),
+            "{pod}"
+        );
+        assert!(spec.readiness_gates.is_none(), "{pod}");
+        for job in jobs {
+            dkron
+                .until_job_on(&rolled.state.ip(&pod), job, Duration::from_secs(30))
+                .await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn opting_in_a_running_plain_ordered_ready_cluster_makes_every_server_a_live_voter() {
+    let _slot = scenario().await;
+    opt_in_a_running_plain_cluster("optin-ordered", "OrderedReady", false).await;
+}
+
+#[tokio::test]
+async fn opting_in_and_out_of_a_running_plain_parallel_cluster_keeps_every_server_a_live_voter() {
+    let _slot = scenario().await;
+    opt_in_a_running_plain_cluster("optin-parallel", "Parallel", true).await;
+}

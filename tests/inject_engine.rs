@@ -674,6 +674,52 @@ proptest! {
     }
 
     #[test]
+    fn opting_out_takes_back_everything_the_injection_added(value in arb_statefulset(), native in any::<bool>()) {
+        prop_assume!(opts_in(&value));
+        let config = InjectorConfig { native_sidecar: native, ..config() };
+        let injected = inject::inject(&sts(value.clone()), Operation::Create, None, &config).unwrap().unwrap().statefulset;
+        let injected = serde_json::to_value(&injected).unwrap();
+        let without = |mut v: Value| {
+            v["metadata"]["annotations"].as_object_mut().unwrap().remove("dkron-ha/enabled");
+            v
+        };
+        let opted_out = without(injected.clone());
+        let plain = inject::uninject(&sts(opted_out.clone())).expect("an injected template is taken back");
+        // The webhook's UPDATE that removes the annotation patches the object to exactly that.
+        let mutation = mutate_statefulset(&opted_out, Operation::Update, Some(&injected), &config).unwrap().unwrap();
+        let mut patched = opted_out.clone();
+        json_patch::patch(&mut patched, &mutation.patch).unwrap();
+        prop_assert_eq!(sts(patched), plain.clone());
+        prop_assert!(inject::uninject(&plain).is_none(), "taken back twice");
+        // What stays on purpose: the immutable pod-management policy and the retention policy
+        // the user asked for, the Dkron command made explicit (the image's entrypoint runs it
+        // when there was none), and the downward-API variables POD_*. (A DKRON_HA_* variable
+        // the template had before is the injector's by its name, and goes.)
+        let normalize = |sts: &mut StatefulSet| {
+            let spec = sts.spec.as_mut().unwrap();
+            spec.pod_management_policy = None;
+            spec.persistent_volume_claim_retention_policy = None;
+            let pod = spec.template.spec.as_mut().unwrap();
+            pod.service_account_name = pod.service_account_name.take().filter(|a| !a.is_empty());
+            for c in &mut pod.containers {
+                if c.name == "dkron" {
+                    c.command = None;
+                }
+                if let Some(env) = c.env.as_mut() {
+                    env.retain(|e| !e.name.starts_with("POD_") && !e.name.starts_with("DKRON_HA_"));
+                }
+                if c.env.as_ref().is_some_and(|e| e.is_empty()) {
+                    c.env = None;
+                }
+            }
+        };
+        let (mut plain, mut expected) = (plain, sts(without(value)));
+        normalize(&mut plain);
+        normalize(&mut expected);
+        prop_assert_eq!(plain, expected);
+    }
+
+    #[test]
     fn the_wrapped_command_starts_with_the_wrapper_and_keeps_the_original(value in arb_statefulset()) {
         prop_assume!(opts_in(&value));
         let original = value["spec"]["template"]["spec"]["containers"].as_array().unwrap()

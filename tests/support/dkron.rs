@@ -202,6 +202,11 @@ impl Dkron {
     /// server's stable name, a readiness probe on `/health`; Parallel, as dkron-ha sets it
     /// (OrderedReady would only make its cold start slower).
     pub async fn create_plain(name: &str, replicas: i32) -> (Dkron, Instant) {
+        Self::create_plain_with(name, replicas, "Parallel").await
+    }
+
+    /// [`Dkron::create_plain`] with the given `podManagementPolicy`.
+    pub async fn create_plain_with(name: &str, replicas: i32, policy: &str) -> (Dkron, Instant) {
         Self::create_with(name, replicas, |sts| {
             sts["metadata"]["annotations"] = json!({});
             let container = &mut sts["spec"]["template"]["spec"]["containers"][0];
@@ -217,7 +222,7 @@ impl Dkron {
             container["args"] = json!(args);
             container["readinessProbe"] = json!({
                 "httpGet": { "path": "/health", "port": 8080 }, "periodSeconds": 2 });
-            sts["spec"]["podManagementPolicy"] = json!("Parallel");
+            sts["spec"]["podManagementPolicy"] = json!(policy);
         })
         .await
     }
@@ -457,6 +462,19 @@ impl Dkron {
     /// A rolling restart (a pod-template change), observed every 200 ms until every pod is
     /// replaced and `whole` holds, or `bound` has passed.
     pub async fn rolling_restart(&self, bound: Duration, whole: impl Fn(&State) -> bool) -> Rolled {
+        let patch = json!({ "spec": { "template": { "metadata": {
+            "annotations": { "example.com/restarted": "1" } } } } });
+        self.rollout(patch, bound, whole).await
+    }
+
+    /// A rollout started by merging `patch` into the StatefulSet, observed every 200 ms until
+    /// every pod is replaced and `whole` holds, or `bound` has passed.
+    pub async fn rollout(
+        &self,
+        patch: serde_json::Value,
+        bound: Duration,
+        whole: impl Fn(&State) -> bool,
+    ) -> Rolled {
         let before: BTreeMap<String, String> = self
             .state()
             .await
@@ -465,12 +483,7 @@ impl Dkron {
             .map(|(name, p)| (name, p.uid))
             .collect();
         Api::<StatefulSet>::namespaced(self.cluster.client().await, &self.ns)
-            .patch(
-                &self.name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({ "spec": { "template": { "metadata": {
-                    "annotations": { "example.com/restarted": "1" } } } } })),
-            )
+            .patch(&self.name, &PatchParams::default(), &Patch::Merge(patch))
             .await
             .unwrap();
         let rolled = Instant::now();
