@@ -545,8 +545,13 @@ pub fn uninject(sts: &StatefulSet) -> Option<StatefulSet> {
     retain_or_none(&mut pod.readiness_gates, |g| {
         g.condition_type != CONDITION_RAFT_VOTER
     });
-    if pod.service_account_name.as_deref() == Some(crate::names::owned_object(&name).as_str()) {
-        pod.service_account_name = None;
+    // The API server copies the name into the deprecated `serviceAccount` too, and would copy
+    // it back from there: both go.
+    let defaulted = crate::names::owned_object(&name);
+    for account in [&mut pod.service_account_name, &mut pod.service_account] {
+        if account.as_deref() == Some(defaulted.as_str()) {
+            *account = None;
+        }
     }
     for container in &mut pod.containers {
         let command = container.command.as_deref().unwrap_or_default();

@@ -892,9 +892,15 @@ async fn workers_run_jobs_and_find_the_servers_again_after_all_of_them_restarted
 ///
 /// With `opt_out`, the annotation is then removed again: the webhook takes the injection back
 /// out and the pods roll back to plain Dkron, judged the same way.
-async fn opt_in_a_running_plain_cluster(name: &str, policy: &str, opt_out: bool) {
-    let (dkron, _) = Dkron::create_plain_with(name, 3, policy).await;
-    let want = names(&dkron, 3);
+/// Returns the opt-in's rollout as observed.
+async fn opt_in_a_running_plain_cluster(
+    name: &str,
+    replicas: i32,
+    policy: &str,
+    opt_out: bool,
+) -> support::dkron::Rolled {
+    let (dkron, _) = Dkron::create_plain_with(name, replicas, policy).await;
+    let want = names(&dkron, replicas as usize);
     let state = dkron.until_plain(&want, Duration::from_secs(300)).await;
     let jobs = ["before-1", "before-2"];
     for job in jobs {
@@ -924,13 +930,13 @@ async fn opt_in_a_running_plain_cluster(name: &str, policy: &str, opt_out: bool)
             .await;
     }
     eprintln!(
-        "{policy}: opt-in of a running plain cluster of 3 (leader before: {:?}): whole {:.1}s after the annotation; without a leader {:.1}s in all, longest {:.1}s",
+        "{policy}: opt-in of a running plain cluster of {replicas} (leader before: {:?}): whole {:.1}s after the annotation; without a leader {:.1}s in all, longest {:.1}s",
         state.leader,
         rolled.elapsed.as_secs_f64(),
         rolled.gaps.total.as_secs_f64(),
         rolled.gaps.longest.as_secs_f64()
     );
-    let whole = rolled.state;
+    let whole = &rolled.state;
     let leader_rpc = format!("{}:6868", whole.leader_ip());
     for pod in &want {
         let ip = whole.ip(pod);
@@ -959,29 +965,29 @@ async fn opt_in_a_running_plain_cluster(name: &str, policy: &str, opt_out: bool)
         "a server was removed during the opt-in"
     );
     if !opt_out {
-        return;
+        return rolled;
     }
     let patch = json!({ "metadata": { "annotations": { "dkron-ha/enabled": null } } });
-    let rolled = dkron
+    let out = dkron
         .rollout(patch, Duration::from_secs(480), |state| {
             state.is_plain_whole(&want) && state.pods.values().all(|p| p.ready == Some(true))
         })
         .await;
-    if !rolled.done {
+    if !out.done {
         dkron
             .fail(format!(
                 "the opt-out rollout is not whole after 480s (every pod replaced: {}): raft configuration {:?}; {}",
-                rolled.replaced,
-                rolled.state.configuration,
-                rolled.state.summary()
+                out.replaced,
+                out.state.configuration,
+                out.state.summary()
             ))
             .await;
     }
     eprintln!(
         "{policy}: opt-out of 3: whole {:.1}s after the annotation was removed; without a leader {:.1}s in all, longest {:.1}s",
-        rolled.elapsed.as_secs_f64(),
-        rolled.gaps.total.as_secs_f64(),
-        rolled.gaps.longest.as_secs_f64()
+        out.elapsed.as_secs_f64(),
+        out.gaps.total.as_secs_f64(),
+        out.gaps.longest.as_secs_f64()
     );
     for (pod, spec) in dkron
         .pods_by_name()
@@ -1002,22 +1008,60 @@ async fn opt_in_a_running_plain_cluster(name: &str, policy: &str, opt_out: bool)
             "{pod}"
         );
         assert!(spec.readiness_gates.is_none(), "{pod}");
+        // The account dkron-ha defaulted goes with the rest (the controller deletes it).
+        assert_eq!(spec.service_account_name.as_deref(), Some("default"), "{pod}");
         for job in jobs {
             dkron
-                .until_job_on(&rolled.state.ip(&pod), job, Duration::from_secs(30))
+                .until_job_on(&out.state.ip(&pod), job, Duration::from_secs(30))
                 .await;
         }
     }
+    rolled
 }
 
 #[tokio::test]
 async fn opting_in_a_running_plain_ordered_ready_cluster_makes_every_server_a_live_voter() {
     let _slot = scenario().await;
-    opt_in_a_running_plain_cluster("optin-ordered", "OrderedReady", false).await;
+    opt_in_a_running_plain_cluster("optin-ordered", 3, "OrderedReady", false).await;
 }
 
 #[tokio::test]
 async fn opting_in_and_out_of_a_running_plain_parallel_cluster_keeps_every_server_a_live_voter() {
     let _slot = scenario().await;
-    opt_in_a_running_plain_cluster("optin-parallel", "Parallel", true).await;
+    opt_in_a_running_plain_cluster("optin-parallel", 3, "Parallel", true).await;
+}
+
+/// The opt-in rollout of a running plain cluster measured for BENCHMARKS.md: 3 and 5 servers,
+/// OrderedReady and Parallel, `DKRON_HA_OPT_IN_RUNS` runs each (default 3), one after the other
+/// (run it alone: `cargo test --test e2e_dkron opt_in_rollouts_measured -- --include-ignored
+/// --nocapture`, with `DKRON_BIN` for real Dkron). Every run asserts what the opt-in tests assert
+/// (so no job is lost: every job is on every server at the end); this prints the times.
+#[tokio::test]
+#[ignore = "a measurement: run it by hand with --include-ignored"]
+async fn opt_in_rollouts_measured() {
+    let _slot = scenario().await;
+    let runs: usize = std::env::var("DKRON_HA_OPT_IN_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let mut table = Vec::new();
+    for replicas in [3, 5] {
+        for (policy, short) in [("OrderedReady", "o"), ("Parallel", "p")] {
+            for run in 1..=runs {
+                let name = format!("m{replicas}{short}{run}");
+                let rolled = opt_in_a_running_plain_cluster(&name, replicas, policy, false).await;
+                table.push(format!(
+                    "{replicas} {policy} run {run}: whole {:.1}s, without a leader {:.1}s in all, longest {:.1}s",
+                    rolled.elapsed.as_secs_f64(),
+                    rolled.gaps.total.as_secs_f64(),
+                    rolled.gaps.longest.as_secs_f64()
+                ));
+            }
+        }
+    }
+    eprintln!(
+        "opt-in rollouts ({}):\n{}",
+        support::dkron::dkron_binary().1,
+        table.join("\n")
+    );
 }

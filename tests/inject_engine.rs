@@ -442,6 +442,38 @@ fn other_annotations_are_left_as_they_are() {
     }
 }
 
+#[test]
+fn opting_out_drops_the_defaulted_account_as_the_api_server_stored_it_and_keeps_a_users() {
+    let injected = create(dkron_sts(json!({"dkron-ha/enabled": "true"}), 3)).statefulset;
+    let mut stored = serde_json::to_value(&injected).unwrap();
+    // The API server's defaulting copies serviceAccountName into the deprecated field.
+    stored["spec"]["template"]["spec"]["serviceAccount"] = json!("dkron-dkron-ha");
+    stored["metadata"]["annotations"] = json!({});
+    let plain = inject::uninject(&sts(stored.clone())).unwrap();
+    let pod = plain.spec.unwrap().template.spec.unwrap();
+    assert_eq!(
+        (pod.service_account_name, pod.service_account),
+        (None, None)
+    );
+    // A user's own account stays.
+    stored["spec"]["template"]["spec"]["serviceAccountName"] = json!("mine");
+    stored["spec"]["template"]["spec"]["serviceAccount"] = json!("mine");
+    let pod = inject::uninject(&sts(stored))
+        .unwrap()
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap();
+    assert_eq!(
+        (
+            pod.service_account_name.as_deref(),
+            pod.service_account.as_deref()
+        ),
+        (Some("mine"), Some("mine"))
+    );
+}
+
 // ---- properties over varied StatefulSets ----
 
 fn arb_container(name: &'static str) -> impl Strategy<Value = Value> {

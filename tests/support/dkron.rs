@@ -49,8 +49,9 @@ pub async fn cluster() -> &'static Cluster {
                 .import_image(&archive)
                 .unwrap_or_else(|error| panic!("{error}"));
             DKRON_ARCHIVE.set(archive).expect("set once");
-            // Volumes are never given back (Retain), and e2e_dkron's scenarios claim 37 in
-            // all: 16 per node leaves room for an uneven spread.
+            // Volumes are never given back (Retain), and e2e_dkron's scenarios claim 43 in
+            // all, its measurement of the opt-in rollouts 48 more: 40 per node leaves room for
+            // an uneven spread.
             cluster
                 .local_volumes(VOLUMES_PER_NODE)
                 .await
@@ -64,7 +65,7 @@ pub async fn cluster() -> &'static Cluster {
 }
 
 static DKRON_ARCHIVE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-const VOLUMES_PER_NODE: usize = 16;
+const VOLUMES_PER_NODE: usize = 40;
 
 /// A node in place of a lost one, as [`cluster`] prepares them: the Dkron image, local
 /// volumes. Returns its name.
