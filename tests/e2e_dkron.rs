@@ -482,6 +482,53 @@ async fn a_cold_start_that_forms_no_leader_is_recovered_by_restarting_the_first_
     }
 }
 
+/// A Dkron whose serf shut down (what a join that loses serf's name conflict to its own earlier
+/// pod does: Dkron logs "Serf shutdown detected, quitting" and runs on outside the cluster for
+/// good; provoked on one restart by the stand-in's fault injection, as real Dkron cannot be made
+/// to lose the conflict on demand) is found by `wrap`, whose look at the gossip port is refused
+/// while the HTTP API answers, and restarted in place: the server is a voter with its jobs
+/// again, and the container never restarts.
+#[tokio::test]
+async fn a_dkron_whose_serf_shut_down_is_restarted_in_place_and_rejoins() {
+    if std::env::var_os("DKRON_BIN").is_some() {
+        eprintln!("skipped with DKRON_BIN: the stand-in's fault injection shuts the serf down");
+        return;
+    }
+    let _slot = scenario().await;
+    let (dkron, _) = Dkron::create_with("serfdown", 3, |sts| {
+        sts["spec"]["template"]["spec"]["containers"][0]["env"] =
+            json!([{ "name": "DKRON_STANDIN_FAULT_SERF_SHUTDOWN", "value": "1" }]);
+    })
+    .await;
+    let want = names(&dkron, 3);
+    let state = dkron.until_whole(&want, Duration::from_secs(180)).await;
+    dkron.post_job(&state.leader_ip(), "before").await;
+    // A follower restarts with its data: the fault fires on that run only.
+    let pod = state.a_follower();
+    let deleted = Instant::now();
+    dkron.replace_pod(&pod, None).await;
+    let whole = dkron.until_whole(&want, Duration::from_secs(240)).await;
+    eprintln!(
+        "a Dkron whose serf shut down: whole {:.1}s after its pod was deleted",
+        deleted.elapsed().as_secs_f64()
+    );
+    for needle in [
+        "fault injection (DKRON_STANDIN_FAULT_SERF_SHUTDOWN=1)",
+        "Serf shutdown detected",
+        "the local Dkron's serf has shut down",
+        "starting it again",
+    ] {
+        dkron
+            .until_logged(&pod, &[needle], Duration::from_secs(10))
+            .await;
+    }
+    assert_eq!(dkron.container_status(&pod, "dkron").await.0, 0, "{pod}");
+    dkron
+        .until_job_on(&whole.ip(&pod), "before", Duration::from_secs(10))
+        .await;
+    assert_eq!(dkron.removal_events().await, Vec::<String>::new());
+}
+
 /// SIGTERM to the container's PID 1 reaches Dkron after a leave, and Dkron's exit status is the
 /// container's; the label-updater's SIGTERM sets the label `false`; a stopped server's
 /// raft-voter condition goes False and comes back True only once it answers again.
@@ -951,6 +998,9 @@ async fn opt_in_a_running_plain_cluster(
         for job in jobs {
             dkron.until_job_on(&ip, job, Duration::from_secs(10)).await;
         }
+        // No Dkron crashed on its way in (a join that loses the name conflict before Dkron
+        // sets its tags fails its start: "Error setting tags", exit 1).
+        assert_eq!(dkron.container_status(pod, "dkron").await.0, 0, "{pod}");
         // Every pod runs under wrap now.
         assert!(
             dkron.started_with(pod).await.contains("--retry-join"),
@@ -1009,7 +1059,11 @@ async fn opt_in_a_running_plain_cluster(
         );
         assert!(spec.readiness_gates.is_none(), "{pod}");
         // The account dkron-ha defaulted goes with the rest (the controller deletes it).
-        assert_eq!(spec.service_account_name.as_deref(), Some("default"), "{pod}");
+        assert_eq!(
+            spec.service_account_name.as_deref(),
+            Some("default"),
+            "{pod}"
+        );
         for job in jobs {
             dkron
                 .until_job_on(&out.state.ip(&pod), job, Duration::from_secs(30))

@@ -109,6 +109,7 @@ fn invalid_values_are_refused_with_the_value() {
         ("DKRON_HA_DNS_TIMEOUT_SECONDS", "2m"),
         ("DKRON_HA_COLD_START_TIMEOUT_SECONDS", "0"),
         ("DKRON_HA_COLD_START_TIMEOUT_SECONDS", "-5"),
+        ("DKRON_HA_NAME_WAIT_SECONDS", "1m"),
     ] {
         let mut env = pod_env();
         env.insert(name, value.to_owned());
@@ -129,6 +130,12 @@ fn cluster_domain_defaults_and_dns_timeout_is_configurable() {
     env.insert("DKRON_HA_COLD_START_TIMEOUT_SECONDS", "7".to_owned());
     let settings = settings_from(&env).unwrap();
     assert_eq!(settings.cold_start_timeout, Duration::from_secs(7));
+    assert_eq!(settings.name_wait, Duration::from_secs(60));
+    env.insert("DKRON_HA_NAME_WAIT_SECONDS", "5".to_owned());
+    assert_eq!(
+        settings_from(&env).unwrap().name_wait,
+        Duration::from_secs(5)
+    );
 }
 
 #[test]

@@ -17,8 +17,8 @@ use crate::dkron::{self, DkronClient, SerfMember};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-/// How long `wrap` waits for the peers to stop seeing this server's name alive at another
-/// address. Memberlist declares an unreachable member failed within about 5–25 s (a missed
+/// How long `wrap` waits by default (`DKRON_HA_NAME_WAIT_SECONDS`) for the peers to stop
+/// seeing this server's name alive at another address. Memberlist declares an unreachable member failed within about 5–25 s (a missed
 /// probe, then the LAN suspicion timeout of 4–24 s); the bound leaves room for a slow probe
 /// round. After it Dkron starts anyway, and the [`SerfWatch`] brings it back if it loses.
 pub const NAME_CONFLICT_WAIT: Duration = Duration::from_secs(60);
@@ -71,6 +71,8 @@ pub struct NameCheck {
     pub node_name: String,
     /// This pod's IP.
     pub own_ip: IpAddr,
+    /// How long to wait at most.
+    pub bound: Duration,
 }
 
 /// Every peer's `GET /v1/members`, concurrently; `None` for a peer that does not answer one.
@@ -89,7 +91,7 @@ async fn ask_members(
     futures::future::join_all(asks).await
 }
 
-/// Waits, at most [`NAME_CONFLICT_WAIT`], until no peer holds this server's name alive at
+/// Waits, at most the check's bound, until no peer holds this server's name alive at
 /// another address, so that Dkron's join does not lose a name conflict. Returns whether the
 /// name was free in the end (logged either way when it had to wait).
 pub async fn until_name_free(check: &NameCheck) -> bool {
@@ -110,14 +112,14 @@ pub async fn until_name_free(check: &NameCheck) -> bool {
             }
             return true;
         };
-        if started.elapsed() >= NAME_CONFLICT_WAIT {
+        if started.elapsed() >= check.bound {
             tracing::warn!(peer = %conflict.peer, addr = %conflict.addr, status = conflict.status, waited_ms,
                 "a peer still holds this server's name alive at another address; starting Dkron anyway (if its join loses the name conflict, the serf watch restarts it)");
             return false;
         }
         if logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
             tracing::info!(peer = %conflict.peer, addr = %conflict.addr, status = conflict.status, own_ip = %check.own_ip, waited_ms,
-                bound_s = NAME_CONFLICT_WAIT.as_secs(),
+                bound_s = check.bound.as_secs(),
                 "a peer holds this server's name alive at another address (an earlier pod that did not leave): waiting until it sees that one gone, or Dkron's join would lose the name conflict and shut its serf down");
             logged = Some(Instant::now());
         }

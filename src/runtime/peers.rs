@@ -38,6 +38,9 @@ pub struct ClusterSettings {
     pub pod_ip: std::net::IpAddr,
     pub dns_timeout: Duration,
     pub cold_start_timeout: Duration,
+    /// How long Dkron's start waits while a peer holds this server's name alive at another
+    /// address (`DKRON_HA_NAME_WAIT_SECONDS`, [`super::membership::NAME_CONFLICT_WAIT`]).
+    pub name_wait: Duration,
     /// The `<sts>-leader` Service (`DKRON_HA_LEADER_SERVICE`): the leader's pod, whichever
     /// ordinal leads; asked for a leader beside the initial peers.
     pub leader_service: Option<String>,
@@ -92,6 +95,10 @@ impl ClusterSettings {
             "DKRON_HA_COLD_START_TIMEOUT_SECONDS",
             DEFAULT_COLD_START_TIMEOUT,
         )?;
+        let name_wait = seconds(
+            "DKRON_HA_NAME_WAIT_SECONDS",
+            super::membership::NAME_CONFLICT_WAIT,
+        )?;
         let cluster_domain = lookup(ENV_CLUSTER_DOMAIN)
             .map(|d| d.trim().trim_end_matches('.').to_owned())
             .filter(|d| !d.is_empty())
@@ -106,6 +113,7 @@ impl ClusterSettings {
             pod_ip,
             dns_timeout,
             cold_start_timeout,
+            name_wait,
             leader_service: lookup(ENV_LEADER_SERVICE)
                 .map(|v| v.trim().to_owned())
                 .filter(|v| !v.is_empty()),

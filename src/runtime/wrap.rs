@@ -914,6 +914,7 @@ pub async fn run(command: Vec<String>) -> Result<i32, WrapError> {
         peers: settings.leader_sources(),
         node_name: settings.pod_name.clone(),
         own_ip: settings.pod_ip,
+        bound: settings.name_wait,
     };
     let discovery = async {
         wait_for_names(&settings).await;

@@ -74,6 +74,30 @@ func faultNoFirstBootstrap(dataDir string) bool {
 	return true
 }
 
+// faultSerfShutdownEnv is fault injection for tests, not Dkron behaviour: set to 1, a server
+// that starts with raft state in its data dir (a restart, not a cold start) shuts its serf down
+// 3 s after its event loop began, once per data dir (a marker file records it): what a real
+// Dkron v4.1.2 was seen to do when its join lost serf's name conflict to its own earlier pod
+// still alive at the old address ("Join LAN completed", then 3 s later "Serf shutdown detected,
+// quitting"; hashicorp/serf resolveNodeConflict calls Shutdown). The process and its HTTP API
+// run on; the serf does not come back.
+const faultSerfShutdownEnv = "DKRON_STANDIN_FAULT_SERF_SHUTDOWN"
+
+// faultSerfShutdown reports whether this run must shut its serf down, and marks the data dir.
+func faultSerfShutdown(dataDir string, hasState bool) bool {
+	if os.Getenv(faultSerfShutdownEnv) != "1" || !hasState {
+		return false
+	}
+	marker := filepath.Join(dataDir, "standin-fault-serf-shutdown")
+	if _, err := os.Stat(marker); err == nil {
+		return false
+	}
+	if err := os.WriteFile(marker, nil, 0o644); err != nil {
+		fatalf("fault injection: %v", err)
+	}
+	return true
+}
+
 func newAgent(cfg *Config) *Agent {
 	return &Agent{config: cfg, retryJoinCh: make(chan error), lookup: newServerLookup(),
 		skipBootstrap: cfg.Server && faultNoFirstBootstrap(cfg.DataDir)}
@@ -135,6 +159,16 @@ func (a *Agent) Start() error {
 		return fmt.Errorf("agent: Error setting tags: %w", err)
 	}
 	go a.eventLoop()
+	if a.config.Server {
+		index, err := a.raftStore.LastIndex()
+		if err == nil && faultSerfShutdown(a.config.DataDir, index > 0) {
+			go func() {
+				time.Sleep(3 * time.Second)
+				logf(lWarn, "fault injection (%s=1): shutting serf down, as a join that lost a name conflict does", faultSerfShutdownEnv)
+				_ = a.serf.Shutdown()
+			}()
+		}
+	}
 	return nil
 }
 
