@@ -860,6 +860,26 @@ async fn the_charts_webhook_injects_opted_in_statefulsets_and_is_called_for_noth
         .count();
     assert_eq!(installs, 1);
 
+    // Opting out (the annotation removed) reaches the webhook too (its stored object opted
+    // in), which takes the injection back out of the template.
+    let answered = serve.reviews_answered().await;
+    let opt_out = json!({"metadata": {"annotations": {ANNOTATION_ENABLED: null}}});
+    let plain = apps
+        .patch("dkron", &PatchParams::default(), &Patch::Merge(&opt_out))
+        .await
+        .expect("opt the StatefulSet out");
+    assert!(serve.reviews_answered().await > answered);
+    let pod = plain.spec.unwrap().template.spec.unwrap();
+    let names: Vec<&str> = pod
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&pod.containers)
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(names, ["dkron"], "{pod:?}");
+    assert!(pod.readiness_gates.is_none(), "{pod:?}");
+
     Api::<MutatingWebhookConfiguration>::all(client)
         .delete(&name, &DeleteParams::default())
         .await
