@@ -1086,7 +1086,8 @@ async fn opting_in_and_out_of_a_running_plain_parallel_cluster_keeps_every_serve
 }
 
 /// The opt-in rollout of a running plain cluster measured for BENCHMARKS.md: 3 and 5 servers,
-/// OrderedReady and Parallel, `DKRON_HA_OPT_IN_RUNS` runs each (default 3), one after the other
+/// OrderedReady and Parallel (`DKRON_HA_OPT_IN_SIZES`, default `3,5`), `DKRON_HA_OPT_IN_RUNS`
+/// runs each (default 3), one after the other
 /// (run it alone: `cargo test --test e2e_dkron opt_in_rollouts_measured -- --include-ignored
 /// --nocapture`, with `DKRON_BIN` for real Dkron). Every run asserts what the opt-in tests assert
 /// (so no job is lost: every job is on every server at the end); this prints the times.
@@ -1098,8 +1099,13 @@ async fn opt_in_rollouts_measured() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
+    // `DKRON_HA_OPT_IN_SIZES=5` measures only the clusters of 5.
+    let sizes: Vec<i32> = std::env::var("DKRON_HA_OPT_IN_SIZES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![3, 5]);
     let mut table = Vec::new();
-    for replicas in [3, 5] {
+    for replicas in sizes {
         for (policy, short) in [("OrderedReady", "o"), ("Parallel", "p")] {
             for run in 1..=runs {
                 let name = format!("m{replicas}{short}{run}");
