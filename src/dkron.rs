@@ -39,9 +39,6 @@ pub struct HttpAnswer {
     pub total_count: Option<u64>,
 }
 
-/// serf's `StatusAlive` in `/v1/members` and `/v1/leader` answers (1 alive, 3 left, 4 failed).
-pub const SERF_ALIVE: u64 = 1;
-
 /// What a server said to `GET /v1/leader`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LeaderAnswer {
@@ -73,7 +70,11 @@ pub fn parse_leader_answer(answer: &HttpAnswer) -> LeaderAnswer {
                         .and_then(|t| t.get("rpc_addr"))
                         .and_then(|a| a.as_str())
                         .unwrap_or_default();
-                    let alive = member.get("Status").and_then(|s| s.as_u64()) == Some(SERF_ALIVE);
+                    let alive = member
+                        .get("Status")
+                        .and_then(|s| s.as_u64())
+                        .map(MemberStatus::from_code)
+                        == Some(MemberStatus::Alive);
                     if rpc_addr.is_empty() || !alive {
                         LeaderAnswer::NoLeader
                     } else {
@@ -117,6 +118,29 @@ pub fn parse_isleader_answer(answer: &HttpAnswer) -> IsLeaderAnswer {
         200 => IsLeaderAnswer::Leader,
         404 => IsLeaderAnswer::Follower,
         status => IsLeaderAnswer::Unexpected { status },
+    }
+}
+
+/// Serf member status as Dkron's `/v1/members` and `/v1/leader` report it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberStatus {
+    Alive,
+    Leaving,
+    Left,
+    Failed,
+    Unknown,
+}
+
+impl MemberStatus {
+    /// Serf's numeric status: 1 alive, 2 leaving, 3 left, 4 failed.
+    pub fn from_code(code: u64) -> Self {
+        match code {
+            1 => Self::Alive,
+            2 => Self::Leaving,
+            3 => Self::Left,
+            4 => Self::Failed,
+            _ => Self::Unknown,
+        }
     }
 }
 

@@ -518,9 +518,11 @@ async fn a_dkron_whose_serf_shut_down_is_restarted_in_place_and_rejoins() {
         "the local Dkron's serf has shut down",
         "starting it again",
     ] {
-        dkron
+        let line = dkron
             .until_logged(&pod, &[needle], Duration::from_secs(10))
             .await;
+        // The timestamps show how soon the watch saw the shutdown (BENCHMARKS).
+        eprintln!("{pod}: {line}");
     }
     assert_eq!(dkron.container_status(&pod, "dkron").await.0, 0, "{pod}");
     dkron
@@ -998,6 +1000,14 @@ async fn opt_in_a_running_plain_cluster(
         for job in jobs {
             dkron.until_job_on(&ip, job, Duration::from_secs(10)).await;
         }
+        // How long `wrap` waited for the peers to see the old pod's address gone (BENCHMARKS).
+        let log = dkron.log(pod, "dkron", false).await;
+        let waited = log
+            .lines()
+            .find(|l| l.contains("no peer holds this server's name at another address"))
+            .and_then(|l| l.split("waited_ms=").nth(1))
+            .unwrap_or("0 (no wait)");
+        eprintln!("{pod}: the name wait took {waited} ms");
         // No Dkron crashed on its way in (a join that loses the name conflict before Dkron
         // sets its tags fails its start: "Error setting tags", exit 1).
         assert_eq!(dkron.container_status(pod, "dkron").await.0, 0, "{pod}");

@@ -240,15 +240,15 @@ async fn set_condition(api: &Api<Pod>, pod: &str, voter: bool, why: &str) -> Res
 }
 
 /// Keeps the record of `sts`'s pods outside the gossip up to date with this round's `outside`
-/// (pod name and IP) seen at `now`, and returns the pods just past `bound` (once each) and how
-/// many pods of every StatefulSet are past it now.
+/// (pod name and IP) seen at `now`, and returns the pods just past `bound` (once each: name, IP
+/// and how long) and how many pods of every StatefulSet are past it now.
 fn track_outside(
     all: &mut HashMap<String, HashMap<String, Outside>>,
     sts: &str,
     outside: &[(String, String)],
     now: Instant,
     bound: Duration,
-) -> (Vec<(String, Duration)>, i64) {
+) -> (Vec<(String, String, Duration)>, i64) {
     let known = all.entry(sts.to_owned()).or_default();
     // A pod back in the gossip, or a new pod (another IP), starts over.
     known.retain(|pod, o| outside.iter().any(|(p, ip)| p == pod && *ip == o.ip));
@@ -262,7 +262,7 @@ fn track_outside(
         let for_ = now - entry.since;
         if !entry.reported && for_ >= bound {
             entry.reported = true;
-            due.push((pod.clone(), for_));
+            due.push((pod.clone(), ip.clone(), for_));
         }
     }
     let past = all
@@ -392,17 +392,13 @@ async fn report_outside_gossip(
         OUTSIDE_GOSSIP_BOUND,
     );
     ctx.metrics.servers_outside_gossip.set(past);
-    for (pod, for_) in due {
+    for (pod, ip, for_) in due {
         let seen = leader
             .members
             .get(&pod)
             .map_or("no member of that name".to_owned(), |m| {
                 format!("{:?} at {}", m.status, m.addr)
             });
-        let ip = outside
-            .iter()
-            .find(|(p, _)| *p == pod)
-            .map_or("", |(_, ip)| ip.as_str());
         let note = format!(
             "pod {pod} has run at {ip} for {}s without being a live member of the Dkron cluster's gossip there (the leader's serf has {seen}); its Dkron may have lost a name conflict and stopped gossiping: see its log for 'Serf shutdown detected' and restart the pod",
             for_.as_secs()
@@ -466,7 +462,14 @@ mod tests {
         );
         assert_eq!(
             track_outside(&mut all, "ns/dkron", &a, at(151), bound),
-            (vec![("dkron-2".to_owned(), Duration::from_secs(151))], 1)
+            (
+                vec![(
+                    "dkron-2".to_owned(),
+                    "10.0.2.9".to_owned(),
+                    Duration::from_secs(151)
+                )],
+                1
+            )
         );
         // Reported once; still counted while it stays outside, with another StatefulSet's too.
         assert_eq!(

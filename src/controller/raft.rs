@@ -10,30 +10,8 @@
 
 use std::collections::HashMap;
 
+pub use crate::dkron::MemberStatus;
 use crate::dkron::grpc::RaftServer;
-
-/// Serf member status as Dkron's `/v1/members` reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MemberStatus {
-    Alive,
-    Leaving,
-    Left,
-    Failed,
-    Unknown,
-}
-
-impl MemberStatus {
-    /// Serf's numeric status: 1 alive, 2 leaving, 3 left, 4 failed.
-    pub fn from_code(code: u64) -> Self {
-        match code {
-            1 => Self::Alive,
-            2 => Self::Leaving,
-            3 => Self::Left,
-            4 => Self::Failed,
-            _ => Self::Unknown,
-        }
-    }
-}
 
 /// A serf member as the leader sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]

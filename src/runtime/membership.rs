@@ -13,7 +13,7 @@
 //! Decisions are pure ([`name_conflict`], [`serf_check`]); the rest asks Dkron over HTTP and
 //! probes the local serf port.
 
-use crate::dkron::{self, DkronClient, SerfMember};
+use crate::dkron::{self, DkronClient, MemberStatus, SerfMember};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -49,7 +49,10 @@ pub fn name_conflict(
 ) -> Option<NameConflict> {
     answers.iter().find_map(|(peer, members)| {
         let member = members.as_ref()?.iter().find(|m| m.name == node)?;
-        let alive = matches!(member.status, dkron::SERF_ALIVE | SERF_LEAVING);
+        let alive = matches!(
+            MemberStatus::from_code(member.status),
+            MemberStatus::Alive | MemberStatus::Leaving
+        );
         let elsewhere = member.addr.parse::<IpAddr>().ok() != Some(own_ip);
         (alive && elsewhere).then(|| NameConflict {
             peer: peer.clone(),
@@ -58,9 +61,6 @@ pub fn name_conflict(
         })
     })
 }
-
-/// serf's `StatusLeaving`.
-const SERF_LEAVING: u64 = 2;
 
 /// Whose serf to ask about this server's name, and what this server is called and where.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -918,7 +918,7 @@ pub async fn run(command: Vec<String>) -> Result<i32, WrapError> {
     };
     let discovery = async {
         wait_for_names(&settings).await;
-        let answers = ask_peers_for_leader(&settings.leader_sources()).await;
+        let answers = ask_peers_for_leader(&name_check.peers).await;
         until_name_free(&name_check).await;
         (settings.other_peers(), answers)
     };
