@@ -1,4 +1,4 @@
-//! The FleetLock server Zincati asks before it reboots a Fedora CoreOS node (DESIGN.md,
+//! The FleetLock server Zincati asks before it reboots a Fedora CoreOS node (ARCHITECTURE.md,
 //! "FleetLock"). Zincati is configured with
 //! `fleet_lock.base_url = "http://<service-ip>/fleetlock/"`.
 //!

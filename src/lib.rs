@@ -1,6 +1,6 @@
 //! dkron-ha: makes a Dkron server StatefulSet highly available on Kubernetes.
 //!
-//! One module per role of DESIGN.md: `inject` (the pure injection engine), `admission`
+//! One module per role of ARCHITECTURE.md: `inject` (the pure injection engine), `admission`
 //! (AdmissionReview in, patch out), `names` (the contract names every side shares), `manifests`
 //! (`dkron-ha inject` on YAML streams), `tls` (rustls with certificate hot-reload), `certs`
 //! (rcgen CA + serving certificate), `serve` (the listeners of `dkron-ha serve`), `metrics`,

@@ -1,4 +1,4 @@
-//! The names DESIGN.md makes contracts: annotations, labels, environment variables, the names
+//! The names ARCHITECTURE.md makes contracts: annotations, labels, environment variables, the names
 //! of injected parts and of the objects dkron-ha creates. The injector that writes a name and the
 //! runtime or controller that reads it both use the constant here.
 

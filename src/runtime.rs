@@ -1,4 +1,4 @@
-//! The in-pod runtime of each Dkron server pod (DESIGN.md "In-pod runtime"): `wrap` starts Dkron
+//! The in-pod runtime of each Dkron server pod (ARCHITECTURE.md "In-pod runtime"): `wrap` starts Dkron
 //! with the right cluster flags and supervises it; `label-updater` mirrors Dkron's leadership
 //! into the pod label `dkron-ha/leader`. (`install` lives in `crate::install`.)
 

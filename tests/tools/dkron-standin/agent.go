@@ -29,7 +29,7 @@ type Agent struct {
 	retryJoinCh chan error
 	// Dkron v4.1.2 dkron/agent.go declares reconcileCh and shutdownCh and never makes them:
 	// both stay nil, so the leader never reconciles on a serf event and never sees a shutdown
-	// (DESIGN.md Dkron facts: the leader reconciles only every 60 s).
+	// (ARCHITECTURE.md Dkron facts: the leader reconciles only every 60 s).
 	reconcileCh chan serf.Member
 	shutdownCh  chan struct{}
 
@@ -49,7 +49,7 @@ type Agent struct {
 
 // faultNoFirstBootstrapEnv is fault injection for tests, not Dkron behaviour: set to 1, the
 // first run of a server in a data dir never bootstraps (a marker file in the data dir records
-// that run), so a cold start stays without a leader the way real Dkron was seen to (DESIGN.md
+// that run), so a cold start stays without a leader the way real Dkron was seen to (ARCHITECTURE.md
 // Dkron facts: no leader for 31-134 s when every server joined before its tags were set, and
 // once in 30 cold starts of v4.0.9 for the whole 180 s). A later run in the same data dir
 // behaves normally: what tests of dkron-ha's recovery (a restart of one server) need.
@@ -114,7 +114,7 @@ func (a *Agent) getRaft() *raft.Raft {
 // start the server (HTTP, gRPC, raft), then set the rpc_addr and port tags and only then start
 // the serf event loop. So a server that starts before its peers sleeps a whole
 // --retry-interval after its first failed join, and the member-join its peers see carries no
-// port tag yet (DESIGN.md Dkron facts: a cold start of 3 took 32 s).
+// port tag yet (ARCHITECTURE.md Dkron facts: a cold start of 3 took 32 s).
 func (a *Agent) Start() error {
 	if err := a.config.normalizeAddrs(); err != nil && !errors.Is(err, errResolvingHost) {
 		return err
@@ -150,7 +150,7 @@ func (a *Agent) Start() error {
 	// before the tag update (the coalescer's 1 s quiescence passed, e.g. while the retry-join
 	// slept), the event loop later finds this node's own join carrying a port tag, and
 	// maybeBootstrap runs: that is how a plain cold start of 3 forms a leader right after the
-	// sleeping server's retry, 30 s in (DESIGN.md Dkron facts: 32 s). Mirrored by the same
+	// sleeping server's retry, 30 s in (ARCHITECTURE.md Dkron facts: 32 s). Mirrored by the same
 	// in-place write.
 	tags := a.serf.LocalMember().Tags
 	tags["rpc_addr"] = net.JoinHostPort(a.serf.LocalMember().Addr.String(), strconv.Itoa(a.config.AdvertiseRPCPort))
@@ -423,7 +423,7 @@ func (a *Agent) eventLoop() {
 // bootstrap-expect is set, maybeBootstrap runs. Only a member-join does this: serf coalesces a join and the rpc_addr/port
 // tag update that follows it within its quiescent/coalesce window (1 s/3 s) into one
 // member-update, and a join seen before the tags is not a server, so when every server joins
-// and sets its tags quickly no server ever bootstraps (DESIGN.md: 133 s without a leader with
+// and sets its tags quickly no server ever bootstraps (ARCHITECTURE.md: 133 s without a leader with
 // --retry-interval=1s); see Start for the join that does bootstrap a plain cold start.
 func (a *Agent) nodeJoin(me serf.MemberEvent) {
 	for _, m := range me.Members {
@@ -602,7 +602,7 @@ func isServer(m serf.Member) (bool, *serverParts) {
 
 // serverLookup: Dkron v4.1.2 dkron/server_lookup.go: servers by raft id; as raft's
 // ServerAddressProvider it gives the id's current serf address, so raft dials a server that
-// came back with a new IP as soon as its serf join or update arrives (DESIGN.md Dkron facts).
+// came back with a new IP as soon as its serf join or update arrives (ARCHITECTURE.md Dkron facts).
 type serverLookup struct {
 	mu   sync.RWMutex
 	byID map[raft.ServerID]*serverParts

@@ -154,7 +154,7 @@ func uuid() string {
 // whose rpc_addr tag equals raft's leader address, 200 with that serf member as JSON. With no
 // raft yet, or no match, 500 with the body null (text/plain). raft's leader is "" while there
 // is none, so a member that has no rpc_addr tag yet (still joining) matches: 200 naming a
-// member that is not a leader (DESIGN.md Dkron facts).
+// member that is not a leader (ARCHITECTURE.md Dkron facts).
 func (a *Agent) leader(w http.ResponseWriter, r *http.Request) {
 	if rf := a.getRaft(); rf != nil {
 		l := string(rf.Leader())

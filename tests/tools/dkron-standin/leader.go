@@ -106,7 +106,7 @@ func (a *Agent) reconcile() error {
 }
 
 // reconcileMember: Dkron v4.1.2 dkron/leader.go: a server of this region that is alive is
-// added (or re-addressed), one that left is removed; a failed one is left as it is (DESIGN.md
+// added (or re-addressed), one that left is removed; a failed one is left as it is (ARCHITECTURE.md
 // Dkron facts: dead or failed servers are never removed automatically).
 func (a *Agent) reconcileMember(m serf.Member) error {
 	ok, parts := isServer(m)

@@ -1,7 +1,7 @@
 // Command dkron-standin stands in for a Dkron v4.1.2 server agent in dkron-ha's CI: the
 // behaviour dkron-ha depends on, on the libraries Dkron pins (raft, serf, memberlist, gRPC,
 // raft-boltdb, cobra, viper), each mirrored piece commented with where it was read in Dkron's
-// source ("Dkron v4.1.2 FILE") or observed (DESIGN.md "Dkron facts"). A test fixture, never
+// source ("Dkron v4.1.2 FILE") or observed (ARCHITECTURE.md "Dkron facts"). A test fixture, never
 // shipped; it holds no Dkron code. Jobs are stored, and run only when asked (run.go).
 package main
 
@@ -201,7 +201,7 @@ func agentCommand() *cobra.Command {
 			// Dkron v4.1.2 cmd/agent.go agentRun: the signal handlers exist only from here on,
 			// after Start returned (Start blocks in the retry-join loop until a join succeeds):
 			// until then SIGHUP, SIGTERM and SIGINT kill the process (Go's default), as observed
-			// (DESIGN.md Dkron facts).
+			// (ARCHITECTURE.md Dkron facts).
 			if code := handleSignals(a); code != 0 {
 				return fmt.Errorf("exit status: %d", code)
 			}
@@ -218,7 +218,7 @@ func agentCommand() *cobra.Command {
 // SIGTERM or SIGINT starts agent.Stop in a goroutine and returns 0
 // without waiting for it (no running jobs or plugins to wait for here), so the process exits
 // 0 while raft shuts down and before the serf leave goes out: peers see the server failed
-// (status 4), not left (observed in 11 of 12 stops, DESIGN.md Dkron facts). A retry-join
+// (status 4), not left (observed in 11 of 12 stops, ARCHITECTURE.md Dkron facts). A retry-join
 // error makes it return 1.
 func handleSignals(a *Agent) int {
 	sigCh := make(chan os.Signal, 4)

@@ -20,7 +20,7 @@ import (
 )
 
 // grpcService: Dkron's gRPC service is types.v1.Dkron since v4.0.9 (proto/types/v1/dkron.proto,
-// "package types.v1") and was types.Dkron in v2.1.1-v4.0.8 (DESIGN.md); the env var
+// "package types.v1") and was types.Dkron in v2.1.1-v4.0.8 (ARCHITECTURE.md); the env var
 // DKRON_STANDIN_GRPC_PACKAGE=types serves the old name, so a client's path detection can be
 // tested (a stand-in switch, not a Dkron setting).
 func grpcService() string {
@@ -169,7 +169,7 @@ func (a *Agent) grpcGetConfiguration(context.Context, proto.Message) (proto.Mess
 
 // grpcRemovePeer: Dkron v4.1.2 dkron/grpc.go RaftRemovePeerByID: an id not in the
 // configuration is an error; else raft.RemoveServer, which on a follower fails with raft's
-// "node is not the leader" (DESIGN.md: remove-peer works only on the leader).
+// "node is not the leader" (ARCHITECTURE.md: remove-peer works only on the leader).
 func (a *Agent) grpcRemovePeer(_ context.Context, req proto.Message) (proto.Message, error) {
 	id := getField(req.(*dynamicpb.Message), "id").String()
 	r := a.getRaft()
