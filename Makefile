@@ -1,5 +1,5 @@
 # dkron-ha developer entry points. `make test` is what CI runs (.ci/run).
-.PHONY: inject test tools dev-cluster bench lint
+.PHONY: inject test tools dev-cluster bench lint image image-check release-artifacts
 
 # CI builds once from a clean checkout: incremental caches would only cost disk and time.
 ifdef CI
@@ -21,6 +21,24 @@ test: lint tools
 tools:
 	bash tests/tools/build.sh
 
+# The image users install, from source, without a container engine: the release dkron-ha,
+# static (musl, built with cargo-zigbuild), alone in an OCI image per platform plus a
+# multi-platform one, in target/image/ (docker/podman load, kind load image-archive, ctr
+# images import, skopeo copy oci-archive:). PLATFORMS=amd64 builds one. Says what to install
+# when the musl targets, zig or cargo-zigbuild are missing (`make test` installs amd64's).
+PLATFORMS ?= amd64,arm64
+image:
+	cargo xtask image --platform $(PLATFORMS)
+
+# Both platforms, every archive checked, and the arm64 executable run under qemu-user-static
+# (`dkron-ha version` and `inject` must print what amd64 does). The release workflow runs it.
+image-check:
+	cargo xtask image-check
+
+# Everything a release uploads, in target/release-artifacts/ (.github/workflows/release.yml).
+release-artifacts:
+	cargo xtask release-artifacts
+
 # A cluster with real nodes and dkron-ha installed from the chart; Ctrl-C stops it all.
 # DKRON_BIN=/path/to/static/dkron imports Dkron; DEV_CLUSTER_ARGS="--nodes 2" etc.
 DEV_CLUSTER_ARGS ?=
@@ -32,4 +50,4 @@ bench:
 
 lint:
 	cargo fmt --check
-	cargo clippy --all-targets -- -D warnings
+	cargo clippy --workspace --all-targets -- -D warnings

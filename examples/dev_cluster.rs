@@ -68,9 +68,8 @@ fn main() -> anyhow::Result<()> {
                 let archive = images::oci_archive(
                     &out,
                     DKRON_IMAGE,
-                    &[(binary.as_path(), "usr/local/bin/dkron")],
+                    &[(binary.as_path(), "/usr/local/bin/dkron")],
                     &["/usr/local/bin/dkron"],
-                    None,
                 )
                 .map_err(anyhow::Error::msg)?;
                 cluster

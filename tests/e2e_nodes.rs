@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
 use support::cluster::{Cluster, LOCAL_STORAGE_CLASS};
-use support::images::{DKRON_HA_IMAGE, TESTBED_IMAGE};
+use support::images::{TESTBED_IMAGE, dkron_ha_image};
 
 const NODES: u8 = 3;
 
@@ -380,7 +380,7 @@ async fn the_charts_webhook_injects_a_statefulset_whose_pods_run_wrap_and_the_la
     let template = sts.spec.unwrap().template.spec.unwrap();
     let init = template.init_containers.unwrap_or_default();
     assert_eq!(init[0].name, "dkron-ha-install");
-    assert_eq!(init[0].image.as_deref(), Some(DKRON_HA_IMAGE));
+    assert_eq!(init[0].image, Some(dkron_ha_image()));
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let deadline = Instant::now() + Duration::from_secs(180);

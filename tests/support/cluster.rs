@@ -38,7 +38,7 @@ use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, DeleteParams, PostParams};
 
 use super::control_plane::{ControlPlane, Options, Supervised, build_tools};
-use super::images::{DKRON_HA_IMAGE, Images, PAUSE_IMAGE};
+use super::images::{Images, PAUSE_IMAGE};
 
 /// Set to keep the cluster's dir (logs, node disks) after the test binary exits.
 const KEEP_ENV: &str = "DKRON_HA_KEEP_CLUSTER";
@@ -678,7 +678,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         })?;
         let listed = output(&mut ctr(&["images", "list", "-q"]))?;
         for (image, archive) in &self.images.archives {
-            if !listed.lines().any(|line| line == *image) {
+            if !listed.lines().any(|line| line == image) {
                 let archive = archive.display().to_string();
                 output(&mut ctr(&[
                     "images",
@@ -960,13 +960,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 .arg("-f")
                 .arg(&namespace),
         )?;
-        let (repository, tag) = DKRON_HA_IMAGE.rsplit_once(':').expect("image:tag");
         let mut command = Command::new(ControlPlane::tool("helm"));
         command
             .args(["install", "dkron-ha", "chart", "--namespace", "dkron-ha"])
             .args(["--create-namespace", "--wait", "--timeout=3m"])
-            .arg(format!("--set=image.repository={repository}"))
-            .arg(format!("--set=image.tag={tag}"))
+            // The chart's own image (imported on every node, never pulled).
             .arg("--set=image.pullPolicy=Never")
             .args(sets.iter().map(|set| format!("--set={set}")))
             .arg("--kubeconfig")

@@ -285,20 +285,7 @@ impl ControlPlane {
 
     /// The path to a binary from the tools cache (~/.cache/dkron-ha/tools/bin) (e.g. "kube-apiserver").
     pub fn tool(name: &str) -> PathBuf {
-        tools_cache().join("bin").join(name)
-    }
-}
-
-/// Where tests/tools/build.sh puts its binaries (same default and override as the script).
-fn tools_cache() -> PathBuf {
-    match std::env::var_os("DKRON_HA_TOOLS_CACHE") {
-        Some(dir) => PathBuf::from(dir),
-        // Outside the checkout, so a fresh clone on a warm machine reuses the Go builds.
-        None => match std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
-            Some(cache) => PathBuf::from(cache).join("dkron-ha/tools"),
-            None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))
-                .join(".cache/dkron-ha/tools"),
-        },
+        xtask::tools_cache().join("bin").join(name)
     }
 }
 

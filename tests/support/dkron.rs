@@ -40,9 +40,8 @@ pub async fn cluster() -> &'static Cluster {
             let archive = images::oci_archive(
                 &out,
                 DKRON_IMAGE,
-                &[(binary.as_path(), "usr/local/bin/dkron")],
+                &[(binary.as_path(), "/usr/local/bin/dkron")],
                 &["/usr/local/bin/dkron"],
-                None,
             )
             .unwrap_or_else(|error| panic!("{error}"));
             cluster

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the real components dkron-ha's tests run (etcd, the Kubernetes control plane and node
-# components, CoreDNS, helm) and the Dkron stand-in from their pinned Go modules into a gitignored cache, after making
+# components, CoreDNS, helm, actionlint; zig and cargo-zigbuild for the image) and the Dkron stand-in from their pinned Go modules into a gitignored cache, after making
 # sure the Debian packages the test nodes run (containerd, runc, CNI plugins, iptables) are there. A module's binaries are
 # rebuilt only when the go.mod/go.sum that pins them (or their version stamp) changes or one is
 # missing, so a warm machine pays nothing. Prints the cache's bin directory.
@@ -15,7 +15,7 @@ mkdir -p "$cache/bin"
 exec 9>"$cache/.lock"
 if command -v flock >/dev/null; then flock 9; fi
 
-# The test nodes' own packages: PACKAGE=a file it installs. Installed when missing if this runs
+# The Debian packages the tests need (mostly the test nodes'): PACKAGE=a file it installs. Installed when missing if this runs
 # as root on Debian (saying so), otherwise the script stops with the command that installs them.
 node_packages=(
 	containerd=/usr/bin/containerd
@@ -23,6 +23,8 @@ node_packages=(
 	containernetworking-plugins=/usr/lib/cni/bridge
 	iptables=/usr/sbin/iptables
 	conntrack=/usr/sbin/conntrack
+	# Not the nodes': the virtualenv zig is installed into (below).
+	python3-venv=/usr/share/doc/python3-venv
 )
 ensure_node_packages() {
 	local missing=() spec
@@ -32,11 +34,11 @@ ensure_node_packages() {
 	if [ "${#missing[@]}" -eq 0 ]; then return 0; fi
 	local install="apt-get install -y --no-install-recommends ${missing[*]}"
 	if [ "$(id -u)" = 0 ] && [ -f /etc/debian_version ] && command -v apt-get >/dev/null; then
-		echo "installing the Debian packages the test nodes need: ${missing[*]} (apt-get update; $install)" >&2
+		echo "installing the Debian packages the tests need: ${missing[*]} (apt-get update; $install)" >&2
 		DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
 		DEBIAN_FRONTEND=noninteractive $install -qq >&2
 	else
-		echo "the test nodes need these Debian packages: ${missing[*]}; install them with:" >&2
+		echo "the tests need these Debian packages: ${missing[*]}; install them with:" >&2
 		echo "  sudo apt-get update && sudo $install" >&2
 		exit 1
 	fi
@@ -100,6 +102,36 @@ EXTRA_LDFLAGS="-X helm.sh/helm/v3/internal/version.version=v3.22.0 \
 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=37 \
 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=37" \
 	build_module helm helm=helm.sh/helm/v3/cmd/helm
+# Lints the release and CI workflows (.github/workflows) in the test command.
+build_module actionlint actionlint=github.com/rhysd/actionlint/cmd/actionlint
 # The Dkron stand-in the tests run when DKRON_BIN names no real Dkron (a test fixture).
 WITH_SOURCES=1 build_module dkron-standin dkron-standin=.
+
+# The static musl build of the image the tests run (`make image`, xtask): the Rust target, zig
+# (from PyPI, in a virtualenv in the cache) and cargo-zigbuild, at the versions xtask names.
+# The arm64 target is `make image-check`'s business, not the test command's.
+ensure_image_toolchain() {
+	local xtask="$here/../../xtask/src/lib.rs" zig_version zigbuild_version
+	zig_version="$(sed -n 's/^pub const ZIGLANG_VERSION: &str = "\(.*\)";/\1/p' "$xtask")"
+	zigbuild_version="$(sed -n 's/^pub const CARGO_ZIGBUILD_VERSION: &str = "\(.*\)";/\1/p' "$xtask")"
+	if command -v rustup >/dev/null && ! rustup target list --installed | grep -qx x86_64-unknown-linux-musl; then
+		echo "adding the Rust target x86_64-unknown-linux-musl (rustup target add)" >&2
+		rustup target add x86_64-unknown-linux-musl >&2
+	fi
+	if [ "$(cat "$cache/zig.stamp" 2>/dev/null)" != "$zig_version" ] || [ ! -x "$cache/bin/zig" ]; then
+		echo "installing zig $zig_version (pip install ziglang) into $cache/zig" >&2
+		rm -rf "$cache/zig" "$cache/zig.stamp"
+		python3 -m venv "$cache/zig" >&2
+		"$cache/zig/bin/pip" install --quiet "ziglang==$zig_version" >&2
+		ln -sf "$("$cache/zig/bin/python" -c 'import ziglang, os; print(os.path.dirname(ziglang.__file__))')/zig" "$cache/bin/zig"
+		echo "$zig_version" >"$cache/zig.stamp"
+	fi
+	if [ "$(cat "$cache/cargo-zigbuild.stamp" 2>/dev/null)" != "$zigbuild_version" ] || [ ! -x "$cache/bin/cargo-zigbuild" ]; then
+		echo "installing cargo-zigbuild $zigbuild_version into $cache/bin" >&2
+		rm -f "$cache/cargo-zigbuild.stamp"
+		cargo install --quiet "cargo-zigbuild@$zigbuild_version" --locked --no-default-features --root "$cache" >&2
+		echo "$zigbuild_version" >"$cache/cargo-zigbuild.stamp"
+	fi
+}
+ensure_image_toolchain
 echo "$cache/bin"
