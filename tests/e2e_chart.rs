@@ -10,7 +10,10 @@
 //! - its least-privilege RBAC is enough for the real controller and FleetLock, run as the
 //!   chart's ServiceAccount;
 //! - the self-signed certificate survives upgrades and rotates with both CAs trusted;
-//! - `webhook-config/` is exactly what tests/tools/render-webhook-config.sh writes now.
+//! - `webhook-config/` is exactly what tests/tools/render-webhook-config.sh writes now;
+//! - given another registry (tag or digest) and namespace, neither the chart nor a kustomize
+//!   overlay of `webhook-config/` that only sets `images:` and `namespace:` leaves a reference
+//!   to the default registry or namespace, for the server's image or the injected one.
 
 mod support;
 
@@ -181,6 +184,32 @@ fn args_of(deployment: &Value) -> Vec<String> {
         .collect()
 }
 
+/// The command line `serve` runs with in the Deployment: the container's args, then each of
+/// its literal env values that `serve` reads in place of a flag (clap's `env`), written as
+/// that flag. (The chart gives the inject image as `DKRON_HA_INJECT_IMAGE`, which kustomize's
+/// `images:` can rewrite, rather than as `--inject-image=`, which it cannot.)
+fn serve_command(deployment: &Value) -> Vec<String> {
+    let mut args = args_of(deployment);
+    let command = ServeArgs::augment_args(clap::Command::new("serve"));
+    for var in container(deployment)["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let (Some(name), Some(value)) = (var["name"].as_str(), var["value"].as_str()) else {
+            continue;
+        };
+        let long = command
+            .get_arguments()
+            .find(|a| a.get_env() == Some(std::ffi::OsStr::new(name)))
+            .and_then(|a| a.get_long());
+        if let Some(long) = long {
+            args.push(format!("--{long}={value}"));
+        }
+    }
+    args
+}
+
 fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
     let prefix = format!("--{name}=");
     args.iter().find_map(|a| a.strip_prefix(&prefix))
@@ -291,6 +320,13 @@ fn the_values_schema_rejects_unknown_keys_and_invalid_values() {
             "additional properties 'bad_group' not allowed",
         ),
         ("service.clusterIP=not-an-ip", "'/service/clusterIP'"),
+        ("image.digest=latest", "'/image/digest'"),
+        ("injectImage.digest=sha256:0123", "'/injectImage/digest'"),
+        ("image.sha=x", "additional properties 'sha' not allowed"),
+        (
+            "injectImage.pullPolicy=Always",
+            "additional properties 'pullPolicy' not allowed",
+        ),
     ];
     for (set, mentions) in rejected {
         let output = run_helm(&["template", "x", "chart", "--set", set]);
@@ -352,7 +388,14 @@ fn assert_invariants(case: &str, rendered: &Rendered, namespace: &str) {
             .contains(&namespace_env),
         "{case}"
     );
-    assert_serve_accepts(case, &args_of(deployment));
+    assert_serve_accepts(case, &serve_command(deployment));
+    // The inject image is the env var a kustomize overlay's `images:` rewrites along with the
+    // container's image: a flag would override it.
+    assert_eq!(flag(&args_of(deployment), "inject-image"), None, "{case}");
+    assert!(
+        flag(&serve_command(deployment), "inject-image").is_some(),
+        "{case}"
+    );
 
     let budget = rendered.one("PodDisruptionBudget");
     assert_eq!(
@@ -436,7 +479,7 @@ fn every_values_case_renders_what_its_values_ask_for() {
         assert_invariants(case, &rendered, namespace);
         let deployment = rendered.one("Deployment");
         let pod = &deployment["spec"]["template"]["spec"];
-        let args = args_of(deployment);
+        let args = serve_command(deployment);
         let webhook = &rendered.one("MutatingWebhookConfiguration")["webhooks"][0];
         let ca_bundle = webhook["clientConfig"]["caBundle"].as_str();
         let secret_name = pod["volumes"][0]["secret"]["secretName"].as_str().unwrap();
@@ -755,7 +798,7 @@ async fn the_charts_webhook_injects_opted_in_statefulsets_and_is_called_for_noth
         "chart/ci/defaults-values.yaml",
         &[],
     );
-    let deployment_args = args_of(rendered.one("Deployment"));
+    let deployment_args = serve_command(rendered.one("Deployment"));
     let inject_image = flag(&deployment_args, "inject-image")
         .expect("--inject-image")
         .to_owned();
@@ -1173,7 +1216,7 @@ async fn the_helm_generated_certificate_is_served_and_trusted_through_the_ca_bun
         )
         .unwrap();
     }
-    let serve = start_serve(&args_of(rendered.one("Deployment")), dir.path()).await;
+    let serve = start_serve(&serve_command(rendered.one("Deployment")), dir.path()).await;
     let webhook = &rendered.one("MutatingWebhookConfiguration")["webhooks"][0];
     let ca_bundle = b64decode(webhook["clientConfig"]["caBundle"].as_str().unwrap());
     let service_host = "dkron-ha.dkron-ha.svc";
@@ -1433,3 +1476,376 @@ fn webhook_config_is_what_the_render_script_writes_from_the_chart() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// another registry and namespace (issue "Ship it", item 5)
+
+const OTHER_REPOSITORY: &str = "registry.example.com/acme/dkron-ha";
+const OTHER_NAMESPACE: &str = "acme-system";
+const DEFAULT_NAMESPACE: &str = "dkron-ha";
+const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+const OTHER_DIGEST: &str =
+    "sha256:fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210";
+
+/// Every place `objects` name a namespace, as (where, namespace): each `namespace` field at
+/// any depth (metadata, RBAC subjects, the webhook's Service), Namespace objects, the values
+/// of the webhook's namespaceSelector on kubernetes.io/metadata.name, cert-manager's
+/// inject-ca-from, and the namespace in the names of cert-manager Certificates.
+fn named_namespaces(objects: &[Value]) -> Vec<(String, String)> {
+    fn walk(value: &Value, path: &str, found: &mut Vec<(String, String)>) {
+        match value {
+            Value::Object(map) => {
+                for (key, value) in map {
+                    let here = format!("{path}.{key}");
+                    if let ("namespace", Some(namespace)) = (key.as_str(), value.as_str()) {
+                        found.push((here.clone(), namespace.to_owned()));
+                    }
+                    walk(value, &here, found);
+                }
+            }
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    walk(item, &format!("{path}[{i}]"), found);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    for object in objects {
+        let kind = object["kind"].as_str().unwrap_or("?");
+        let name = object["metadata"]["name"].as_str().unwrap_or("?");
+        let id = format!("{kind}/{name}");
+        walk(object, &id, &mut found);
+        if kind == "Namespace" {
+            found.push((format!("{id}.metadata.name"), name.to_owned()));
+        }
+        let webhooks = object["webhooks"].as_array().into_iter().flatten();
+        for (i, webhook) in webhooks.enumerate() {
+            let expressions = webhook["namespaceSelector"]["matchExpressions"].as_array();
+            for expression in expressions.into_iter().flatten() {
+                if expression["key"] != "kubernetes.io/metadata.name" {
+                    continue;
+                }
+                for value in expression["values"].as_array().into_iter().flatten() {
+                    let where_ = format!("{id}.webhooks[{i}].namespaceSelector");
+                    found.push((where_, value.as_str().unwrap_or_default().to_owned()));
+                }
+            }
+        }
+        let annotations = &object["metadata"]["annotations"];
+        if let Some(from) = annotations["cert-manager.io/inject-ca-from"].as_str() {
+            let namespace = from
+                .split_once('/')
+                .map_or(from, |(namespace, _)| namespace);
+            found.push((format!("{id} inject-ca-from"), namespace.to_owned()));
+        }
+        if kind == "Certificate" {
+            // <service>.<namespace>[.svc[.<domain>]], and the CA's "dkron-ha CA (<namespace>)".
+            let dns_names = object["spec"]["dnsNames"].as_array().into_iter().flatten();
+            for dns_name in dns_names.filter_map(Value::as_str) {
+                if let Some(namespace) = dns_name.split('.').nth(1) {
+                    found.push((format!("{id} dnsName {dns_name}"), namespace.to_owned()));
+                }
+            }
+            let common_name = object["spec"]["commonName"].as_str().unwrap_or_default();
+            let namespace = match common_name.strip_suffix(')') {
+                Some(ca) => ca.rsplit_once('(').map(|(_, namespace)| namespace),
+                None => common_name.split('.').nth(1),
+            };
+            if let Some(namespace) = namespace {
+                found.push((format!("{id} commonName"), namespace.to_owned()));
+            }
+        }
+    }
+    found
+}
+
+/// Fails unless every namespace `objects` name is `namespace` or one the webhook excludes
+/// besides it (`also`, after kube-system), and the usual places all name it.
+fn assert_only_namespace(what: &str, objects: &[Value], namespace: &str, also: &[&str]) {
+    let named = named_namespaces(objects);
+    let excluded: Vec<&str> = [namespace, "kube-system"]
+        .iter()
+        .chain(also)
+        .copied()
+        .collect();
+    let strays: Vec<&(String, String)> = named
+        .iter()
+        .filter(|(_, named)| !excluded.contains(&named.as_str()))
+        .collect();
+    assert!(
+        strays.is_empty(),
+        "{what}: other namespaces named: {strays:?}"
+    );
+    // Only the webhook's selector names the others, in this order.
+    let selector: Vec<&str> = named
+        .iter()
+        .filter(|(place, _)| place.ends_with(".namespaceSelector"))
+        .map(|(_, named)| named.as_str())
+        .collect();
+    assert_eq!(
+        selector, excluded,
+        "{what}: the webhook's excluded namespaces"
+    );
+    for (place, named) in &named {
+        if !place.ends_with(".namespaceSelector") {
+            assert_eq!(named, namespace, "{what}: {place}");
+        }
+    }
+    // Each place that must follow the namespace was looked at.
+    for place in [
+        "Deployment/dkron-ha.metadata.namespace",
+        "Service/dkron-ha.metadata.namespace",
+        "ClusterRoleBinding/dkron-ha.subjects[0].namespace",
+        "RoleBinding/dkron-ha.subjects[0].namespace",
+        "MutatingWebhookConfiguration/dkron-ha.webhooks[0].clientConfig.service.namespace",
+    ] {
+        assert!(
+            named.iter().any(|(p, _)| p == place),
+            "{what}: no {place} in {named:?}"
+        );
+    }
+}
+
+/// The Deployment's image and the image its `serve` injects into Dkron pods.
+fn images_of(rendered: &Rendered) -> (String, String) {
+    let deployment = rendered.one("Deployment");
+    let image = container(deployment)["image"].as_str().unwrap().to_owned();
+    let command = serve_command(deployment);
+    let inject = flag(&command, "inject-image")
+        .unwrap_or_else(|| panic!("no inject image in {command:?}"))
+        .to_owned();
+    (image, inject)
+}
+
+#[test]
+fn the_chart_given_another_registry_and_namespace_names_neither_default() {
+    let set = format!("image.repository={OTHER_REPOSITORY},image.tag=9.9.9");
+    let other = format!("{OTHER_REPOSITORY}:9.9.9");
+    for (case, values) in CASES {
+        let args = [
+            "template",
+            "dkron-ha",
+            "chart",
+            "--namespace",
+            OTHER_NAMESPACE,
+        ];
+        let yaml = helm(&[&args[..], &["--values", values, "--set", &set]].concat());
+        assert!(!yaml.contains("ghcr.io"), "case {case}:\n{yaml}");
+        let rendered = Rendered::parse(&yaml);
+        let inject = match *case {
+            "native-sidecar" => "registry.example.com/dkron-ha:0.1.0",
+            _ => &other,
+        };
+        assert_eq!(
+            images_of(&rendered),
+            (other.clone(), inject.to_owned()),
+            "{case}"
+        );
+        let also: &[&str] = match *case {
+            "cluster-ip" => &["monitoring"],
+            _ => &[],
+        };
+        assert_only_namespace(case, &rendered.objects, OTHER_NAMESPACE, also);
+    }
+
+    // The same look at the default namespace finds it everywhere it should: the check above
+    // is not blind. (cert-manager adds inject-ca-from and its Certificates' names.)
+    for (case, values) in [
+        ("defaults", "chart/ci/defaults-values.yaml"),
+        ("cert-manager", "chart/ci/cert-manager-values.yaml"),
+    ] {
+        let rendered = render("dkron-ha", DEFAULT_NAMESPACE, values, &[]);
+        let named = named_namespaces(&rendered.objects);
+        assert_only_namespace(case, &rendered.objects, DEFAULT_NAMESPACE, &[]);
+        let places = |needle: &str| {
+            named
+                .iter()
+                .filter(|(place, named)| place.contains(needle) && named == DEFAULT_NAMESPACE)
+                .count()
+        };
+        let mut expected = vec![
+            "metadata.namespace",
+            "subjects",
+            "clientConfig",
+            "namespaceSelector",
+        ];
+        if case == "cert-manager" {
+            expected.extend(["inject-ca-from", "dnsName", "commonName"]);
+        }
+        for needle in expected {
+            assert!(
+                places(needle) > 0,
+                "{case}: {needle} not found in {named:?}"
+            );
+        }
+        assert_eq!(
+            images_of(&rendered).0,
+            "ghcr.io/dkron-ha/dkron-ha:0.1.0",
+            "{case}"
+        );
+    }
+}
+
+#[test]
+fn an_image_digest_wins_over_the_tag_and_the_inject_image_follows_the_image() {
+    let ghcr = "ghcr.io/dkron-ha/dkron-ha";
+    let mirror = "registry.example.com/mirror/dkron-ha";
+    let cases: Vec<(String, String, String)> = vec![
+        (
+            String::new(),
+            format!("{ghcr}:0.1.0"),
+            format!("{ghcr}:0.1.0"),
+        ),
+        (
+            format!("image.digest={DIGEST}"),
+            format!("{ghcr}@{DIGEST}"),
+            format!("{ghcr}@{DIGEST}"),
+        ),
+        (
+            format!("image.repository={OTHER_REPOSITORY},image.tag=9.9.9,image.digest={DIGEST}"),
+            format!("{OTHER_REPOSITORY}@{DIGEST}"),
+            format!("{OTHER_REPOSITORY}@{DIGEST}"),
+        ),
+        // injectImage's own fields replace image's one by one: a repository alone keeps
+        // image's digest...
+        (
+            format!("image.digest={DIGEST},injectImage.repository={mirror}"),
+            format!("{ghcr}@{DIGEST}"),
+            format!("{mirror}@{DIGEST}"),
+        ),
+        // ...and a tag or digest of its own replaces image's tag and digest.
+        (
+            format!("image.digest={DIGEST},injectImage.tag=1.2.3"),
+            format!("{ghcr}@{DIGEST}"),
+            format!("{ghcr}:1.2.3"),
+        ),
+        (
+            format!("image.tag=9.9.9,injectImage.tag=1.2.3,injectImage.digest={OTHER_DIGEST}"),
+            format!("{ghcr}:9.9.9"),
+            format!("{ghcr}@{OTHER_DIGEST}"),
+        ),
+    ];
+    for (set, image, inject) in cases {
+        let extra: Vec<&str> = match set.as_str() {
+            "" => vec![],
+            set => vec!["--set", set],
+        };
+        let rendered = render(
+            "dkron-ha",
+            OTHER_NAMESPACE,
+            "chart/ci/defaults-values.yaml",
+            &extra,
+        );
+        assert_eq!(images_of(&rendered), (image, inject), "--set {set}");
+    }
+}
+
+/// The kubectl that tests/tools/build.sh builds next to helm (`kubectl kustomize` is
+/// kustomize).
+fn kubectl_binary() -> PathBuf {
+    let kubectl = helm_binary().with_file_name("kubectl");
+    assert!(kubectl.is_file(), "no {}", kubectl.display());
+    kubectl
+}
+
+/// `kubectl kustomize DIR`.
+fn kustomize(dir: &Path) -> String {
+    let output = Command::new(kubectl_binary())
+        .arg("kustomize")
+        .arg(dir)
+        .env("KUBECONFIG", dir.join("no-kubeconfig"))
+        .output()
+        .expect("run kubectl kustomize");
+    assert!(
+        output.status.success(),
+        "kubectl kustomize {} failed ({}):\n{}",
+        dir.display(),
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("kustomize prints UTF-8")
+}
+
+#[test]
+fn a_kustomize_overlay_moves_webhook_config_to_another_registry_and_namespace() {
+    // webhook-config/ as a user's base (its files, not a certs/ a developer may keep there),
+    // with a certificate for the overlay's namespace as its kustomization's comment says.
+    let work = tempfile::tempdir().unwrap();
+    let base = work.path().join("base");
+    std::fs::create_dir(&base).unwrap();
+    for entry in std::fs::read_dir(Path::new(ROOT).join("webhook-config")).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), base.join(entry.file_name())).unwrap();
+        }
+    }
+    let certs = generate(&CertRequest {
+        service: "dkron-ha".into(),
+        namespace: OTHER_NAMESPACE.into(),
+        extra_names: vec![],
+        valid_days: 1,
+    })
+    .unwrap();
+    certs.write_to(&base.join("certs")).unwrap();
+    let ca_bundle = |rendered: &Rendered| -> String {
+        let webhook = &rendered.one("MutatingWebhookConfiguration")["webhooks"][0];
+        let text = webhook["clientConfig"]["caBundle"]
+            .as_str()
+            .unwrap_or_default();
+        b64decode(&text.split_whitespace().collect::<String>())
+    };
+
+    // The base alone: the defaults, for both images.
+    let rendered = Rendered::parse(&kustomize(&base));
+    let ghcr = "ghcr.io/dkron-ha/dkron-ha:0.1.0";
+    assert_eq!(images_of(&rendered), (ghcr.to_owned(), ghcr.to_owned()));
+    assert_only_namespace("base", &rendered.objects, DEFAULT_NAMESPACE, &[]);
+
+    // Overlays that say nothing but where the base is, the namespace and the image.
+    for (name, image_fields, expected) in [
+        ("tag", "newTag: 9.9.9", format!("{OTHER_REPOSITORY}:9.9.9")),
+        (
+            "digest",
+            &*format!("digest: {DIGEST}"),
+            format!("{OTHER_REPOSITORY}@{DIGEST}"),
+        ),
+    ] {
+        let overlay = work.path().join(name);
+        std::fs::create_dir(&overlay).unwrap();
+        std::fs::write(
+            overlay.join("kustomization.yaml"),
+            format!(
+                "apiVersion: kustomize.config.k8s.io/v1beta1\n\
+                 kind: Kustomization\n\
+                 resources:\n  - ../base\n\
+                 namespace: {OTHER_NAMESPACE}\n\
+                 images:\n  - name: ghcr.io/dkron-ha/dkron-ha\n    newName: {OTHER_REPOSITORY}\n    {image_fields}\n"
+            ),
+        )
+        .unwrap();
+        let yaml = kustomize(&overlay);
+        assert!(!yaml.contains("ghcr.io"), "overlay {name}:\n{yaml}");
+        let rendered = Rendered::parse(&yaml);
+        assert_eq!(
+            images_of(&rendered),
+            (expected.clone(), expected),
+            "overlay {name}"
+        );
+        assert_only_namespace(name, &rendered.objects, OTHER_NAMESPACE, &[]);
+        let namespaces: Vec<&Value> = rendered
+            .all("Namespace")
+            .iter()
+            .map(|n| &n["metadata"]["name"])
+            .collect();
+        assert_eq!(namespaces, [OTHER_NAMESPACE], "overlay {name}");
+        // The TLS Secret keeps its name, in the new namespace, and still fills the caBundle.
+        let deployment = rendered.one("Deployment");
+        let secret = rendered.one("Secret");
+        assert_eq!(
+            secret["metadata"]["name"],
+            deployment["spec"]["template"]["spec"]["volumes"][0]["secret"]["secretName"]
+        );
+        assert_eq!(secret["metadata"]["name"], "dkron-ha-tls", "overlay {name}");
+        assert_eq!(ca_bundle(&rendered), certs.ca_cert_pem, "overlay {name}");
+    }
+}

@@ -44,15 +44,35 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
-{{- define "dkron-ha.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{/*
+An image reference from a dict of repository, tag and digest: REPOSITORY@DIGEST when a digest
+is given (it wins over the tag), REPOSITORY:TAG otherwise.
+*/}}
+{{- define "dkron-ha.imageReference" -}}
+{{- if .digest }}
+{{- printf "%s@%s" .repository .digest }}
+{{- else }}
+{{- printf "%s:%s" .repository .tag }}
+{{- end }}
 {{- end }}
 
-{{/* What the webhook injects into Dkron pods: `injectImage`, each field defaulting to `image`. */}}
+{{/* The dkron-ha image: `image`, its tag defaulting to the chart's appVersion. */}}
+{{- define "dkron-ha.image" -}}
+{{- include "dkron-ha.imageReference" (dict "repository" .Values.image.repository "tag" (default .Chart.AppVersion .Values.image.tag) "digest" .Values.image.digest) }}
+{{- end }}
+
+{{/*
+What the webhook injects into Dkron pods: `injectImage`, following `image` where it is empty.
+Its repository defaults to image's; its version is its own tag or digest if it gives either,
+otherwise image's (so an image.digest never overrides an injectImage.tag).
+*/}}
 {{- define "dkron-ha.injectImage" -}}
 {{- $repository := default .Values.image.repository .Values.injectImage.repository }}
-{{- $tag := default (default .Chart.AppVersion .Values.image.tag) .Values.injectImage.tag }}
-{{- printf "%s:%s" $repository $tag }}
+{{- if or .Values.injectImage.tag .Values.injectImage.digest }}
+{{- include "dkron-ha.imageReference" (dict "repository" $repository "tag" .Values.injectImage.tag "digest" .Values.injectImage.digest) }}
+{{- else }}
+{{- include "dkron-ha.imageReference" (dict "repository" $repository "tag" (default .Chart.AppVersion .Values.image.tag) "digest" .Values.image.digest) }}
+{{- end }}
 {{- end }}
 
 {{- define "dkron-ha.tlsSecretName" -}}

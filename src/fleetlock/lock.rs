@@ -27,7 +27,7 @@
 //! metadata:
 //!   name: dkron-ha-fleetlock
 //! data:
-//!   default: "1"     # group name (as Zincati's fleet_lock.group, any case): slots
+//!   default: "1"     # group name (Zincati's `[identity] group`, any case): slots
 //!   workers: "3"
 //!   frozen: "0"      # 0 slots: nobody in this group may reboot
 //! ```

@@ -14,6 +14,8 @@ root="$(cd "$here/../.." && pwd)"
 out="${1:-$root/webhook-config}"
 values="$root/webhook-config/chart-values.yaml"
 namespace=dkron-ha
+# The chart's default image repository: the name an overlay's `images:` entry matches.
+image=ghcr.io/dkron-ha/dkron-ha
 
 helm="${HELM:-}"
 if [ -z "$helm" ]; then helm="$(bash "$here/build.sh")/helm"; fi
@@ -62,6 +64,29 @@ metadata:
 EOF
 } >"$out/namespace.yaml"
 
+# kustomize hands a base's configurations on to the overlays built on it, where they act on the
+# overlay's own `images:` and `namespace:`, which run after everything in this base
+# (replacements here would run before them and see only the defaults).
+{
+	header
+	cat <<EOF
+# The kustomize configuration of this base, which also applies in overlays built on it.
+images:
+  # The inject image (DKRON_HA_INJECT_IMAGE, exactly an image reference) follows the same
+  # \`images:\` entry as the Deployment's container image.
+  - path: spec/template/spec/containers/env/value
+    kind: Deployment
+nameReference:
+  # An overlay's \`namespace:\` renames the Namespace object; the webhook's namespaceSelector,
+  # which excludes that namespace by name, follows it.
+  - kind: Namespace
+    version: v1
+    fieldSpecs:
+      - path: webhooks/namespaceSelector/matchExpressions/values
+        kind: MutatingWebhookConfiguration
+EOF
+} >"$out/kustomizeconfig.yaml"
+
 {
 	header
 	cat <<EOF
@@ -69,6 +94,11 @@ EOF
 # Before the first \`kubectl apply -k webhook-config\`, write the webhook's certificate here:
 #   dkron-ha certs generate --service dkron-ha --namespace $namespace --out webhook-config/certs
 # (certs/ is git-ignored; certs/README.md explains rotation.)
+#
+# An overlay with this directory in its \`resources:\` may set \`namespace: NS\`: generate the
+# certificate with \`--namespace NS\` then (still into this directory's certs/). Its
+# \`images:\` entry for $image changes both the Deployment's image and the
+# image the webhook injects into Dkron pods. webhook-config/README.md has an example.
 apiVersion: kustomize.config.k8s.io/v1beta1
 kind: Kustomization
 resources:
@@ -76,6 +106,8 @@ resources:
 EOF
 	for name in "${resources[@]}"; do echo "  - $name"; done
 	cat <<EOF
+configurations:
+  - kustomizeconfig.yaml
 secretGenerator:
   # The Secret the Deployment mounts; \`serve\` re-reads a rotated certificate by itself.
   - name: dkron-ha-tls
