@@ -592,16 +592,6 @@ pub fn is_workers(meta: &ObjectMeta) -> bool {
     meta_annotation(meta, ANNOTATION_AGENT_OF).is_some()
 }
 
-fn dns_label(value: &str) -> bool {
-    !value.is_empty()
-        && value.len() <= 63
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !value.starts_with('-')
-        && !value.ends_with('-')
-}
-
 /// Injects the pod template of a Deployment or StatefulSet of Dkron workers (`meta` carries
 /// `dkron-ha/agent-of`): the wrapper's volume, install init container and agent-mode `wrap`
 /// (its environment names the servers' StatefulSet and headless Service); no label-updater,
@@ -623,13 +613,13 @@ pub fn inject_workers(
         what,
         value: value.to_owned(),
     };
-    if !dns_label(servers) {
+    if !crate::names::is_dns_label(servers) {
         return Err(invalid(ANNOTATION_AGENT_OF, "StatefulSet", servers));
     }
     let service = meta_annotation(meta, ANNOTATION_AGENT_SERVICE)
         .map(str::trim)
         .unwrap_or(servers);
-    if !dns_label(service) {
+    if !crate::names::is_dns_label(service) {
         return Err(invalid(
             ANNOTATION_AGENT_SERVICE,
             "StatefulSet's headless Service",

@@ -96,13 +96,14 @@ enum FleetlockCommand {
 enum CertsCommand {
     /// Generate a CA and a serving certificate for the webhook Service.
     Generate {
-        /// Name of the webhook Service.
-        #[arg(long, env = "DKRON_HA_SERVICE")]
+        /// Name of the webhook Service (a DNS-1123 label, e.g. dkron-ha).
+        #[arg(long, env = "DKRON_HA_SERVICE", value_parser = dns_label)]
         service: String,
-        /// Namespace of the webhook Service.
-        #[arg(long, env = "DKRON_HA_NAMESPACE")]
+        /// Namespace of the webhook Service (a DNS-1123 label).
+        #[arg(long, env = "DKRON_HA_NAMESPACE", value_parser = dns_label)]
         namespace: String,
-        /// Directory for ca.crt, ca.key, tls.crt and tls.key.
+        /// Directory for ca.crt, ca.key, tls.crt and tls.key; none of them may exist yet
+        /// unless --force.
         #[arg(long, env = "DKRON_HA_OUT")]
         out: PathBuf,
         /// Extra DNS names or IP addresses for the serving certificate (repeatable).
@@ -115,7 +116,19 @@ enum CertsCommand {
         /// Validity of the serving certificate in days (the CA gets ten times as long).
         #[arg(long, env = "DKRON_HA_DAYS", default_value_t = 365)]
         days: u32,
+        /// Replace ca.crt, ca.key, tls.crt and tls.key if they exist in --out.
+        #[arg(long, env = "DKRON_HA_FORCE")]
+        force: bool,
     },
+}
+
+/// `--service`/`--namespace`: Kubernetes names them with DNS-1123 labels.
+fn dns_label(value: &str) -> Result<String, String> {
+    if dkron_ha::names::is_dns_label(value) {
+        Ok(value.to_owned())
+    } else {
+        Err(format!("must be {}", dkron_ha::names::DNS_LABEL_RULE))
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -187,6 +200,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     out,
                     extra_names,
                     days,
+                    force,
                 },
         } => {
             let generated = certs::generate(&certs::CertRequest {
@@ -195,7 +209,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 extra_names,
                 valid_days: days,
             })?;
-            for path in generated.write_to(&out)? {
+            let written = if force {
+                generated.overwrite_in(&out)?
+            } else {
+                generated.write_to(&out)?
+            };
+            for path in written {
                 println!("wrote {}", path.display());
             }
             Ok(())

@@ -63,3 +63,20 @@ pub fn owned_object(sts: &str) -> String {
 pub fn leader_service(sts: &str) -> String {
     format!("{sts}-leader")
 }
+
+/// Whether `value` is a DNS-1123 label, the form of a namespace's name and of names that
+/// become one part of a DNS name: 1 to 63 lowercase letters, digits and '-', starting and ending
+/// with a letter or digit.
+pub fn is_dns_label(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 63
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !value.starts_with('-')
+        && !value.ends_with('-')
+}
+
+/// What [`is_dns_label`] accepts, for error messages.
+pub const DNS_LABEL_RULE: &str = "a DNS-1123 label: 1 to 63 lowercase letters, digits and '-', \
+starting and ending with a letter or digit (e.g. dkron-ha)";

@@ -244,6 +244,194 @@ fn certs_generate_writes_a_ca_and_a_serving_pair_with_private_keys_locked_down()
         .expect("usable pair");
 }
 
+/// `certs generate` into `out` with `extra` flags appended.
+fn certs_generate(out: &std::path::Path, extra: &[&str]) -> (i32, String, String) {
+    let mut args = vec![
+        "certs",
+        "generate",
+        "--service",
+        "dkron-ha",
+        "--namespace",
+        "dkron-ha",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    run(&args, None)
+}
+
+/// Each of the four files: its bytes and its modification time.
+fn certs_snapshot(dir: &std::path::Path) -> Vec<(Vec<u8>, std::time::SystemTime)> {
+    ["ca.crt", "ca.key", "tls.crt", "tls.key"]
+        .iter()
+        .map(|name| {
+            let path = dir.join(name);
+            let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
+            (std::fs::read(&path).unwrap(), modified)
+        })
+        .collect()
+}
+
+fn dir_names(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn certs_generate_refuses_existing_files_unless_force_and_force_replaces_them() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("certs");
+    let (code, _, stderr) = certs_generate(&out, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    // An old modification time: a rewrite within the clock's granularity still shows.
+    let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000);
+    for name in ["ca.crt", "ca.key", "tls.crt", "tls.key"] {
+        let file = std::fs::File::options()
+            .write(true)
+            .open(out.join(name))
+            .unwrap();
+        file.set_modified(old).unwrap();
+    }
+    let before = certs_snapshot(&out);
+
+    // Run again: refused, naming every file and the way out; nothing touched.
+    let (code, stdout, stderr) = certs_generate(&out, &[]);
+    assert_eq!(code, 1, "{stderr}");
+    for name in ["ca.crt", "ca.key", "tls.crt", "tls.key"] {
+        let path = out.join(name);
+        assert!(
+            stderr.contains(path.to_str().unwrap()),
+            "names {name}: {stderr}"
+        );
+    }
+    assert!(stderr.contains("--force"), "{stderr}");
+    assert!(!stdout.contains("wrote"), "{stdout}");
+    assert!(
+        certs_snapshot(&out) == before,
+        "files changed without --force"
+    );
+    assert_eq!(
+        dir_names(&out),
+        ["ca.crt", "ca.key", "tls.crt", "tls.key"],
+        "nothing else written"
+    );
+
+    // --force replaces all four, atomically (no temporary file left), keys 0600 even where an
+    // older key was readable by others.
+    std::fs::set_permissions(out.join("tls.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, stdout, stderr) = certs_generate(&out, &["--force"]);
+    assert_eq!(code, 0, "{stderr}");
+    let after = certs_snapshot(&out);
+    for (i, name) in ["ca.crt", "ca.key", "tls.crt", "tls.key"]
+        .iter()
+        .enumerate()
+    {
+        assert!(stdout.contains(name), "{stdout}");
+        assert_ne!(after[i].0, before[i].0, "{name} not replaced");
+        assert_ne!(after[i].1, old, "{name} not replaced");
+    }
+    for key in ["ca.key", "tls.key"] {
+        let mode = std::fs::metadata(out.join(key))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{key}");
+    }
+    assert_eq!(dir_names(&out), ["ca.crt", "ca.key", "tls.crt", "tls.key"]);
+    dkron_ha::tls::ReloadingCert::new(out.join("tls.crt"), out.join("tls.key"))
+        .expect("usable pair");
+}
+
+#[test]
+fn certs_generate_refuses_when_any_one_file_exists_and_writes_none_of_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tls.key"), "mine").unwrap();
+    let (code, _, stderr) = certs_generate(dir.path(), &[]);
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains(dir.path().join("tls.key").to_str().unwrap()),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("ca.crt"),
+        "only the existing file: {stderr}"
+    );
+    assert!(stderr.contains("--force"), "{stderr}");
+    assert_eq!(dir_names(dir.path()), ["tls.key"]);
+    assert_eq!(std::fs::read(dir.path().join("tls.key")).unwrap(), b"mine");
+}
+
+#[test]
+fn certs_generate_refuses_a_service_or_namespace_that_is_not_a_dns_label() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("certs");
+    let too_long = "a".repeat(64);
+    for flag in ["--service", "--namespace"] {
+        for bad in ["Dkron-HA", "a_b", "-x", "x-", "a.b", "", too_long.as_str()] {
+            // `--flag=value`, so that `-x` reaches the check instead of reading as a flag.
+            let arg = format!("{flag}={bad}");
+            let other = if flag == "--service" {
+                "--namespace=dkron-ha"
+            } else {
+                "--service=dkron-ha"
+            };
+            let (code, stdout, stderr) = run(
+                &[
+                    "certs",
+                    "generate",
+                    &arg,
+                    other,
+                    "--out",
+                    out.to_str().unwrap(),
+                ],
+                None,
+            );
+            assert_eq!(code, 2, "{flag} {bad:?}: {stderr}");
+            assert!(stderr.contains(flag), "{flag} {bad:?}: {stderr}");
+            assert!(
+                stderr.contains("DNS-1123 label"),
+                "{flag} {bad:?}: {stderr}"
+            );
+            assert!(stdout.is_empty(), "{stdout}");
+            assert!(!out.exists(), "{flag} {bad:?} wrote {}", out.display());
+        }
+    }
+    // From the environment too.
+    let out_env = Command::new(BIN)
+        .args(["certs", "generate", "--service", "dkron-ha"])
+        .arg("--out")
+        .arg(&out)
+        .env("DKRON_HA_NAMESPACE", "Dkron")
+        .output()
+        .unwrap();
+    assert_eq!(out_env.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out_env.stderr).contains("--namespace"));
+    assert!(!out.exists());
+
+    // The longest label and one with digits and inner dashes are fine.
+    let longest = "a".repeat(63);
+    let (code, _, stderr) = run(
+        &[
+            "certs",
+            "generate",
+            "--service",
+            &longest,
+            "--namespace",
+            "0-a-9",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(out.join("tls.crt").exists());
+}
+
 #[test]
 fn install_copies_the_executable_and_it_runs_from_there() {
     let dir = tempfile::tempdir().unwrap();
