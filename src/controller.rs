@@ -11,7 +11,7 @@ pub mod supporting;
 use crate::inject;
 use crate::names::{LABEL_MANAGED_BY, MANAGED_BY};
 use backon::{ExponentialBuilder, Retryable};
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
@@ -20,7 +20,8 @@ use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Client, Resource, ResourceExt};
 use kube_lease_manager::LeaseManagerBuilder;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -175,6 +176,7 @@ struct Context {
     metrics: ControllerMetrics,
     resync: Duration,
     peers: peers::Peers,
+    owned: Owned,
 }
 
 /// Applies `object` server-side in `namespace`, owning every field it sets.
@@ -306,7 +308,9 @@ async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Action> {
     }
 
     if !inject::is_opted_in(&sts) {
-        if !supporting::was_injected(&sts) {
+        // The opt-out takes the injection out of the template too, so the template cannot say
+        // whether objects were made for it: the watches of our objects can.
+        if !ctx.owned.any_owned_by(&uid) {
             return Ok(Action::await_change());
         }
         let names = supporting::names(&name);
@@ -406,28 +410,36 @@ pub async fn run_loops(
         controller: "dkron-ha".into(),
         instance: Some(instance),
     };
+    // Owned objects all carry the managed-by label: the API server filters the watches, so
+    // the cluster's other Roles, Services and PDBs never reach this process.
+    let (service_accounts, service_account_events) = ours::<ServiceAccount>(&client);
+    let (roles, role_events) = ours::<Role>(&client);
+    let (role_bindings, role_binding_events) = ours::<RoleBinding>(&client);
+    let (services, service_events) = ours::<Service>(&client);
+    let (pod_disruption_budgets, pdb_events) = ours::<PodDisruptionBudget>(&client);
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client: client.clone(),
         metrics,
         resync,
         peers: peers::Peers::new(raft_interval, DKRON_CALL_TIMEOUT),
+        owned: Owned {
+            service_accounts,
+            roles,
+            role_bindings,
+            services,
+            pod_disruption_budgets,
+        },
     });
-    // Owned objects all carry the managed-by label: the API server filters the watches, so
-    // the cluster's other Roles, Services and PDBs never reach this process.
-    let ours = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}"));
     let supporting = Controller::new(
         Api::<StatefulSet>::all(client.clone()),
         watcher::Config::default(),
     )
-    .owns(Api::<Role>::all(client.clone()), ours.clone())
-    .owns(Api::<RoleBinding>::all(client.clone()), ours.clone())
-    .owns(Api::<Service>::all(client.clone()), ours.clone())
-    .owns(
-        Api::<PodDisruptionBudget>::all(client.clone()),
-        ours.clone(),
-    )
-    .owns(Api::<ServiceAccount>::all(client.clone()), ours)
+    .owns_stream(service_account_events)
+    .owns_stream(role_events)
+    .owns_stream(role_binding_events)
+    .owns_stream(service_events)
+    .owns_stream(pdb_events)
     .run(reconcile, error_policy, ctx.clone())
     .for_each(log_result);
     // The raft loop: its own StatefulSet watch, woken by the pods' events too (their metadata
@@ -440,6 +452,58 @@ pub async fn run_loops(
     .run(peers::reconcile, error_policy, ctx)
     .for_each(log_result);
     futures::join!(supporting, raft);
+}
+
+/// Our objects of one kind (the managed-by label), watched into a store; the stream wakes
+/// their owner's reconcile.
+fn ours<K>(
+    client: &Client,
+) -> (
+    Store<K>,
+    impl Stream<Item = Result<K, watcher::Error>> + use<K>,
+)
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + Debug
+        + DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let config = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY}"));
+    let (store, writer) = reflector::store();
+    let events = watcher(Api::<K>::all(client.clone()), config)
+        .default_backoff()
+        .reflect(writer)
+        .touched_objects();
+    (store, events)
+}
+
+/// The supporting objects as the watches last saw them.
+struct Owned {
+    service_accounts: Store<ServiceAccount>,
+    roles: Store<Role>,
+    role_bindings: Store<RoleBinding>,
+    services: Store<Service>,
+    pod_disruption_budgets: Store<PodDisruptionBudget>,
+}
+
+impl Owned {
+    /// Whether any of them is owned by the StatefulSet with this uid.
+    fn any_owned_by(&self, uid: &str) -> bool {
+        fn in_store<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>, uid: &str) -> bool {
+            store
+                .state()
+                .iter()
+                .any(|object| object.owner_references().iter().any(|o| o.uid == uid))
+        }
+        in_store(&self.service_accounts, uid)
+            || in_store(&self.roles, uid)
+            || in_store(&self.role_bindings, uid)
+            || in_store(&self.services, uid)
+            || in_store(&self.pod_disruption_budgets, uid)
+    }
 }
 
 async fn log_result<T: Debug, E: std::fmt::Display>(result: Result<T, E>) {

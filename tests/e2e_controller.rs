@@ -292,6 +292,46 @@ async fn opting_out_removes_only_what_dkron_ha_created_and_deletion_collects_the
             .then_some(())
     })
     .await;
+
+    // Opt out as the webhook does it: the annotation and the injection go together, so the
+    // template no longer shows it was ever injected.
+    let mut current = statefulsets.get("jobs").await.unwrap();
+    current
+        .metadata
+        .annotations
+        .get_or_insert_default()
+        .remove("dkron-ha/enabled");
+    let plain = inject::uninject(&current).expect("an injected template to take back");
+    statefulsets
+        .replace("jobs", &PostParams::default(), &plain)
+        .await
+        .unwrap();
+    eventually(
+        "supporting objects removed after a plain template",
+        || async {
+            let any = exists::<ServiceAccount>(&client, &ns, "jobs-dkron-ha").await
+                || exists::<Role>(&client, &ns, "jobs-dkron-ha").await
+                || exists::<RoleBinding>(&client, &ns, "jobs-dkron-ha").await
+                || exists::<Service>(&client, &ns, "jobs-leader").await
+                || exists::<PodDisruptionBudget>(&client, &ns, "jobs-dkron-ha").await;
+            (!any).then_some(())
+        },
+    )
+    .await;
+    statefulsets
+        .patch(
+            "jobs",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"dkron-ha/enabled": "true"}}})),
+        )
+        .await
+        .unwrap();
+    eventually("objects back once more", || async {
+        exists::<Role>(&client, &ns, "jobs-dkron-ha")
+            .await
+            .then_some(())
+    })
+    .await;
     running.stop().await;
     statefulsets
         .delete("jobs", &DeleteParams::background())

@@ -1,7 +1,7 @@
 //! The supporting objects of one opted-in StatefulSet, as a pure function of it: what the
 //! controller applies (server-side) and, when the StatefulSet opts out, what it removes.
 
-use crate::names::{self, ANNOTATION_INJECTED, LABEL_LEADER, LABEL_MANAGED_BY, MANAGED_BY};
+use crate::names::{self, LABEL_LEADER, LABEL_MANAGED_BY, MANAGED_BY};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Service, ServiceAccount, ServicePort, ServiceSpec};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
@@ -73,16 +73,6 @@ pub fn pod_names(name: &str, replicas: i32) -> Vec<String> {
     (0..replicas.max(0))
         .map(|i| format!("{name}-{i}"))
         .collect()
-}
-
-/// Whether the StatefulSet was injected once (its template carries our annotation): only
-/// those can have supporting objects to clean up after opting out.
-pub fn was_injected(sts: &StatefulSet) -> bool {
-    sts.spec
-        .as_ref()
-        .and_then(|s| s.template.metadata.as_ref())
-        .and_then(|m| m.annotations.as_ref())
-        .is_some_and(|a| a.contains_key(ANNOTATION_INJECTED))
 }
 
 fn owner_reference(sts: &StatefulSet, name: &str) -> Result<OwnerReference, SupportingError> {
