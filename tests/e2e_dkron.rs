@@ -57,7 +57,11 @@ async fn a_cold_start_elects_one_leader_every_server_a_voter_and_only_the_leader
     // A healthy cluster loses nobody over several rounds of the raft loop (5 s each).
     tokio::time::sleep(Duration::from_secs(16)).await;
     for (pod, rss) in label_updater_rss(&want) {
-        eprintln!("label-updater of {pod}: {rss} kB RSS after its cluster formed");
+        eprintln!("label-updater of {pod}: {rss} KiB RSS after its cluster formed");
+    }
+    for pid in support::dkron::serve_pids() {
+        let rss = support::dkron::rss_kib(pid).unwrap_or_default();
+        eprintln!("dkron-ha serve (pid {pid}, the chart's pods): {rss} KiB RSS");
     }
     assert_eq!(dkron.removal_events().await, Vec::<String>::new());
     let again = dkron.state().await;

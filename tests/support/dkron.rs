@@ -985,15 +985,35 @@ pub fn label_updater_pids(pods: &[String]) -> Vec<(String, u32)> {
 pub fn label_updater_rss(pods: &[String]) -> Vec<(String, u64)> {
     label_updater_pids(pods)
         .into_iter()
-        .filter_map(|(pod, pid)| {
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-            let kb = status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())?;
-            Some((pod, kb))
-        })
+        .filter_map(|(pod, pid)| Some((pod, rss_kib(pid)?)))
         .collect()
+}
+
+/// `VmRSS` of a process, in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// The `dkron-ha serve` processes of the chart's pods (the image's entrypoint with `serve`).
+pub fn serve_pids() -> Vec<u32> {
+    let want = format!("{}\0serve\0", xtask::BINARY_IN_IMAGE);
+    let mut found: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cmdline)
+                .starts_with(&want)
+                .then_some(pid)
+        })
+        .collect();
+    found.sort();
+    found
 }
 
 /// The Dkron server process of `pod` and its wrapper (found by the `--node-name` the wrapper

@@ -188,9 +188,36 @@ impl Toolchain {
             })
             .current_dir(root())
             .env("CARGO_TARGET_DIR", target_dir())
-            // Flags of an outer cargo (a test run) are not this build's.
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .env_remove("RUSTFLAGS");
+            // The commit build.rs stamps, the same from a shell and from a test run (which
+            // inherits build.rs's short commit), so neither rebuilds what the other built.
+            .env(
+                "DKRON_HA_GIT_COMMIT",
+                revision().chars().take(12).collect::<String>(),
+            );
+        // What an outer cargo (a test run, `cargo xtask`) set for its own crate is not this
+        // build's: its flags, and the variables build scripts declare (ring reruns when
+        // CARGO_MANIFEST_DIR changes, and everything that depends on ring with it).
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key == "RUSTFLAGS"
+                || key == "OUT_DIR"
+                || key.starts_with("CARGO_PKG_")
+                || key.starts_with("CARGO_BIN_")
+                || [
+                    "CARGO_ENCODED_RUSTFLAGS",
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_MANIFEST_LINKS",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                ]
+                .contains(&key.as_ref())
+            {
+                command.env_remove(key.as_ref());
+            }
+        }
         if let Some(zig) = &self.zig {
             command.env("CARGO_ZIGBUILD_ZIG_PATH", zig);
         }
