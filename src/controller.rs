@@ -127,6 +127,13 @@ pub struct ControllerMetrics {
 }
 
 impl ControllerMetrics {
+    /// A failed reconcile, by its bounded kind.
+    fn count_error(&self, error: &Error) {
+        self.errors
+            .get_or_create(&ErrorLabels { kind: error.kind() })
+            .inc();
+    }
+
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self {
             reconciles: Counter::default(),
@@ -390,10 +397,7 @@ async fn reconcile(sts: Arc<StatefulSet>, ctx: Arc<Context>) -> Result<Action> {
 }
 
 fn error_policy(sts: Arc<StatefulSet>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics
-        .errors
-        .get_or_create(&ErrorLabels { kind: error.kind() })
-        .inc();
+    ctx.metrics.count_error(error);
     tracing::warn!(namespace = sts.namespace().unwrap_or_default(), name = %sts.name_any(), %error, "reconcile failed");
     Action::requeue(Duration::from_secs(5))
 }
@@ -621,14 +625,17 @@ mod tests {
         let metrics = ControllerMetrics::register(&mut registry);
         let error = Error::Supporting(SupportingError::NoMatchLabels("dkron".into()));
         assert_eq!(error.kind(), ErrorKind::InvalidStatefulSet);
-        metrics
-            .errors
-            .get_or_create(&ErrorLabels { kind: error.kind() })
-            .inc();
+        metrics.count_error(&error);
+        metrics.count_error(&Error::Kube(kube::Error::LinesCodecMaxLineLengthExceeded));
         let text = crate::metrics::encode(&registry).unwrap();
         assert!(
             text.contains(r#"dkron_ha_controller_errors_total{kind="invalid_statefulset"} 1"#),
             "{text}"
+        );
+        assert_eq!(
+            text.matches("dkron_ha_controller_errors_total{").count(),
+            2,
+            "one series per kind: {text}"
         );
     }
 }

@@ -1,6 +1,8 @@
 //! The admission webhook over real HTTPS: a rustls client trusting an rcgen CA talks to
 //! `serve`'s listeners on loopback, as the API server would.
 
+mod support;
+
 use base64::Engine as _;
 use dkron_ha::certs::{CertRequest, generate};
 use dkron_ha::serve::{InjectorArgs, ServeArgs, Server};
@@ -18,9 +20,8 @@ struct Running {
 }
 
 impl Running {
-    async fn stop(mut self) {
-        let _ = self.stop.take().map(|s| s.send(()));
-        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.task).await;
+    async fn stop(self) {
+        support::stop_task(self.stop, self.task, "the webhook server").await;
     }
 }
 

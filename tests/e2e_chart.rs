@@ -751,8 +751,7 @@ impl RunningServe {
     }
 
     async fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+        support::stop_task(Some(self.stop), self.task, "serve").await;
     }
 }
 

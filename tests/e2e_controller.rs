@@ -27,9 +27,8 @@ struct RunningController {
 }
 
 impl RunningController {
-    async fn stop(mut self) {
-        let _ = self.stop.take().map(|s| s.send(()));
-        let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.task).await;
+    async fn stop(self) {
+        support::stop_task(self.stop, self.task, "the controller").await;
     }
 }
 

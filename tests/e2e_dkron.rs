@@ -789,10 +789,9 @@ async fn run_on_a_worker(dkron: &Dkron, job: &str, mut seen: usize) -> (String, 
             let mut logs = String::new();
             for pod in workers {
                 let name = pod.metadata.name.unwrap_or_default();
-                logs.push_str(&format!(
-                    "\n--- {name}\n{}",
-                    dkron.log(&name, "dkron", false).await
-                ));
+                let log = (dkron.try_log(&name, "dkron", false).await)
+                    .unwrap_or_else(|error| format!("(no log: {error})"));
+                logs.push_str(&format!("\n--- {name}\n{log}"));
             }
             dkron
                 .fail(format!(

@@ -1391,10 +1391,16 @@ impl LeaseHistory {
 }
 
 /// Asks for a reboot like Zincati until granted (retrying after a pause that differs per node
-/// and per attempt), reboots, and reports steady-state until it succeeds.
+/// and per attempt), reboots, and reports steady-state until it succeeds. Fails after 5
+/// minutes of refusals: 50 nodes two at a time take seconds.
 async fn zincati_reboots_once(servers: &[Server], id: &str, seed: usize) -> usize {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
     let mut refused = 0;
     for attempt in 0.. {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{id}: still refused after {refused} attempts in 5 minutes"
+        );
         let server = &servers[(seed + attempt) % servers.len()];
         let answer = server.pre_reboot(id).await;
         if answer.status == 200 {

@@ -91,61 +91,86 @@ fn docs(yaml: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The objects of a manifest, a `List`'s items in its place.
+fn objects(yaml: &str) -> Vec<serde_json::Value> {
+    docs(yaml)
+        .into_iter()
+        .flat_map(|doc| match doc["kind"].as_str() {
+            Some("List") => doc["items"].as_array().cloned().unwrap_or_default(),
+            _ => vec![doc],
+        })
+        .collect()
+}
+
 #[test]
-fn the_webhook_patches_every_fixture_as_inject_does() {
+fn the_webhook_patches_every_fixture_to_its_golden_output() {
     use base64::Engine as _;
-    use dkron_ha::admission::{mutate_statefulset, review};
-    use dkron_ha::inject::Operation;
+    use dkron_ha::admission::review;
     use serde_json::{Value, json};
 
     let mut checked = 0;
     for (case, input_path) in cases() {
         let config = config_for(&case);
         let input = std::fs::read_to_string(&input_path).unwrap();
-        for doc in docs(&input) {
-            let objects = match doc["kind"].as_str() {
-                Some("List") => doc["items"].as_array().cloned().unwrap_or_default(),
-                _ => vec![doc],
-            };
-            for object in objects.into_iter().filter(|o| o["kind"] == "StatefulSet") {
-                let body = json!({
-                    "apiVersion": "admission.k8s.io/v1",
-                    "kind": "AdmissionReview",
-                    "request": {
-                        "uid": "golden",
-                        "kind": {"group": "apps", "version": "v1", "kind": "StatefulSet"},
-                        "resource": {"group": "apps", "version": "v1", "resource": "statefulsets"},
-                        "operation": "CREATE",
-                        "userInfo": {"username": "admin"},
-                        "object": object,
-                    }
-                });
-                let answer = review(&serde_json::to_vec(&body).unwrap(), &config).unwrap();
-                let response: Value = serde_json::from_slice(&answer.body).unwrap();
-                let mut patched = object.clone();
-                if let Some(patch) = response["response"]["patch"].as_str() {
-                    let bytes = base64::engine::general_purpose::STANDARD
-                        .decode(patch)
-                        .unwrap();
-                    let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
-                    json_patch::patch(&mut patched, &patch).unwrap();
+        // The committed expected output, not anything computed here.
+        let golden =
+            std::fs::read_to_string(input_path.with_file_name(format!("{case}.out.yaml"))).unwrap();
+        let expected: Vec<Value> = objects(&golden)
+            .into_iter()
+            .filter(|o| o["kind"] == "StatefulSet")
+            .collect();
+        let golden_warnings: Vec<&str> = golden
+            .lines()
+            .filter_map(|l| l.strip_prefix("# - "))
+            .collect();
+        let inputs: Vec<Value> = objects(&input)
+            .into_iter()
+            .filter(|o| o["kind"] == "StatefulSet")
+            .collect();
+        assert_eq!(
+            inputs.len(),
+            expected.len(),
+            "{case}: StatefulSets in and out"
+        );
+        let mut sent_warnings = Vec::new();
+        for (object, expected) in inputs.into_iter().zip(expected) {
+            let body = json!({
+                "apiVersion": "admission.k8s.io/v1",
+                "kind": "AdmissionReview",
+                "request": {
+                    "uid": "golden",
+                    "kind": {"group": "apps", "version": "v1", "kind": "StatefulSet"},
+                    "resource": {"group": "apps", "version": "v1", "resource": "statefulsets"},
+                    "operation": "CREATE",
+                    "userInfo": {"username": "admin"},
+                    "object": object,
                 }
-                // What `inject` writes for this object (pinned by the golden files above).
-                let mut expected = object.clone();
-                let mut warnings = Vec::new();
-                if let Some(mutation) =
-                    mutate_statefulset(&object, Operation::Create, None, &config).unwrap()
-                {
-                    json_patch::patch(&mut expected, &mutation.patch).unwrap();
-                    warnings = mutation.warnings;
-                }
-                assert_eq!(patched, expected, "{case}: webhook and inject differ");
-                let sent: Vec<String> =
-                    serde_json::from_value(response["response"]["warnings"].clone())
-                        .unwrap_or_default();
-                assert_eq!(sent, warnings, "{case}: warnings differ");
-                checked += 1;
+            });
+            let answer = review(&serde_json::to_vec(&body).unwrap(), &config).unwrap();
+            let response: Value = serde_json::from_slice(&answer.body).unwrap();
+            let mut patched = object.clone();
+            if let Some(patch) = response["response"]["patch"].as_str() {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(patch)
+                    .unwrap();
+                let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
+                json_patch::patch(&mut patched, &patch).unwrap();
             }
+            assert_eq!(
+                patched, expected,
+                "{case}: the webhook's object differs from the golden file"
+            );
+            let sent: Vec<String> =
+                serde_json::from_value(response["response"]["warnings"].clone())
+                    .unwrap_or_default();
+            sent_warnings.extend(sent);
+            checked += 1;
+        }
+        for warning in &sent_warnings {
+            assert!(
+                golden_warnings.contains(&warning.as_str()),
+                "{case}: the webhook warns {warning:?}, which the golden file does not"
+            );
         }
     }
     assert!(checked >= 7, "only {checked} StatefulSets checked");

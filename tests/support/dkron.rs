@@ -538,15 +538,31 @@ impl Dkron {
         out
     }
 
-    /// The log of `container` of `pod` (of its previous instance with `previous`); empty
-    /// while there is none.
+    /// The log of `container` of `pod` (of its previous instance with `previous`). A read that
+    /// fails fails the test: a check that a line is absent must not pass on an empty read.
     pub async fn log(&self, pod: &str, container: &str, previous: bool) -> String {
+        match self.try_log(pod, container, previous).await {
+            Ok(log) => log,
+            Err(error) => {
+                self.fail(format!("read the log of {pod}/{container}: {error}"))
+                    .await
+            }
+        }
+    }
+
+    /// The log, or the API's error: for waits that read again until a line appears.
+    pub async fn try_log(
+        &self,
+        pod: &str,
+        container: &str,
+        previous: bool,
+    ) -> Result<String, kube::Error> {
         let params = kube::api::LogParams {
             container: Some(container.into()),
             previous,
             ..Default::default()
         };
-        self.pods.logs(pod, &params).await.unwrap_or_default()
+        self.pods.logs(pod, &params).await
     }
 
     /// Waits until the log of the previous instance of `container` of `pod` has every one of
@@ -556,7 +572,7 @@ impl Dkron {
     pub async fn until_previous_logged(&self, pod: &str, container: &str, needles: &[&str]) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let log = self.log(pod, container, true).await;
+            let log = self.try_log(pod, container, true).await.unwrap_or_default();
             if needles.iter().all(|n| log.contains(n)) {
                 return;
             }
@@ -575,7 +591,7 @@ impl Dkron {
     pub async fn until_logged(&self, pod: &str, needles: &[&str], bound: Duration) -> String {
         let deadline = Instant::now() + bound;
         loop {
-            let log = self.log(pod, "dkron", false).await;
+            let log = self.try_log(pod, "dkron", false).await.unwrap_or_default();
             if let Some(line) = log.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
                 return line.to_owned();
             }

@@ -27,6 +27,25 @@ pub async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>
     }
 }
 
+/// Stops a server task a test started: sends `stop`, waits at most 10 s, and fails the test if
+/// the task panicked (its panic goes on), was cancelled, or did not end.
+pub async fn stop_task(
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    what: &str,
+) {
+    if let Some(stop) = stop {
+        // The task may have ended already and dropped its receiver: the join below says how.
+        let _ = stop.send(());
+    }
+    match tokio::time::timeout(Duration::from_secs(10), task).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        Ok(Err(error)) => panic!("{what}: {error}"),
+        Err(_) => panic!("{what} did not stop within 10 s of being asked to"),
+    }
+}
+
 /// Metadata with just a name.
 pub fn named(name: &str) -> ObjectMeta {
     ObjectMeta {
