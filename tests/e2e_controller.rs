@@ -233,6 +233,16 @@ async fn supporting_objects_appear_follow_scaling_and_limit_the_label_updater() 
     running.stop().await;
 }
 
+/// Whether any of the objects the controller makes for StatefulSet `sts` exists.
+async fn any_supporting_object(client: &Client, ns: &str, sts: &str) -> bool {
+    let owned = format!("{sts}-dkron-ha");
+    exists::<ServiceAccount>(client, ns, &owned).await
+        || exists::<Role>(client, ns, &owned).await
+        || exists::<RoleBinding>(client, ns, &owned).await
+        || exists::<Service>(client, ns, &format!("{sts}-leader")).await
+        || exists::<PodDisruptionBudget>(client, ns, &owned).await
+}
+
 #[tokio::test]
 async fn opting_out_removes_only_what_dkron_ha_created_and_deletion_collects_the_rest() {
     let cp = ControlPlane::shared();
@@ -262,11 +272,7 @@ async fn opting_out_removes_only_what_dkron_ha_created_and_deletion_collects_the
         .await
         .unwrap();
     eventually("supporting objects removed", || async {
-        let any = exists::<ServiceAccount>(&client, &ns, "jobs-dkron-ha").await
-            || exists::<Role>(&client, &ns, "jobs-dkron-ha").await
-            || exists::<RoleBinding>(&client, &ns, "jobs-dkron-ha").await
-            || exists::<Service>(&client, &ns, "jobs-leader").await
-            || exists::<PodDisruptionBudget>(&client, &ns, "jobs-dkron-ha").await;
+        let any = any_supporting_object(&client, &ns, "jobs").await;
         (!any).then_some(())
     })
     .await;
@@ -308,11 +314,7 @@ async fn opting_out_removes_only_what_dkron_ha_created_and_deletion_collects_the
     eventually(
         "supporting objects removed after a plain template",
         || async {
-            let any = exists::<ServiceAccount>(&client, &ns, "jobs-dkron-ha").await
-                || exists::<Role>(&client, &ns, "jobs-dkron-ha").await
-                || exists::<RoleBinding>(&client, &ns, "jobs-dkron-ha").await
-                || exists::<Service>(&client, &ns, "jobs-leader").await
-                || exists::<PodDisruptionBudget>(&client, &ns, "jobs-dkron-ha").await;
+            let any = any_supporting_object(&client, &ns, "jobs").await;
             (!any).then_some(())
         },
     )
