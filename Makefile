@@ -1,5 +1,5 @@
 # dkron-ha developer entry points. `make test` is what CI runs (.ci/run).
-.PHONY: inject test tools dev-cluster bench lint image image-check release-artifacts
+.PHONY: inject test tools dev-cluster bench bench-dkron bench-system lint image image-check release-artifacts
 
 # CI builds once from a clean checkout: incremental caches would only cost disk and time.
 ifdef CI
@@ -47,6 +47,15 @@ dev-cluster: tools
 
 bench:
 	cargo bench --bench admission
+
+# The end-to-end measurements as runs of their own (not part of `make test`): each suite
+# BENCH_RUNS times (default 5), one scenario at a time, into target/bench/<suite>.json with a
+# min / median / max table. DKRON_BIN=/path/to/static/dkron measures real Dkron.
+bench-dkron:
+	cargo xtask bench dkron
+
+bench-system:
+	cargo xtask bench system
 
 lint:
 	cargo fmt --check

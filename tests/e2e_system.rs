@@ -18,7 +18,8 @@ use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use serde_json::{Value, json};
-use support::dkron::{Dkron, LeaderGaps, State, freeze, names, serial, thaw};
+use support::bench;
+use support::dkron::{Dkron, SAMPLE_PERIOD, State, freeze, names, one_election, serial, thaw};
 
 const JOBS: usize = 20;
 const GROUP: &str = "default";
@@ -206,49 +207,22 @@ async fn node_of(dkron: &Dkron, pod: &str) -> Option<String> {
         .find_map(|(name, node)| (name == pod).then_some(node))
 }
 
-/// What the sampler saw over the whole run.
-#[derive(Debug, Default)]
-struct Samples {
-    count: u32,
-    gaps: LeaderGaps,
-    /// Fewest pods that were Ready raft voters at once.
-    fewest_ready_voters: usize,
-}
-
-/// Pods that are Ready and raft voters: by the `dkron-ha/raft-voter` condition, or for plain
-/// Dkron (no condition) by the leader's configuration.
-fn ready_voters(state: &State) -> usize {
-    let voters = state.voters();
-    state
-        .pods
-        .iter()
-        .filter(|(name, p)| {
-            p.ready == Some(true) && p.voter.unwrap_or_else(|| voters.contains(name))
-        })
-        .count()
-}
-
-/// Samples the cluster every 200 ms until `done`.
-async fn sample(dkron: &Dkron, done: &std::sync::atomic::AtomicBool) -> Samples {
-    let mut samples = Samples {
-        fewest_ready_voters: usize::MAX,
-        ..Samples::default()
-    };
-    while !done.load(std::sync::atomic::Ordering::Relaxed) {
-        let state = dkron.state().await;
-        samples.count += 1;
-        samples.fewest_ready_voters = samples.fewest_ready_voters.min(ready_voters(&state));
-        samples.gaps.observe(&state);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    samples
-}
-
 /// A Dkron cluster of 3 with [`JOBS`] jobs; the nodes in reboot order: the leader's first.
 async fn with_jobs(dkron: &Dkron, state: &State) -> (Vec<String>, Vec<String>) {
     let jobs: Vec<String> = (0..JOBS).map(|i| format!("job-{i}")).collect();
     for job in &jobs {
         dkron.post_job(&state.leader_ip(), job).await;
+    }
+    // On every server before anything is measured: raft applies in order, so the last job
+    // there means all of them (a follower a job behind is no live voter for a moment).
+    for pod in state.pods.keys() {
+        dkron
+            .until_job_on(
+                &state.ip(pod),
+                jobs.last().unwrap(),
+                Duration::from_secs(30),
+            )
+            .await;
     }
     let placement = nodes_of(dkron).await;
     let leader_node = placement
@@ -267,16 +241,23 @@ async fn with_jobs(dkron: &Dkron, state: &State) -> (Vec<String>, Vec<String>) {
     (jobs, order)
 }
 
+const ROLLING: &str = "rolling reboot of 3 nodes through FleetLock";
+
 #[tokio::test]
 async fn rebooting_every_node_through_fleetlock_keeps_quorum_and_loses_no_job() {
     let _one = serial().await;
     let (dkron, _) = Dkron::create("system", 3).await;
     let want = names(&dkron, 3);
-    let state = dkron.until_whole(&want, Duration::from_secs(180)).await;
+    dkron.until_whole(&want, Duration::from_secs(180)).await;
+    // One election on its own, the bound of the leaderless stretches below.
+    let election = dkron
+        .election(async || dkron.until_whole(&want, Duration::from_secs(120)).await)
+        .await;
+    bench::seconds(ROLLING, "an election on its own", election);
+    let state = dkron.state().await;
     let (jobs, order) = with_jobs(&dkron, &state).await;
     let zincati = Zincati::new(&dkron).await;
     let node_api: Api<Node> = Api::all(dkron.cluster.client().await);
-    let done = std::sync::atomic::AtomicBool::new(false);
     let began = Instant::now();
     let reboot_all = async {
         for node in &order {
@@ -324,20 +305,48 @@ async fn rebooting_every_node_through_fleetlock_keeps_quorum_and_loses_no_job() 
                 .until_ok("pre-reboot", &id, Duration::from_secs(300))
                 .await;
             // The slot is granted only once every Dkron server not on this node is back as a
-            // Ready voter: its own server is gone (evicted), the others are whole.
+            // Ready voter by dkron-ha's word (what FleetLock judged), and Dkron agrees: the
+            // others are live voters, at the latest once a new leader is elected (one election,
+            // when the drain evicted the leader).
             let state = dkron.state().await;
-            for (pod, view) in &state.pods {
-                if !on_node.contains(pod) {
-                    assert!(
-                        view.ready == Some(true) && view.voter == Some(true),
-                        "{node} was let go while {pod} is not a Ready voter: {}",
-                        state.summary()
-                    );
+            let others = |state: &State| -> Vec<String> {
+                state
+                    .pods
+                    .keys()
+                    .filter(|pod| !on_node.contains(pod))
+                    .cloned()
+                    .collect()
+            };
+            for pod in others(&state) {
+                let view = &state.pods[&pod];
+                assert!(
+                    view.ready == Some(true) && view.voter == Some(true),
+                    "{node} was let go while {pod} is not a Ready voter: {}",
+                    state.summary()
+                );
+            }
+            let deadline = Instant::now() + one_election(election);
+            loop {
+                let state = dkron.state().await;
+                let live = state.live_voters();
+                if others(&state).iter().all(|pod| live.contains(pod)) {
+                    break;
                 }
+                assert!(
+                    Instant::now() < deadline,
+                    "{node} was let go, and one election later the others are not all live voters: {}",
+                    state.summary()
+                );
+                tokio::time::sleep(SAMPLE_PERIOD).await;
             }
             eprintln!(
                 "{node}: pre-reboot granted and drained after {:.1}s (refusals on the way: {refusals:?})",
                 asked.elapsed().as_secs_f64()
+            );
+            bench::seconds(
+                ROLLING,
+                "a node's pre-reboot -> granted and drained",
+                asked.elapsed(),
             );
             let rebooted = Instant::now();
             dkron
@@ -356,27 +365,25 @@ async fn rebooting_every_node_through_fleetlock_keeps_quorum_and_loses_no_job() 
         // The last node's server comes back too.
         dkron.until_whole(&want, Duration::from_secs(300)).await
     };
-    let (_, samples) = tokio::join!(
-        async {
-            let state = reboot_all.await;
-            done.store(true, std::sync::atomic::Ordering::Relaxed);
-            state
-        },
-        sample(&dkron, &done)
-    );
+    let (_, timeline) = dkron.observe(reboot_all).await;
     eprintln!(
-        "rolling reboot of {} nodes through FleetLock: {:.1}s in all; without a leader {:.1}s (longest {:.1}s); at least {} Ready voters at any time ({} samples)",
+        "rolling reboot of {} nodes through FleetLock: {:.1}s in all; {}",
         order.len(),
         began.elapsed().as_secs_f64(),
-        samples.gaps.total.as_secs_f64(),
-        samples.gaps.longest.as_secs_f64(),
-        samples.fewest_ready_voters,
-        samples.count
+        timeline.summary()
     );
-    assert!(
-        samples.fewest_ready_voters >= 2,
-        "fewer than a majority of Ready voters at some time: {samples:?}"
+    bench::seconds(ROLLING, "first pre-reboot -> whole", began.elapsed());
+    bench::seconds(
+        ROLLING,
+        "longest without a leader",
+        timeline.leaderless().longest,
     );
+    bench::seconds(
+        ROLLING,
+        "without a leader in all",
+        timeline.leaderless().total,
+    );
+    timeline.assert_no_outage("rolling reboot through FleetLock", want.len(), election);
 
     // Every job on every server; 3 voters at the pods' current IPs (Dkron's leader writes a
     // returning server's new address at its 60 s reconcile); the label and the leader Service
@@ -510,6 +517,12 @@ async fn a_node_that_never_comes_back_frees_its_slot_and_its_server_starts_elsew
         replaced_after.as_secs_f64(),
         down.elapsed().as_secs_f64()
     );
+    bench::seconds(
+        "a node lost for good",
+        "down -> server replaced",
+        replaced_after,
+    );
+    bench::seconds("a node lost for good", "down -> whole", down.elapsed());
     let new_node = node_of(&dkron, &server).await;
     assert!(
         new_node.is_some() && new_node.as_deref() != Some(lost.as_str()),
@@ -589,7 +602,6 @@ async fn plain_dkron_rebooted_with_kubectl_drain_baseline() {
     let want = names(&dkron, 3);
     let state = dkron.until_plain(&want, Duration::from_secs(300)).await;
     let (jobs, order) = with_jobs(&dkron, &state).await;
-    let done = std::sync::atomic::AtomicBool::new(false);
     let began = Instant::now();
     let reboot_all = async {
         for node in &order {
@@ -635,14 +647,7 @@ async fn plain_dkron_rebooted_with_kubectl_drain_baseline() {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     };
-    let ((rebooted, state), samples) = tokio::join!(
-        async {
-            let end = reboot_all.await;
-            done.store(true, std::sync::atomic::Ordering::Relaxed);
-            end
-        },
-        sample(&dkron, &done)
-    );
+    let ((rebooted, state), timeline) = dkron.observe(reboot_all).await;
     // A job counts as lost on a server that still lacks it 30 s after the cluster got whole
     // (a server just back may still be catching up).
     let settled = Instant::now() + Duration::from_secs(30);
@@ -666,7 +671,7 @@ async fn plain_dkron_rebooted_with_kubectl_drain_baseline() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
     eprintln!(
-        "plain Dkron, rolling reboot of {} nodes with kubectl drain: reboots done {:.1}s, whole again {:.1}s after the first drain ({}); without a leader {:.1}s (longest {:.1}s); at least {} Ready voters at any time ({} samples); jobs missing 30 s after: {} {lost:?}; voters at the end {:?}",
+        "plain Dkron, rolling reboot of {} nodes with kubectl drain: reboots done {:.1}s, whole again {:.1}s after the first drain ({}); {}; jobs missing 30 s after: {} {lost:?}; voters at the end {:?}",
         order.len(),
         rebooted.as_secs_f64(),
         began.elapsed().as_secs_f64(),
@@ -675,12 +680,24 @@ async fn plain_dkron_rebooted_with_kubectl_drain_baseline() {
         } else {
             "NOT whole"
         },
-        samples.gaps.total.as_secs_f64(),
-        samples.gaps.longest.as_secs_f64(),
-        samples.fewest_ready_voters,
-        samples.count,
+        timeline.summary(),
         lost.len(),
         state.voters()
     );
+    const PLAIN: &str = "plain: rolling reboot of 3 nodes with kubectl drain";
+    bench::seconds(PLAIN, "first drain -> reboots done", rebooted);
+    if state.is_plain_whole(&want) {
+        bench::seconds(PLAIN, "first drain -> whole", began.elapsed());
+    }
+    bench::seconds(
+        PLAIN,
+        "longest without a leader",
+        timeline.leaderless().longest,
+    );
+    let fewest = timeline
+        .fewest_live_voters()
+        .map_or(0, |s| s.live_voters().len());
+    bench::record(PLAIN, "fewest live voters", "servers", fewest as f64);
+    bench::record(PLAIN, "jobs missing 30 s after", "jobs", lost.len() as f64);
     dkron.delete().await;
 }

@@ -3,7 +3,7 @@
 //! the Dkron image (the stand-in, or a real Dkron server binary when `DKRON_BIN` names a static
 //! one), a Dkron StatefulSet as users write it, and what the tests observe of it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,17 @@ use super::cluster::{Cluster, LOCAL_STORAGE_CLASS};
 use super::images;
 
 pub const NODES: u8 = 3;
+/// Dkron's HTTP and raft (gRPC) ports, as the test's StatefulSet runs it.
+pub const HTTP_PORT: u16 = 8080;
+pub const RAFT_PORT: u16 = 6868;
+/// How often [`Dkron::observe`] samples a cluster.
+pub const SAMPLE_PERIOD: Duration = Duration::from_millis(200);
+/// How long one answer of a sample may take: a pod whose server is gone must not stretch the
+/// sample period.
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
+/// How long dkron-ha's condition and label may lag Dkron: the controller's raft round (5 s, its
+/// default `--raft-interval-seconds`) plus one sample period and the time a sample takes.
+pub const AGREEMENT: Duration = Duration::from_secs(6);
 pub const DKRON_IMAGE: &str = "localhost/dkron-ha-test/dkron:test";
 /// The namespace label by which Pod Security admission enforces a standard.
 pub const RESTRICTED_LABEL: &str = "pod-security.kubernetes.io/enforce";
@@ -339,54 +350,173 @@ impl Dkron {
         Some((status, response.text().await.ok()?))
     }
 
-    /// The pods' state now: which one leads (`/v1/isleader`), the leader's raft
-    /// configuration, and per pod its IP, labels and conditions.
+    /// One observation: what Dkron answers at every pod's IP (`/v1/isleader`, `/v1/leader`,
+    /// `/v1/jobs`), the leader's raft configuration (gRPC) and serf members (`/v1/members`), and
+    /// beside it, kept apart, what dkron-ha wrote on the pods (Ready, the raft-voter condition,
+    /// the leader label). Every pod is asked at once, each answer within [`PROBE_TIMEOUT`].
     pub async fn state(&self) -> State {
-        let pods = self.pods_by_name().await;
+        let pods = self.pods_listed().await;
+        let views = futures::future::join_all(pods.iter().map(|pod| self.pod_view(pod))).await;
         let mut state = State::default();
-        for (name, pod) in &pods {
-            let status = pod.status.as_ref();
-            let ip = status.and_then(|s| s.pod_ip.clone());
-            let condition = |type_: &str| {
-                status
-                    .and_then(|s| s.conditions.as_ref())
-                    .and_then(|c| c.iter().find(|c| c.type_ == type_))
-                    .map(|c| c.status == "True")
-            };
-            let label = pod
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get("dkron-ha/leader").cloned());
-            let mut leads = false;
-            if let Some(ip) = &ip
-                && let Some((code, _)) = self.http_get(ip, "/v1/isleader").await
-            {
-                leads = code == 200;
-                if leads && state.leader.is_none() {
-                    state.leader = Some(name.clone());
-                    state.configuration = self.raft.configuration(&format!("{ip}:6868")).await.ok();
-                }
+        for (pod, view) in pods.iter().zip(views) {
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            if view.leads && state.leader.is_none() {
+                state.leader = Some(name.clone());
             }
-            state.pods.insert(
-                name.clone(),
-                PodView {
-                    ip,
-                    uid: pod.metadata.uid.clone().unwrap_or_default(),
-                    leads,
-                    label,
-                    ready: condition("Ready"),
-                    voter: condition("dkron-ha/raft-voter"),
-                },
+            state.pods.insert(name, view);
+        }
+        if let Some(leader) = &state.leader {
+            let ip = state.ip(leader);
+            let raft = format!("{ip}:{RAFT_PORT}");
+            let (configuration, members) = tokio::join!(
+                self.raft.configuration(&raft),
+                self.probe(&ip, "/v1/members")
             );
+            state.configuration = configuration.ok();
+            state.members = members
+                .and_then(|(code, body)| (code == 200).then_some(body))
+                .and_then(|body| serde_json::from_str::<Vec<serde_json::Value>>(&body).ok())
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|m| {
+                    let member = (
+                        m["Addr"].as_str()?.to_owned(),
+                        m["Status"].as_u64().unwrap_or_default(),
+                    );
+                    Some((m["Name"].as_str()?.to_owned(), member))
+                })
+                .collect();
         }
         state
     }
 
-    /// Waits until the cluster is whole: exactly the pods `want` (names), exactly one leader,
-    /// the leader's configuration has exactly them as voters, every pod Ready with its
-    /// raft-voter condition True, the leader label only on the leader. Fails after `bound`
-    /// with the last state seen.
+    /// The pods of the StatefulSet, those being deleted too (their server may still run, and
+    /// lead, until it has left).
+    async fn pods_listed(&self) -> Vec<Pod> {
+        self.pods
+            .list(&ListParams::default().labels(&format!("app={}", self.name)))
+            .await
+            .unwrap()
+            .items
+    }
+
+    async fn pod_view(&self, pod: &Pod) -> PodView {
+        let status = pod.status.as_ref();
+        let condition = |type_: &str| {
+            status
+                .and_then(|s| s.conditions.as_ref())
+                .and_then(|c| c.iter().find(|c| c.type_ == type_))
+                .map(|c| c.status == "True")
+        };
+        let ip = status.and_then(|s| s.pod_ip.clone());
+        let mut view = PodView {
+            ip: ip.clone(),
+            uid: pod.metadata.uid.clone().unwrap_or_default(),
+            terminating: pod.metadata.deletion_timestamp.is_some(),
+            label: pod
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("dkron-ha/leader").cloned()),
+            ready: condition("Ready"),
+            voter: condition("dkron-ha/raft-voter"),
+            ..PodView::default()
+        };
+        if let Some(ip) = &ip {
+            let (leads, leader, jobs) = tokio::join!(
+                self.probe(ip, "/v1/isleader"),
+                self.probe(ip, "/v1/leader"),
+                self.probe(ip, "/v1/jobs")
+            );
+            let json = |answer: Option<(u16, String)>| {
+                answer
+                    .filter(|(code, _)| *code == 200)
+                    .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+            };
+            view.leads = leads.is_some_and(|(code, _)| code == 200);
+            view.names_leader = json(leader).and_then(|l| Some(l["Name"].as_str()?.to_owned()));
+            view.jobs = json(jobs).and_then(|j| Some(j.as_array()?.len()));
+        }
+        view
+    }
+
+    /// `GET path` on the server at `ip`, within [`PROBE_TIMEOUT`].
+    async fn probe(&self, ip: &str, path: &str) -> Option<(u16, String)> {
+        let response = self
+            .http
+            .get(format!("http://{ip}:{HTTP_PORT}{path}"))
+            .timeout(PROBE_TIMEOUT)
+            .send()
+            .await
+            .ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.text().await.ok()?))
+    }
+
+    /// Samples the cluster every [`SAMPLE_PERIOD`] while `work` runs; `work`'s output and the
+    /// samples.
+    pub async fn observe<T>(&self, work: impl Future<Output = T>) -> (T, Timeline) {
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let sampling = async {
+            let mut timeline = Timeline::default();
+            let mut ticks = tokio::time::interval(SAMPLE_PERIOD);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                ticks.tick().await;
+                let at = Instant::now();
+                let state = self.state().await;
+                timeline.samples.push((at, state));
+            }
+            timeline
+        };
+        tokio::join!(
+            async {
+                let out = work.await;
+                done.store(true, std::sync::atomic::Ordering::Relaxed);
+                out
+            },
+            sampling
+        )
+    }
+
+    /// How long an election takes here, measured on its own: the leader's Dkron (and its
+    /// wrapper) is frozen, so it stops sending heartbeats without leaving, and the time until
+    /// another server says it leads is one election (a follower's randomized heartbeat timeout,
+    /// then a vote). Thawed after, and waited for until whole (`whole`) again.
+    pub async fn election(&self, whole: impl AsyncFn() -> State) -> Duration {
+        let state = whole().await;
+        let leader = state.leader.clone().unwrap();
+        let others: Vec<String> = state
+            .pods
+            .iter()
+            .filter(|(name, _)| **name != leader)
+            .filter_map(|(_, p)| p.ip.clone())
+            .collect();
+        freeze(&leader);
+        let frozen = Instant::now();
+        let elected = loop {
+            let answers =
+                futures::future::join_all(others.iter().map(|ip| self.probe(ip, "/v1/isleader")))
+                    .await;
+            if answers.iter().flatten().any(|(code, _)| *code == 200) {
+                break frozen.elapsed();
+            }
+            if frozen.elapsed() > Duration::from_secs(60) {
+                thaw(&leader);
+                self.fail(format!("no new leader 60s after {leader} was frozen"))
+                    .await;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        thaw(&leader);
+        whole().await;
+        elected
+    }
+
+    /// Waits until the cluster is whole ([`State::is_whole`]: Dkron's answers first, then
+    /// dkron-ha's agreement). Fails after `bound` with the last state seen. Every `bound` the
+    /// tests pass is a sanity bound that no healthy run comes near (a hang, not a slowdown);
+    /// how long it took is a figure for `make bench-dkron` / `make bench-system`.
     pub async fn until_whole(&self, want: &[String], bound: Duration) -> State {
         let started = Instant::now();
         let deadline = started + bound;
@@ -487,25 +617,28 @@ impl Dkron {
             .await
             .unwrap();
         let rolled = Instant::now();
-        let mut gaps = LeaderGaps::default();
+        let mut timeline = Timeline::default();
+        let mut ticks = tokio::time::interval(SAMPLE_PERIOD);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            ticks.tick().await;
+            let at = Instant::now();
             let state = self.state().await;
-            gaps.observe(&state);
             let replaced = state
                 .pods
                 .iter()
                 .all(|(name, p)| before.get(name) != Some(&p.uid));
             let done = replaced && whole(&state);
+            timeline.samples.push((at, state.clone()));
             if done || rolled.elapsed() > bound {
                 return Rolled {
                     elapsed: rolled.elapsed(),
-                    gaps,
+                    timeline,
                     replaced,
                     done,
                     state,
                 };
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
@@ -839,7 +972,8 @@ impl Dkron {
 #[derive(Debug)]
 pub struct Rolled {
     pub elapsed: Duration,
-    pub gaps: LeaderGaps,
+    /// Every sample, from the change on.
+    pub timeline: Timeline,
     /// Every pod was replaced.
     pub replaced: bool,
     /// Every pod was replaced and the cluster whole, within the bound.
@@ -848,46 +982,190 @@ pub struct Rolled {
     pub state: State,
 }
 
-/// Time without a leader, from states observed one after another.
+/// Time without a leader, from states observed one after another: a stretch runs from the
+/// first sample without a leader to the first with one.
 #[derive(Debug, Default)]
 pub struct LeaderGaps {
-    since: Option<Instant>,
     pub total: Duration,
     pub longest: Duration,
 }
 
-impl LeaderGaps {
-    pub fn observe(&mut self, state: &State) {
-        match (&state.leader, self.since) {
-            (None, None) => self.since = Some(Instant::now()),
-            (Some(_), Some(at)) => {
-                self.total += at.elapsed();
-                self.longest = self.longest.max(at.elapsed());
-                self.since = None;
+/// The states [`Dkron::observe`] sampled, in order, each with the instant its sample began.
+#[derive(Debug, Default)]
+pub struct Timeline {
+    pub samples: Vec<(Instant, State)>,
+}
+
+impl Timeline {
+    pub fn leaderless(&self) -> LeaderGaps {
+        let mut gaps = LeaderGaps::default();
+        let mut since = None;
+        for (at, state) in &self.samples {
+            match (&state.leader, since) {
+                (None, None) => since = Some(*at),
+                (Some(_), Some(from)) => {
+                    let gap = at.duration_since(from);
+                    gaps.total += gap;
+                    gaps.longest = gaps.longest.max(gap);
+                    since = None;
+                }
+                _ => {}
             }
-            _ => {}
         }
+        if let (Some(from), Some((last, _))) = (since, self.samples.last()) {
+            let gap = last.duration_since(from);
+            gaps.total += gap;
+            gaps.longest = gaps.longest.max(gap);
+        }
+        gaps
+    }
+
+    /// Of the samples with a leader, the one with the fewest live voters (Dkron's view,
+    /// [`State::live_voters`]). Without a leader nobody is a live voter: those samples are the
+    /// leaderless stretches, bounded by [`Timeline::leaderless`].
+    pub fn fewest_live_voters(&self) -> Option<&State> {
+        self.samples
+            .iter()
+            .map(|(_, s)| s)
+            .filter(|s| s.leader.is_some())
+            .min_by_key(|s| s.live_voters().len())
+    }
+
+    /// The longest time dkron-ha's word on a pod differed from Dkron's, over every pod it
+    /// wrote on: the raft-voter condition against [`State::live_voters`], the leader label
+    /// against who leads. `(what, how long)`; a stretch runs from the first sample that differs
+    /// to the first that agrees again (or the last sample).
+    pub fn longest_disagreement(&self) -> Option<(String, Duration)> {
+        let mut since: BTreeMap<String, Instant> = BTreeMap::new();
+        let mut longest: Option<(String, Duration)> = None;
+        let mut end = |what: &String, from: Instant, to: Instant| {
+            let gap = to.duration_since(from);
+            if longest.as_ref().is_none_or(|(_, l)| gap > *l) {
+                longest = Some((what.clone(), gap));
+            }
+        };
+        for (at, state) in &self.samples {
+            let live = state.live_voters();
+            let mut differing = BTreeSet::new();
+            for (name, pod) in state.pods.iter().filter(|(_, p)| !p.terminating) {
+                if let Some(voter) = pod.voter
+                    && voter != live.contains(name)
+                {
+                    differing.insert(format!("{name}: raft-voter={voter}, live={}", !voter));
+                }
+                let labelled = pod.label.as_deref() == Some("true");
+                if pod.label.is_some() && labelled != pod.leads {
+                    differing.insert(format!(
+                        "{name}: leader label={labelled}, leads={}",
+                        !labelled
+                    ));
+                }
+            }
+            for what in &differing {
+                since.entry(what.clone()).or_insert(*at);
+            }
+            let agreed: Vec<String> = since
+                .keys()
+                .filter(|what| !differing.contains(*what))
+                .cloned()
+                .collect();
+            for what in agreed {
+                let from = since.remove(&what).unwrap();
+                end(&what, from, *at);
+            }
+        }
+        if let Some((last, _)) = self.samples.last() {
+            for (what, from) in &since {
+                end(what, *from, *last);
+            }
+        }
+        longest
+    }
+
+    /// The no-outage guarantee: no sample with fewer live voters than a majority of `servers`,
+    /// no stretch without a leader longer than one election (`election`, measured in the same
+    /// run), and dkron-ha's condition and label never apart from Dkron's view for longer than it
+    /// takes to notice ([`AGREEMENT`]). Fails with the sample at fault.
+    pub fn assert_no_outage(&self, what: &str, servers: usize, election: Duration) {
+        let majority = servers / 2 + 1;
+        let fewest = self
+            .fewest_live_voters()
+            .expect("at least one sample with a leader");
+        assert!(
+            fewest.live_voters().len() >= majority,
+            "{what}: fewer than {majority} live voters in a sample: {}",
+            fewest.summary()
+        );
+        let bound = one_election(election);
+        let longest = self.leaderless().longest;
+        assert!(
+            longest <= bound,
+            "{what}: without a leader for {longest:?}, longer than one election ({bound:?}, from a measured election of {election:?})"
+        );
+        if let Some((apart, how_long)) = self.longest_disagreement() {
+            assert!(
+                how_long <= AGREEMENT,
+                "{what}: dkron-ha disagreed with Dkron for {how_long:?} ({apart})"
+            );
+        }
+    }
+
+    /// One line: samples, fewest live voters, time without a leader, the longest disagreement.
+    pub fn summary(&self) -> String {
+        let gaps = self.leaderless();
+        format!(
+            "{} samples; fewest live voters {}; without a leader {:.1}s (longest {:.1}s); longest disagreement {:?}",
+            self.samples.len(),
+            self.fewest_live_voters()
+                .map_or(0, |s| s.live_voters().len()),
+            gaps.total.as_secs_f64(),
+            gaps.longest.as_secs_f64(),
+            self.longest_disagreement()
+                .map(|(what, d)| format!("{:.1}s ({what})", d.as_secs_f64()))
+        )
     }
 }
 
-#[derive(Debug, Default)]
+/// The longest a leaderless stretch may be, given an election measured on its own: raft draws
+/// a follower's heartbeat timeout from [T, 2T], so a measured election `e` (at least T) bounds
+/// any one-round election by 2e; plus the resolution of a stretch seen in samples (one period,
+/// and one sample's own time, at most a probe's timeout).
+pub fn one_election(election: Duration) -> Duration {
+    2 * election + SAMPLE_PERIOD + PROBE_TIMEOUT
+}
+
+#[derive(Clone, Debug, Default)]
 pub struct PodView {
     pub ip: Option<String>,
     pub uid: String,
+    /// The pod is being deleted; its server may still run until it has left.
+    pub terminating: bool,
+    // What its Dkron answers at the pod's IP.
+    /// `/v1/isleader` answers 200.
     pub leads: bool,
+    /// The name of the leader it reports (`/v1/leader`).
+    pub names_leader: Option<String>,
+    /// How many jobs it lists (`/v1/jobs`).
+    pub jobs: Option<usize>,
+    // What dkron-ha wrote on the pod.
     pub label: Option<String>,
     pub ready: Option<bool>,
     pub voter: Option<bool>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct State {
+    /// The first pod whose server says it leads.
     pub leader: Option<String>,
+    /// The leader's raft configuration.
     pub configuration: Option<RaftConfiguration>,
+    /// The leader's serf members: name to (address, status; 1 is alive).
+    pub members: BTreeMap<String, (String, u64)>,
     pub pods: BTreeMap<String, PodView>,
 }
 
 impl State {
+    /// The voters' ids in the leader's raft configuration.
     pub fn voters(&self) -> Vec<String> {
         let mut voters: Vec<String> = self
             .configuration
@@ -900,12 +1178,64 @@ impl State {
         voters
     }
 
-    pub fn is_whole(&self, want: &[String]) -> bool {
-        let names: Vec<&String> = self.pods.keys().collect();
+    /// The servers that count for the majority now, by Dkron's answers alone: a voter in the
+    /// leader's configuration, alive in the leader's serf at its pod's current IP, naming the
+    /// leader, and listing as many jobs as the leader.
+    ///
+    /// The serf address is the one that counts: Dkron's raft transport dials a server at the
+    /// address its serf member has (`ServerAddressProvider`, Dkron's `ServerLookup`), not at
+    /// the one in the configuration, which the leader rewrites only at its reconcile (60 s).
+    /// [`State::is_plain_whole`] asks for that one too.
+    pub fn live_voters(&self) -> BTreeSet<String> {
+        let Some(leader) = &self.leader else {
+            return BTreeSet::new();
+        };
+        let leader_jobs = self.pods[leader].jobs;
+        self.configuration
+            .iter()
+            .flat_map(|c| &c.servers)
+            .filter(|s| s.voter)
+            .filter(|s| {
+                let Some(pod) = self.pods.get(&s.id) else {
+                    return false;
+                };
+                let Some(ip) = &pod.ip else { return false };
+                self.members.get(&s.id) == Some(&(ip.clone(), 1))
+                    && pod.names_leader.as_ref() == Some(leader)
+                    && pod.jobs.is_some()
+                    && pod.jobs == leader_jobs
+            })
+            .map(|s| s.id.clone())
+            .collect()
+    }
+
+    /// Whole by Dkron's answers: exactly the pods `want`, none being deleted, one leader, and
+    /// exactly them as voters, each live ([`State::live_voters`]).
+    pub fn is_live(&self, want: &[String]) -> bool {
         let leaders = self.pods.values().filter(|p| p.leads).count();
-        names == want.iter().collect::<Vec<_>>()
+        self.pods.keys().eq(want.iter())
+            && self.pods.values().all(|p| !p.terminating)
             && leaders == 1
             && self.voters() == want
+            && self.live_voters().iter().eq(want.iter())
+    }
+
+    /// [`State::is_live`], and the configuration has every voter at its pod's current IP: the
+    /// end state of plain Dkron, which writes a new address at its reconcile.
+    pub fn is_plain_whole(&self, want: &[String]) -> bool {
+        let addressed = self.configuration.iter().flat_map(|c| &c.servers).all(|s| {
+            self.pods
+                .get(&s.id)
+                .and_then(|p| p.ip.as_ref())
+                .is_some_and(|ip| s.address == format!("{ip}:{RAFT_PORT}"))
+        });
+        self.is_live(want) && addressed
+    }
+
+    /// [`State::is_live`], and dkron-ha agrees: every pod Ready with its raft-voter condition
+    /// True, the leader label only on the leader.
+    pub fn is_whole(&self, want: &[String]) -> bool {
+        self.is_live(want)
             && self.pods.iter().all(|(name, p)| {
                 let leader = self.leader.as_ref() == Some(name);
                 p.ready == Some(true)
@@ -914,37 +1244,43 @@ impl State {
             })
     }
 
-    /// One leader, exactly `want` as voters, each at its pod's current IP.
-    pub fn is_plain_whole(&self, want: &[String]) -> bool {
-        let leaders = self.pods.values().filter(|p| p.leads).count();
-        let addressed = self.configuration.iter().flat_map(|c| &c.servers).all(|s| {
-            self.pods
-                .get(&s.id)
-                .and_then(|p| p.ip.as_ref())
-                .is_some_and(|ip| s.address == format!("{ip}:6868"))
-        });
-        self.pods.keys().eq(want.iter()) && leaders == 1 && self.voters() == want && addressed
-    }
-
-    /// One line: the leader, the voters, and per pod its IP, Ready, raft-voter and label.
+    /// One line: the leader, the voters, the live voters, and per pod its IP, Dkron's answers
+    /// and dkron-ha's facts.
     pub fn summary(&self) -> String {
         let pods: Vec<String> = self
             .pods
             .iter()
             .map(|(name, p)| {
                 format!(
-                    "{name} {} ready={:?} voter={:?} leader-label={:?}",
+                    "{name}{} {} names-leader={:?} jobs={:?} member={:?} | ready={:?} voter={:?} leader-label={:?}",
+                    if p.terminating { " (terminating)" } else { "" },
                     p.ip.as_deref().unwrap_or("-"),
+                    p.names_leader,
+                    p.jobs,
+                    self.members.get(name),
                     p.ready,
                     p.voter,
                     p.label
                 )
             })
             .collect();
+        let configuration: Vec<String> = self
+            .configuration
+            .iter()
+            .flat_map(|c| &c.servers)
+            .map(|s| {
+                format!(
+                    "{}@{}{}",
+                    s.id,
+                    s.address,
+                    if s.voter { "" } else { " (nonvoter)" }
+                )
+            })
+            .collect();
         format!(
-            "leader {:?}, voters {:?}; {}",
+            "leader {:?}, configuration {configuration:?}, live voters {:?}; {}",
             self.leader,
-            self.voters(),
+            self.live_voters(),
             pods.join("; ")
         )
     }
@@ -960,7 +1296,7 @@ impl State {
     pub fn a_follower(&self) -> String {
         self.pods
             .iter()
-            .find(|(_, p)| !p.leads)
+            .find(|(_, p)| !p.leads && !p.terminating)
             .map(|(name, _)| name.clone())
             .unwrap()
     }

@@ -2,6 +2,7 @@
 //! it, so unused items are expected here.
 #![allow(dead_code, unused_imports)]
 
+pub mod bench;
 pub mod cluster;
 pub mod control_plane;
 pub mod dkron;

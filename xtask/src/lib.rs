@@ -6,6 +6,7 @@
 //! import the amd64 archive into their nodes, so the image they run is the one that ships.
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod oci;
 
 use std::collections::BTreeMap;

@@ -1,4 +1,5 @@
-//! `cargo xtask image | image-check | release-artifacts`: the Makefile's release targets.
+//! `cargo xtask image | image-check | release-artifacts | bench`: the Makefile's release and
+//! measurement targets.
 #![forbid(unsafe_code)]
 
 use std::fs;
@@ -8,7 +9,7 @@ use std::process::Command;
 use anyhow::{Context as _, Result, bail, ensure};
 use clap::{Parser, Subcommand};
 use sha2::{Digest as _, Sha256};
-use xtask::{Platform, VERSION, find_program, image, image_name, oci, root, target_dir};
+use xtask::{Platform, VERSION, bench, find_program, image, image_name, oci, root, target_dir};
 
 #[derive(Parser)]
 #[command(about = "dkron-ha's release tooling")]
@@ -34,6 +35,19 @@ enum Task {
     /// Everything a release uploads, into target/release-artifacts/: the image archives, the
     /// static executables, the chart package and SHA256SUMS.
     ReleaseArtifacts,
+    /// Run an e2e suite's measurements `--runs` times, one scenario at a time, into
+    /// target/bench/<suite>.json, and print min / median / max.
+    Bench {
+        /// The suite: `dkron` (tests/e2e_dkron.rs) or `system` (tests/e2e_system.rs).
+        #[arg(value_parser = ["dkron", "system"])]
+        suite: String,
+        /// Runs of the whole suite.
+        #[arg(long, env = "BENCH_RUNS", default_value_t = 5)]
+        runs: u32,
+        /// Only the tests whose names contain this (cargo test's filter).
+        #[arg(long, env = "BENCH_FILTER", default_value = "")]
+        filter: String,
+    },
 }
 
 fn main() -> Result<()> {
@@ -43,6 +57,11 @@ fn main() -> Result<()> {
         }
         Task::ImageCheck => image_check()?,
         Task::ReleaseArtifacts => release_artifacts()?,
+        Task::Bench {
+            suite,
+            runs,
+            filter,
+        } => bench(&suite, runs, &filter)?,
     }
     Ok(())
 }
@@ -163,4 +182,101 @@ fn file_name(path: &Path) -> Result<String> {
         .context("a file name")?
         .to_string_lossy()
         .into_owned())
+}
+
+fn bench(suite: &str, runs: u32, filter: &str) -> Result<()> {
+    let dir = target_dir().join("bench");
+    fs::create_dir_all(&dir)?;
+    let mut records = Vec::new();
+    let mut failed = Vec::new();
+    for run in 1..=runs {
+        let out = dir.join(format!("{suite}.run{run}.jsonl"));
+        let _ = fs::remove_file(&out);
+        eprintln!("bench {suite}: run {run} of {runs}");
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args([
+                "test",
+                "--test",
+                &format!("e2e_{suite}"),
+                "--",
+                "--include-ignored",
+            ])
+            .args(["--nocapture", filter])
+            .env("DKRON_HA_BENCH_OUT", &out)
+            .env("DKRON_HA_E2E_SCENARIOS", "1")
+            .current_dir(root())
+            .status()
+            .context("run cargo test")?;
+        if !status.success() {
+            failed.push(run);
+        }
+        if out.exists() {
+            let text = fs::read_to_string(&out)?;
+            records
+                .extend(bench::parse_records(&text).with_context(|| format!("{}", out.display()))?);
+        }
+    }
+    let dkron = match std::env::var_os("DKRON_BIN") {
+        Some(bin) => {
+            let version = Command::new(&bin).arg("version").output().ok();
+            let version = version
+                .map(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .to_owned()
+                })
+                .unwrap_or_default();
+            format!("real {}", version.trim())
+        }
+        None => "stand-in".into(),
+    };
+    let report = bench::Report {
+        suite: suite.into(),
+        commit: xtask::revision(),
+        dkron,
+        machine: machine(),
+        results: bench::gather(records),
+    };
+    let path = dir.join(format!("{suite}.json"));
+    fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")?;
+    println!("{}", bench::table(&report.results));
+    println!(
+        "{} ({}, Dkron {}, {})",
+        path.display(),
+        report.commit,
+        report.dkron,
+        report.machine
+    );
+    ensure!(
+        failed.is_empty(),
+        "runs {failed:?} of {runs} failed; their figures up to the failure are in {}",
+        path.display()
+    );
+    Ok(())
+}
+
+/// The CPU model, its count and the memory, from /proc.
+fn machine() -> String {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cpus = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|m| m.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    format!(
+        "{cpus} x {model}, {:.0} GiB",
+        mem_kib as f64 / 1024.0 / 1024.0
+    )
 }
