@@ -374,13 +374,17 @@ func (a *Agent) setupRaft() error {
 }
 
 // Stop mirrors Dkron v4.1.2 agent.go Stop: raft shutdown (Dkron drops the future, so raft's
-// transport and the RPC listener stay open), then serf leave (it broadcasts the leave and
-// waits for it to spread) and serf shutdown. POST /v1/leave runs it synchronously (peers see
-// the server left, status 3); SIGTERM runs it in a goroutine and exits first.
+// transport and the RPC listener stay open), the store's shutdown (job reads fail after it),
+// then serf leave (it broadcasts the leave and waits for it to spread) and serf shutdown.
+// POST /v1/leave runs it synchronously (peers see the server left, status 3); SIGTERM runs it
+// in a goroutine and exits first.
 func (a *Agent) Stop() error {
 	logf(lInfo, "agent: Called member stop, now stopping")
-	if r := a.getRaft(); a.config.Server && r != nil {
-		_ = r.Shutdown()
+	if a.config.Server {
+		if r := a.getRaft(); r != nil {
+			_ = r.Shutdown()
+		}
+		a.fsm.shutdown()
 	}
 	if err := a.serf.Leave(); err != nil {
 		return err

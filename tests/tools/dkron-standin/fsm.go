@@ -56,6 +56,9 @@ type jobFSM struct {
 	mu         sync.RWMutex
 	jobs       map[string]*Job
 	executions map[string][]Execution
+	// closed: Dkron v4.1.2 agent.go Stop shuts its store down (Store.Shutdown), so a server
+	// that left through POST /v1/leave, still running, can no longer read its jobs.
+	closed bool
 }
 
 func newFSM() *jobFSM {
@@ -97,7 +100,24 @@ func (f *jobFSM) Apply(l *raft.Log) any {
 func (f *jobFSM) get(name string) *Job {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
+	if f.closed {
+		return nil
+	}
 	return f.jobs[name]
+}
+
+// shutdown: Dkron v4.1.2 store.go Shutdown; reads fail from then on.
+func (f *jobFSM) shutdown() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.closed = true
+}
+
+// isClosed: whether shutdown ran.
+func (f *jobFSM) isClosed() bool {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return f.closed
 }
 
 // executionsOf: newest first (Dkron v4.1.2 api.go executionsHandler: _order DESC).

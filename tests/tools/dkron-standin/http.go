@@ -49,7 +49,13 @@ func (a *Agent) serveHTTP() {
 			a.setJob(w, r)
 		case m == "GET" && p == "/v1/jobs":
 			// Dkron v4.1.2 api.go jobsHandler: X-Total-Count is every job, the body the
-			// `_start`..`_end` slice of them (end clamped to the count).
+			// `_start`..`_end` slice of them (end clamped to the count); 500 once the store
+			// is shut down.
+			if a.fsm.isClosed() {
+				logf(lError, "api: Unable to get jobs, store not reachable.")
+				w.WriteHeader(500)
+				return
+			}
 			jobs := a.fsm.list()
 			w.Header().Set("X-Total-Count", strconv.Itoa(len(jobs)))
 			start, _ := strconv.Atoi(r.URL.Query().Get("_start"))
