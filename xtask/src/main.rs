@@ -217,18 +217,17 @@ fn bench(suite: &str, runs: u32, filter: &str) -> Result<()> {
         }
     }
     let dkron = match std::env::var_os("DKRON_BIN") {
+        // `dkron version` prints `Name: Dkron`, then `Version: v4.1.2` (`devel` when built
+        // without Dkron's ldflags).
         Some(bin) => {
-            let version = Command::new(&bin).arg("version").output().ok();
-            let version = version
-                .map(|o| {
-                    String::from_utf8_lossy(&o.stdout)
-                        .lines()
-                        .next()
-                        .unwrap_or("")
-                        .to_owned()
-                })
-                .unwrap_or_default();
-            format!("real {}", version.trim())
+            let output = Command::new(&bin).arg("version").output().ok();
+            let text = output.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+            let version = text
+                .as_deref()
+                .and_then(|t| t.lines().find_map(|l| l.strip_prefix("Version:")))
+                .map_or("(no version)", str::trim)
+                .to_owned();
+            format!("real {version}")
         }
         None => "stand-in".into(),
     };
