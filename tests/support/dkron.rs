@@ -28,8 +28,10 @@ pub const SAMPLE_PERIOD: Duration = Duration::from_millis(200);
 /// sample period.
 pub const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
 /// How long dkron-ha's condition and label may lag Dkron: the controller's raft round (5 s, its
-/// default `--raft-interval-seconds`) plus one sample period and the time a sample takes.
-pub const AGREEMENT: Duration = Duration::from_secs(6);
+/// default `--raft-interval-seconds`), the round's own Dkron calls (up to their 3 s timeout when
+/// a server is gone), and 1 s of sampling resolution (one period and one sample's probe
+/// timeout).
+pub const AGREEMENT: Duration = Duration::from_secs(9);
 pub const DKRON_IMAGE: &str = "localhost/dkron-ha-test/dkron:test";
 /// The namespace label by which Pod Security admission enforces a standard.
 pub const RESTRICTED_LABEL: &str = "pod-security.kubernetes.io/enforce";
@@ -482,35 +484,42 @@ impl Dkron {
     /// How long an election takes here, measured on its own: the leader's Dkron (and its
     /// wrapper) is frozen, so it stops sending heartbeats without leaving, and the time until
     /// another server says it leads is one election (a follower's randomized heartbeat timeout,
-    /// then a vote). Thawed after, and waited for until whole (`whole`) again.
+    /// then a vote). Thawed after, and waited for until whole (`whole`) again. Measured twice,
+    /// the longer kept: one draw of raft's randomized timeout can be close to its minimum.
     pub async fn election(&self, whole: impl AsyncFn() -> State) -> Duration {
-        let state = whole().await;
-        let leader = state.leader.clone().unwrap();
-        let others: Vec<String> = state
-            .pods
-            .iter()
-            .filter(|(name, _)| **name != leader)
-            .filter_map(|(_, p)| p.ip.clone())
-            .collect();
-        freeze(&leader);
-        let frozen = Instant::now();
-        let elected = loop {
-            let answers =
-                futures::future::join_all(others.iter().map(|ip| self.probe(ip, "/v1/isleader")))
-                    .await;
-            if answers.iter().flatten().any(|(code, _)| *code == 200) {
-                break frozen.elapsed();
-            }
-            if frozen.elapsed() > Duration::from_secs(60) {
-                thaw(&leader);
-                self.fail(format!("no new leader 60s after {leader} was frozen"))
-                    .await;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        thaw(&leader);
+        let mut longest = Duration::ZERO;
+        for _ in 0..2 {
+            let state = whole().await;
+            let leader = state.leader.clone().unwrap();
+            let others: Vec<String> = state
+                .pods
+                .iter()
+                .filter(|(name, _)| **name != leader)
+                .filter_map(|(_, p)| p.ip.clone())
+                .collect();
+            freeze(&leader);
+            let frozen = Instant::now();
+            let elected = loop {
+                let answers = futures::future::join_all(
+                    others.iter().map(|ip| self.probe(ip, "/v1/isleader")),
+                )
+                .await;
+                if answers.iter().flatten().any(|(code, _)| *code == 200) {
+                    break frozen.elapsed();
+                }
+                if frozen.elapsed() > Duration::from_secs(60) {
+                    thaw(&leader);
+                    self.fail(format!("no new leader 60s after {leader} was frozen"))
+                        .await;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            thaw(&leader);
+            eprintln!("an election: {:.2}s", elected.as_secs_f64());
+            longest = longest.max(elected);
+        }
         whole().await;
-        elected
+        longest
     }
 
     /// Waits until the cluster is whole ([`State::is_whole`]: Dkron's answers first, then
@@ -1034,7 +1043,9 @@ impl Timeline {
     /// The longest time dkron-ha's word on a pod differed from Dkron's, over every pod it
     /// wrote on: the raft-voter condition against [`State::live_voters`], the leader label
     /// against who leads. `(what, how long)`; a stretch runs from the first sample that differs
-    /// to the first that agrees again (or the last sample).
+    /// to the first that agrees again (or the last sample). Samples without a leader are
+    /// skipped: during an election nobody is a live voter, and the condition keeps its value
+    /// by design (a normal election must not drop every pod's readiness).
     pub fn longest_disagreement(&self) -> Option<(String, Duration)> {
         let mut since: BTreeMap<String, Instant> = BTreeMap::new();
         let mut longest: Option<(String, Duration)> = None;
@@ -1044,7 +1055,7 @@ impl Timeline {
                 longest = Some((what.clone(), gap));
             }
         };
-        for (at, state) in &self.samples {
+        for (at, state) in self.samples.iter().filter(|(_, s)| s.leader.is_some()) {
             let live = state.live_voters();
             let mut differing = BTreeSet::new();
             for (name, pod) in state.pods.iter().filter(|(_, p)| !p.terminating) {
